@@ -1,0 +1,32 @@
+# The two commands of the README. Both set up everything they need on a fresh machine (a virtual environment,
+# torch's CPU wheel first, then tellnorm; Debian's chromium for PNG figures and browser tests) and skip set-up
+# when it is already done.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.tellnorm-installed
+export HF_HUB_OFFLINE := 1
+export WANDB_MODE := disabled
+
+.PHONY: reproduce test test-fast setup
+
+reproduce: $(STAMP)
+	$(BIN)/tellnorm reproduce
+
+# pytest exits 5 when it collects no test; make treats that as a failure, so an empty run never passes.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get install -y -q chromium >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)); } \
+		|| echo "warning: could not install chromium: figures will be HTML only and browser tests will be skipped"
+	touch $(STAMP)

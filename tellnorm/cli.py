@@ -1,0 +1,125 @@
+"""The ``tellnorm`` command. Only argparse is imported at start-up: ``tellnorm --help`` answers at once, and each
+subcommand imports the slow libraries (torch, transformer_lens, sae_lens) when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _organism_train(args) -> None:
+    from tellnorm.organism.train import OrganismTrainConfig, train_organism
+
+    cfg = OrganismTrainConfig(seed=args.seed, steps=args.steps)
+    meta = train_organism(cfg, out_dir=args.out)
+    print(f"trained organism in {meta['train_seconds']:.0f} s, final loss {meta['final_loss']:.4f} -> {args.out}")
+
+
+def _organism_eval(args) -> None:
+    from tellnorm.io import write_csv
+    from tellnorm.models import load_model
+    from tellnorm.organism.evaluate import EvalConfig, evaluate, format_summary
+
+    cfg = EvalConfig(per_difficulty=args.n, difficulties=tuple(args.difficulty), modes=tuple(args.mode),
+                     batch_size=args.batch_size)
+    model = load_model(args.model)
+    per_problem, summary = evaluate(model, cfg)
+    print(format_summary(summary))
+    if args.csv:
+        write_csv(summary, args.csv)
+        print(f"wrote {args.csv}")
+
+
+def _profile(args) -> None:
+    from tellnorm.profile import ProfileConfig, run_profile
+
+    run_profile(ProfileConfig(model=args.model, prompts=args.prompts, n_per_difficulty=args.n, out=args.out,
+                              point=args.point, max_new_tokens=args.max_new_tokens))
+
+
+def _bench_norms(args) -> None:
+    from tellnorm.bench import BenchConfig, bench_norms
+
+    bench_norms(BenchConfig(config=args.config, n_layers=args.layers, batch=args.batch, seq=args.seq,
+                            repeats=args.repeats, out=args.out))
+
+
+def _reproduce(args) -> None:
+    from tellnorm.reproduce import ReproduceConfig, reproduce
+
+    reproduce(ReproduceConfig(out=args.out, per_difficulty=args.n, quick=args.quick))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tellnorm.organism.task import MAX_DIFFICULTY, MIN_DIFFICULTY
+
+    parser = argparse.ArgumentParser(prog="tellnorm", description="The ℓ2 norm of hidden states as a signal for "
+                                     "reasoning dynamics: tracing, SAEs, reasoning features, test-time techniques.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("reproduce", help="the main job: evaluate the organism, trace norms, write figures and tables")
+    p.add_argument("--out", default="figures", help="output folder (default: figures)")
+    p.add_argument("--n", type=int, default=100, help="test problems per difficulty and mode (default: 100)")
+    p.add_argument("--quick", action="store_true", help="a small run for smoke tests")
+    p.set_defaults(func=_reproduce)
+
+    organism = sub.add_parser("organism", help="the embedded model organism: train or evaluate it")
+    osub = organism.add_subparsers(dest="organism_command", metavar="ACTION", required=True)
+    p = osub.add_parser("train", help="train the organism (deterministic under --seed; ~25 min on 2 cores)")
+    p.add_argument("--steps", type=int, default=1600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default: the shipped data/organism)")
+    p.set_defaults(func=_organism_train)
+    p = osub.add_parser("eval", help="accuracy by difficulty and mode, with n and bootstrap 95%% CIs")
+    p.add_argument("--model", default="organism")
+    p.add_argument("--n", type=int, default=100, help="test problems per difficulty (default: 100)")
+    p.add_argument("--difficulty", type=int, nargs="+", default=list(range(MIN_DIFFICULTY, MAX_DIFFICULTY + 1)),
+                   help=f"levels to evaluate ({MIN_DIFFICULTY}..{MAX_DIFFICULTY})")
+    p.add_argument("--mode", nargs="+", default=["thinking", "non-thinking"], help="thinking and/or non-thinking")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--csv", default=None, help="also write the accuracy table to this CSV file")
+    p.set_defaults(func=_organism_eval)
+
+    p = sub.add_parser("profile", help="per-layer norm profile, thinking vs non-thinking, with figures")
+    p.add_argument("--model", default="organism")
+    p.add_argument("--prompts", default=None, help="JSONL file with a 'prompt' field per line (default: organism test set)")
+    p.add_argument("--n", type=int, default=20, help="organism test problems per difficulty (default: 20)")
+    p.add_argument("--point", default="resid_post", help="hook point: resid_pre, resid_mid, resid_post, attn_out, mlp_out")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--out", default="figures/profile")
+    p.set_defaults(func=_profile)
+
+    bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
+    p = bsub.add_parser("norms", help="overhead of norm tracing vs a plain forward and run_with_cache")
+    p.add_argument("--config", default="qwen3-0.6b", help="model shape (random init): qwen3-0.6b or organism")
+    p.add_argument("--layers", type=int, default=None, help="override the number of layers (faster runs)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default="figures/bench")
+    p.set_defaults(func=_bench_norms)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no machine tellnorm runs on can download weights
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from tellnorm.errors import TellnormError
+
+    try:
+        args.func(args)
+    except TellnormError as err:
+        print(f"tellnorm: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tellnorm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""One figure style for every tellnorm plot, and writing figures as offline HTML plus PNG.
+
+HTML embeds plotly.js (no CDN), so every page opens with no network. PNG export goes through kaleido, which
+drives a local Chrome/Chromium (Debian's ``chromium`` package); without one, figures are written as HTML only
+and the caller is told once how to get PNGs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+from tellnorm.io import atomic_path
+
+THINKING_COLOR = "#c0392b"
+NON_THINKING_COLOR = "#2471a3"
+MODE_COLORS = {"thinking": THINKING_COLOR, "non-thinking": NON_THINKING_COLOR}
+NEUTRAL_COLOR = "#555555"
+FONT = "Inter, Helvetica, Arial, sans-serif"
+PNG_SCALE = 2  # crisp on high-density screens and in the README
+
+
+def style(fig, *, title: str | None = None, x_title: str | None = None, y_title: str | None = None, height: int = 420,
+          width: int = 720):
+    """Apply tellnorm's style: white background, light grid, titles, legend on top."""
+    fig.update_layout(
+        template="plotly_white", font={"family": FONT, "size": 13}, height=height, width=width,
+        title={"text": title, "x": 0.02, "xanchor": "left"} if title else None,
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0.0},
+        margin={"l": 70, "r": 30, "t": 80 if title else 40, "b": 60},
+    )
+    if x_title:
+        fig.update_xaxes(title_text=x_title)
+    if y_title:
+        fig.update_yaxes(title_text=y_title)
+    return fig
+
+
+def chromium_path() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def write_figure(fig, stem: str | Path, *, png: bool = True) -> list[Path]:
+    """Write ``stem.html`` (self-contained) and, when a browser is available, ``stem.png``; return the paths.
+
+    Files are written to a temporary name and renamed, so an interrupted export leaves no half-written figure.
+    """
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(stem.with_suffix(".html")) as tmp:
+        fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)
+    written = [stem.with_suffix(".html")]
+    if png:
+        browser = chromium_path()
+        if browser is None:
+            warnings.warn("no Chromium found: wrote HTML only; install Debian's 'chromium' for PNG figures", stacklevel=2)
+        else:
+            os.environ.setdefault("BROWSER_PATH", browser)  # kaleido looks here for its browser
+            with atomic_path(stem.with_suffix(".png")) as tmp:
+                fig.write_image(str(tmp), format="png", scale=PNG_SCALE)
+            written.append(stem.with_suffix(".png"))
+    return written
+

@@ -1,0 +1,186 @@
+"""Per-token, per-layer ℓ2 norms of the residual stream, reduced inside the hook (PAPER.md §1).
+
+The quantity is ``‖blocks.L.hook_resid_post‖₂`` (HF: the output of decoder layer L), accumulated in float32.
+The hook keeps one scalar per token, never a ``[tokens, d_model]`` tensor, so tracing costs about what a plain
+forward pass costs. Results are a tidy DataFrame, one row per (request, position, layer), with masks:
+prompt / generated, inside the think block, position 0 (massive activations: excluded from statistics by
+default), and the organism's ground-truth labels when the model is the organism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from tellnorm.errors import TellnormError
+from tellnorm.generation import Generation, SamplingConfig, StepInfo, generate, run_forward
+
+
+class NormTracer:
+    """Observer that records ‖h‖₂ at ``point`` of every layer in ``layers`` for every real token.
+
+    Use with :func:`tellnorm.generation.generate` / :func:`run_forward` (which say what each row is), or as a
+    context manager around any forward pass of ``model.bridge`` (rows are then requests 0..B-1).
+    """
+
+    def __init__(self, model, layers: Sequence[int] | None = None, point: str = "resid_post"):
+        self.model = model
+        self.layers = list(range(model.n_layers)) if layers is None else list(layers)
+        self.point = point
+        self.hook_names = [model.hook_name(layer, point) for layer in self.layers]  # validates both
+        self._info: StepInfo | None = None
+        self._records: list = []  # (layer, request_ids, positions [b,s], valid [b,s], norms [b,s])
+        self._context = None
+
+    def hooks(self, model=None) -> list:
+        return [(name, self._hook_for(layer)) for layer, name in zip(self.layers, self.hook_names)]
+
+    def on_step(self, info: StepInfo) -> None:
+        self._info = info
+
+    def _hook_for(self, layer: int):
+        import torch
+
+        def record(activation, hook):
+            norms = torch.linalg.vector_norm(activation, dim=-1, dtype=torch.float32).detach()
+            info = self._info or _default_info(norms.shape)
+            if not torch.isfinite(norms).all():
+                row, col = (~torch.isfinite(norms)).nonzero()[0].tolist()
+                raise TellnormError(
+                    f"non-finite activation at layer {layer} ({self.point}), request {info.request_ids[row]!r}, "
+                    f"position {int(info.positions[row, col])}: check the model's dtype and weights"
+                )
+            self._records.append((layer, info.request_ids, info.positions.cpu(), info.valid.cpu(), norms.cpu()))
+            return activation
+
+        return record
+
+    def __enter__(self):
+        self._context = self.model.bridge.hooks(fwd_hooks=self.hooks())
+        self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        context, self._context, self._info = self._context, None, None
+        return context.__exit__(*exc)
+
+    def frame(self):
+        """Recorded norms as a DataFrame: request_id, position, layer, norm."""
+        import numpy as np
+        import pandas as pd
+
+        parts = []
+        for layer, request_ids, positions, valid, norms in self._records:
+            rows, cols = valid.nonzero(as_tuple=True)
+            parts.append(pd.DataFrame({
+                "request_id": np.asarray(request_ids, dtype=object)[rows.numpy()],
+                "position": positions[rows, cols].numpy().astype(np.int64),
+                "layer": np.int16(layer),
+                "norm": norms[rows, cols].numpy(),
+            }))
+        if not parts:
+            return pd.DataFrame(columns=["request_id", "position", "layer", "norm"])
+        return pd.concat(parts, ignore_index=True)
+
+
+def _default_info(shape) -> StepInfo:
+    import torch
+
+    batch, seq = shape
+    positions = torch.arange(seq).expand(batch, seq)
+    return StepInfo(list(range(batch)), positions, torch.ones(batch, seq, dtype=torch.bool), "forward", 0)
+
+
+@dataclass
+class NormTrace:
+    """Generations (or forward inputs) and their per-token norms with token-level masks."""
+
+    frame: "object"  # pandas DataFrame, one row per (request, position, layer)
+    generations: list[Generation]
+
+    def to_parquet(self, path) -> None:
+        self.frame.to_parquet(path, index=False)
+
+    def statistics_rows(self, *, include_position_zero: bool = False, generated_only: bool = True):
+        """Rows that enter statistics by default: generated tokens, position 0 excluded (massive activations)."""
+        f = self.frame
+        keep = f["is_generated"] if generated_only else f["norm"].notna()
+        if not include_position_zero:
+            keep = keep & ~f["is_position_zero"]
+        return f[keep]
+
+
+def trace_generation(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig | None = None, *,
+                     request_ids=None, layers=None, point: str = "resid_post", batch_size: int = 16,
+                     progress: bool = False, extra_columns: dict | None = None) -> NormTrace:
+    """Generate and trace: norms of the prompt and every generated token that went through the model."""
+    tracer = NormTracer(model, layers, point)
+    gens = generate(model, prompts, sampling, request_ids=request_ids, batch_size=batch_size,
+                    observers=[tracer], progress=progress, desc="tracing norms")
+    return NormTrace(annotate(model, tracer.frame(), gens, extra_columns), gens)
+
+
+def trace_forward(model, sequences: Sequence[Sequence[int]], *, request_ids=None, layers=None,
+                  point: str = "resid_post", batch_size: int = 16, n_prompt: Sequence[int] | None = None) -> NormTrace:
+    """Trace full sequences in teacher-forced forward passes; ``n_prompt[i]`` tokens of each count as prompt."""
+    tracer = NormTracer(model, layers, point)
+    ids = list(request_ids) if request_ids is not None else list(range(len(sequences)))
+    run_forward(model, sequences, request_ids=ids, batch_size=batch_size, observers=[tracer])
+    split = n_prompt if n_prompt is not None else [len(s) for s in sequences]
+    gens = [Generation(rid, list(seq[:k]), list(seq[k:]), "forward") for rid, seq, k in zip(ids, sequences, split)]
+    return NormTrace(annotate(model, tracer.frame(), gens), gens)
+
+
+def token_table(model, generations: Sequence[Generation], extra_columns: dict | None = None):
+    """One row per token of every request: its string and masks (prompt, think block, position 0, label)."""
+    import pandas as pd
+
+    from tellnorm.organism.task import label_tokens
+
+    is_organism = getattr(model, "source", "") == "organism"
+    rows = []
+    for g in generations:
+        tokens = model.token_strings(g.ids)
+        n_prompt = len(g.prompt_ids)
+        labels = label_tokens(tokens, n_prompt) if is_organism else [None] * len(tokens)
+        inside = False
+        for pos, tok in enumerate(tokens):
+            if tok == "</think>":
+                inside = False
+            rows.append({"request_id": g.request_id, "position": pos, "token": tok, "is_prompt": pos < n_prompt,
+                         "in_think": inside and tok != "<think>", "label": labels[pos],
+                         "next_label": labels[pos + 1] if pos + 1 < len(tokens) else None})
+            if tok == "<think>":
+                inside = True
+    table = pd.DataFrame(rows)
+    table["is_generated"] = ~table["is_prompt"]
+    table["is_position_zero"] = table["position"] == 0
+    for name, per_request in (extra_columns or {}).items():
+        table[name] = table["request_id"].map(per_request)
+    return table
+
+
+def annotate(model, norms, generations: Sequence[Generation], extra_columns: dict | None = None):
+    """Join recorded norms with the token table (the final generated token, never fed back, has no norm)."""
+    tokens = token_table(model, generations, extra_columns)
+    merged = norms.merge(tokens, on=["request_id", "position"], how="left", validate="many_to_one")
+    return merged.sort_values(["request_id", "layer", "position"], kind="stable").reset_index(drop=True)
+
+
+def layer_profile(frame, by: Sequence[str] = (), *, seed: int = 0):
+    """Mean norm per layer (and per ``by`` groups) with n and a bootstrap 95% CI over requests.
+
+    The CI resamples requests, not tokens: tokens of one response are not independent.
+    """
+    import pandas as pd
+
+    from tellnorm.stats import bootstrap_ci
+
+    per_request = frame.groupby(list(by) + ["layer", "request_id"], observed=True)["norm"].mean().reset_index()
+    rows = []
+    for key, g in per_request.groupby(list(by) + ["layer"], observed=True):
+        key = key if isinstance(key, tuple) else (key,)
+        lo, hi = bootstrap_ci(g["norm"].to_numpy(), seed=seed)
+        rows.append({**dict(zip(list(by) + ["layer"], key)), "n_requests": len(g), "mean_norm": g["norm"].mean(),
+                     "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(rows)

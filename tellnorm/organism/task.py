@@ -1,0 +1,239 @@
+"""The organism's synthetic reasoning task: chains of variable assignments, mod 10.
+
+A problem lists assignments in shuffled order, e.g. ``c = b - 2 ; a = 5 ; x = 4 ; b = a + 3 ; y = x + 1``
+and asks ``what is c ?``. Answering means following the chain a → b → c through the shuffled list: one
+retrieval and one mod-10 addition or subtraction per step. Addition and subtraction never erase history
+(unlike ×0 or ×5), so no shortcut shortens a chain; ``difficulty`` is the number of steps. Two distractor
+assignments from an unrelated chain make the retrieval real.
+
+Thinking mode writes the chain out (``b = a + 3 = 8 .``) with occasional reasoning words: "so" before a
+step, "wait , check ..." re-checks, "wait , but ... not 7" corrections, "therefore" before the conclusion.
+Non-thinking mode answers directly after an empty think block, exactly like Qwen3's ``enable_thinking``.
+
+Every token carries a ground-truth label (see :data:`LABELS`), assigned by :func:`label_tokens` from the
+token sequence alone, so labels exist for the model's own generations too, not only for gold traces.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+MODULUS = 10  # mod-10 arithmetic keeps every value a single token
+MIN_DIFFICULTY = 1
+MAX_DIFFICULTY = 8  # issue: difficulty 1 to at least 8
+VARIABLES = tuple("abcdefghijklmnopqrst")  # 20 names: 8 steps + 1 start + 2 distractors fit with room
+N_DISTRACTORS = 2  # assignments of an unrelated chain mixed into every prompt
+
+# Token-level ground truth. "step" is the freshly computed value of a step (the only token that needs the
+# arithmetic); "operand" tokens are copied from the prompt or the previous step; "reasoning" tokens are the
+# ReasonScore-style words; "answer" is the final value after "answer :"; "format" is everything else the
+# assistant writes (punctuation, think tags, newlines); "prompt" is every token before generation starts.
+LABELS = ("prompt", "format", "operand", "step", "reasoning", "answer")
+REASONING_WORDS = ("so", "therefore", "wait", "hmm", "let", "me", "but", "check", "yes", "not")
+
+# Trace style probabilities [organism design choice]: enough reasoning words for vocabulary methods,
+# rare enough that most steps are plain.
+P_SO = 0.25
+P_RECHECK = 0.08
+P_CORRECTION = 0.03
+P_OPENING = 0.5
+P_THEREFORE = 0.6
+
+
+@dataclass(frozen=True)
+class Step:
+    target: str  # variable being defined
+    source: str  # variable it is computed from
+    op: str  # "+" or "-"
+    operand: int
+    value: int  # ground-truth value of ``target``
+
+
+@dataclass(frozen=True)
+class Problem:
+    difficulty: int
+    start: str
+    start_value: int
+    steps: tuple[Step, ...]
+    distractors: tuple[str, ...]  # rendered statements of the unrelated chain
+    order: tuple[int, ...]  # permutation of statements as shown in the prompt
+    trace_seed: int = 0  # decides where reasoning words appear in the gold trace
+
+    @property
+    def answer(self) -> int:
+        return self.steps[-1].value
+
+    @property
+    def question_variable(self) -> str:
+        return self.steps[-1].target
+
+    def statements(self) -> list[str]:
+        chain = [f"{self.start} = {self.start_value}"]
+        chain += [f"{s.target} = {s.source} {s.op} {s.operand}" for s in self.steps]
+        everything = chain + list(self.distractors)
+        return [everything[i] for i in self.order]
+
+    def prompt_text(self) -> str:
+        return " ; ".join(self.statements()) + f" ; what is {self.question_variable} ?"
+
+    def key(self) -> str:
+        """Identity used to keep train, validation and test problems disjoint."""
+        return self.prompt_text()
+
+
+def _apply(value: int, op: str, operand: int) -> int:
+    return (value + operand) % MODULUS if op == "+" else (value - operand) % MODULUS
+
+
+def make_problem(rng: random.Random, difficulty: int) -> Problem:
+    check_difficulty(difficulty)
+    names = rng.sample(VARIABLES, difficulty + 1 + N_DISTRACTORS)
+    chain_names, distractor_names = names[: difficulty + 1], names[difficulty + 1 :]
+    value = rng.randrange(MODULUS)
+    start_value = value
+    steps = []
+    for source, target in zip(chain_names, chain_names[1:]):
+        op, operand = rng.choice("+-"), rng.randrange(1, MODULUS)
+        value = _apply(value, op, operand)
+        steps.append(Step(target, source, op, operand, value))
+    d0, d1 = distractor_names
+    distractors = (f"{d0} = {rng.randrange(MODULUS)}", f"{d1} = {d0} {rng.choice('+-')} {rng.randrange(1, MODULUS)}")
+    order = list(range(len(steps) + 1 + len(distractors)))
+    rng.shuffle(order)
+    return Problem(difficulty, chain_names[0], start_value, tuple(steps), distractors, tuple(order),
+                   trace_seed=rng.randrange(2**31))
+
+
+def check_difficulty(difficulty: int) -> None:
+    from tellnorm.errors import TellnormError
+
+    if not isinstance(difficulty, int) or not MIN_DIFFICULTY <= difficulty <= MAX_DIFFICULTY:
+        raise TellnormError(
+            f"difficulty {difficulty!r} is out of range: the organism's task has {MIN_DIFFICULTY}..{MAX_DIFFICULTY} steps"
+        )
+
+
+def thinking_trace(problem: Problem) -> str:
+    """The gold chain of thought (the text inside ``<think> ... </think>``), reasoning words included."""
+    rng = random.Random(problem.trace_seed)
+    parts = []
+    if rng.random() < P_OPENING:
+        parts.append("let me trace it .")
+    parts.append(f"{problem.start} = {problem.start_value} .")
+    prev = problem.start_value
+    for s in problem.steps:
+        lead = "so " if rng.random() < P_SO else ""
+        expr = f"{s.source} {s.op} {s.operand}"
+        if rng.random() < P_CORRECTION:
+            wrong = (s.value + rng.randrange(1, MODULUS)) % MODULUS
+            parts.append(f"{lead}{s.target} = {expr} = {wrong} .")
+            parts.append(f"wait , but {prev} {s.op} {s.operand} = {s.value} not {wrong} . so {s.target} = {s.value} .")
+        else:
+            parts.append(f"{lead}{s.target} = {expr} = {s.value} .")
+            if rng.random() < P_RECHECK:
+                opener = "wait" if rng.random() < 0.6 else "hmm"
+                parts.append(f"{opener} , check {prev} {s.op} {s.operand} = {s.value} . yes .")
+        prev = s.value
+    closer = "therefore" if rng.random() < P_THEREFORE else "so"
+    parts.append(f"{closer} {problem.question_variable} = {problem.answer} .")
+    return " ".join(parts)
+
+
+def answer_text(problem: Problem) -> str:
+    return f"answer : {problem.answer}"
+
+
+def label_tokens(tokens: list[str], n_prompt: int) -> list[str]:
+    """Ground-truth label of each token, from the token strings alone (gold traces and model generations).
+
+    ``tokens[:n_prompt]`` are the prompt (the chat template's generation prompt included). A digit right
+    after ``=`` in a clause that contains ``+`` or ``-`` is a computed value ("step": ``b = a + 3 = 8``, also
+    re-checks and corrections); other digits, variables and operators are "operand" (given or copied); the
+    digit after ``answer :`` is the "answer".
+    """
+    labels = ["prompt"] * min(n_prompt, len(tokens))
+    operator_in_clause = False
+    prev = tokens[n_prompt - 1] if 0 < n_prompt <= len(tokens) else ""
+    prev2 = tokens[n_prompt - 2] if 1 < n_prompt <= len(tokens) else ""
+    for tok in tokens[n_prompt:]:
+        if tok in REASONING_WORDS:
+            label = "reasoning"
+        elif tok.isdigit() and prev == ":" and prev2 == "answer":
+            label = "answer"
+        elif tok.isdigit() and prev == "=" and operator_in_clause:
+            label = "step"
+        elif tok.isdigit() or tok in VARIABLES or tok in ("+", "-"):
+            label = "operand"
+        else:
+            label = "format"
+        if tok in ("+", "-"):
+            operator_in_clause = True
+        elif tok in (".", ",", "\n", "<think>", "</think>"):
+            operator_in_clause = False
+        labels.append(label)
+        prev2, prev = prev, tok
+    return labels
+
+
+@dataclass
+class Split:
+    """A fixed, seeded set of problems (validation or test): never trained on."""
+
+    name: str
+    seed: int
+    per_difficulty: int
+    problems: list[Problem] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, name: str, seed: int, per_difficulty: int,
+              difficulties=range(MIN_DIFFICULTY, MAX_DIFFICULTY + 1), exclude: set[str] | None = None) -> "Split":
+        rng = random.Random(seed)
+        seen = set(exclude or ())
+        problems = []
+        for d in difficulties:
+            made = 0
+            while made < per_difficulty:
+                p = make_problem(rng, d)
+                if p.key() in seen:
+                    continue
+                seen.add(p.key())
+                problems.append(p)
+                made += 1
+        return cls(name, seed, per_difficulty, problems)
+
+    def keys(self) -> set[str]:
+        return {p.key() for p in self.problems}
+
+
+# Fixed seeds of the held-out splits [organism design choice]; training draws from a different stream and
+# rejects any problem whose prompt is in either split.
+VALIDATION_SEED = 20_261_001
+TEST_SEED = 20_261_002
+
+
+def test_split(per_difficulty: int = 200) -> Split:
+    return Split.build("test", TEST_SEED, per_difficulty)
+
+
+def validation_split(per_difficulty: int = 50) -> Split:
+    return Split.build("validation", VALIDATION_SEED, per_difficulty)
+
+
+def training_problems(seed: int, held_out: set[str], difficulties=range(MIN_DIFFICULTY, MAX_DIFFICULTY + 1)):
+    """Endless stream of training problems, uniform over difficulty, disjoint from ``held_out``."""
+    rng = random.Random(seed)
+    levels = list(difficulties)
+    while True:
+        p = make_problem(rng, rng.choice(levels))
+        if p.key() not in held_out:
+            yield p
+
+
+def parse_answer(tokens: list[str]) -> int | None:
+    """The value after the last ``answer :`` in a generation, or None when the model gave no valid answer."""
+    for i in range(len(tokens) - 2, -1, -1):
+        if tokens[i] == ":" and i > 0 and tokens[i - 1] == "answer":
+            nxt = tokens[i + 1]
+            return int(nxt) if nxt.isdigit() else None
+    return None

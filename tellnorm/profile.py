@@ -1,0 +1,149 @@
+"""``tellnorm profile``: per-layer norm profiles, thinking vs non-thinking, with the paper's figures.
+
+The same prompts run in both modes (greedy); statistics use generated tokens with position 0 excluded, and CIs
+resample requests. Writes the per-token table (parquet), the profile (CSV), the "hidden-state L2 norm trend"
+figure and a layer × token heatmap of one response.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tellnorm.errors import TellnormError
+
+MODES = ("thinking", "non-thinking")
+
+
+@dataclass
+class ProfileConfig:
+    model: object = "organism"
+    prompts: str | None = None  # JSONL with a "prompt" field; default: the organism's test set
+    n_per_difficulty: int = 20
+    out: str = "figures/profile"
+    point: str = "resid_post"
+    max_new_tokens: int = 200
+    batch_size: int = 40
+
+
+def load_prompts(path: str) -> list[dict]:
+    file = Path(path)
+    if not file.is_file():
+        raise TellnormError(f"prompt file {path} does not exist: give a JSONL file with a 'prompt' field per line")
+    rows = []
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise TellnormError(f"{path}:{number} is not valid JSON") from None
+        if not isinstance(row, dict) or not str(row.get("prompt", "")).strip():
+            raise TellnormError(f"{path}:{number} has no non-empty 'prompt' field")
+        rows.append(row)
+    if not rows:
+        raise TellnormError(f"{path} holds no prompts")
+    return rows
+
+
+def organism_prompt_rows(n_per_difficulty: int) -> list[dict]:
+    from tellnorm.organism import task
+
+    return [{"prompt": p.prompt_text(), "difficulty": p.difficulty, "answer": p.answer}
+            for p in task.test_split(n_per_difficulty).problems]
+
+
+def trace_both_modes(model, rows: list[dict], *, point: str = "resid_post", max_new_tokens: int = 200,
+                     batch_size: int = 40, layers=None, progress: bool = True):
+    """Generate every prompt in thinking and non-thinking mode and trace all layers; one NormTrace."""
+    import pandas as pd
+
+    from tellnorm.generation import SamplingConfig
+    from tellnorm.norms import NormTrace, trace_generation
+
+    frames, gens = [], []
+    for mode in MODES:
+        prompts = [model.encode(model.chat_prompt(r["prompt"], thinking=mode == "thinking")) for r in rows]
+        ids = [f"{mode}/{i}" for i in range(len(rows))]
+        extra = {"mode": dict.fromkeys(ids, mode), "prompt_index": {rid: i for i, rid in enumerate(ids)}}
+        if "difficulty" in rows[0]:
+            extra["difficulty"] = {rid: r["difficulty"] for rid, r in zip(ids, rows)}
+        trace = trace_generation(model, prompts, SamplingConfig(max_new_tokens=max_new_tokens), request_ids=ids,
+                                 layers=layers, point=point, batch_size=batch_size, progress=progress,
+                                 extra_columns=extra)
+        frames.append(trace.frame)
+        gens.extend(trace.generations)
+    return NormTrace(pd.concat(frames, ignore_index=True), gens)
+
+
+def norm_trend_figure(profile, *, title: str = "Hidden-state L2 norm by layer (generated tokens)"):
+    import plotly.graph_objects as go
+
+    from tellnorm.figures import MODE_COLORS, style
+
+    fig = go.Figure()
+    for mode, group in profile.groupby("mode", sort=False):
+        color = MODE_COLORS.get(mode, "#555")
+        g = group.sort_values("layer")
+        fig.add_trace(go.Scatter(x=list(g.layer) + list(g.layer[::-1]), y=list(g.ci_high) + list(g.ci_low[::-1]),
+                                 fill="toself", fillcolor=color, opacity=0.18, line={"width": 0},
+                                 hoverinfo="skip", showlegend=False))
+        fig.add_trace(go.Scatter(x=g.layer, y=g.mean_norm, mode="lines+markers", name=mode, line={"color": color},
+                                 customdata=g[["n_requests", "ci_low", "ci_high"]].to_numpy(),
+                                 hovertemplate="layer %{x}<br>mean ‖h‖ %{y:.3f}<br>95%% CI [%{customdata[1]:.3f}, "
+                                               "%{customdata[2]:.3f}]<br>n = %{customdata[0]} responses<extra></extra>"))
+    return style(fig, title=title, x_title="layer (resid_post)", y_title="mean ‖h‖₂ (95% CI over responses)")
+
+
+def heatmap_figure(frame, request_id, *, title: str | None = None, max_tokens: int = 160):
+    """Layer × token heatmap of one response, each layer's norms divided by that layer's median (peaks stand out)."""
+    import numpy as np
+    import plotly.graph_objects as go
+
+    from tellnorm.figures import style
+
+    f = frame[(frame.request_id == request_id) & frame.is_generated]
+    if f.empty:
+        raise TellnormError(f"request {request_id!r} has no generated tokens to plot")
+    grid = f.pivot_table(index="layer", columns="position", values="norm").sort_index()
+    grid = grid.iloc[:, :max_tokens]
+    tokens = f.drop_duplicates("position").set_index("position").loc[grid.columns, "token"]
+    relative = grid.to_numpy() / np.median(grid.to_numpy(), axis=1, keepdims=True)
+    labels = [f"{p}:{t!r}"[:14] if t == "\n" else f"{p}:{t}" for p, t in zip(grid.columns, tokens)]
+    fig = go.Figure(go.Heatmap(z=relative, x=labels, y=list(grid.index), colorscale="Magma",
+                               customdata=grid.to_numpy(), colorbar={"title": "‖h‖ / layer median"},
+                               hovertemplate="%{x}<br>layer %{y}<br>‖h‖ %{customdata:.3f} (×%{z:.2f})<extra></extra>"))
+    fig.update_xaxes(tickangle=-60, tickfont={"size": 9})
+    return style(fig, title=title or f"Per-token norms of response {request_id}", x_title="generated token",
+                 y_title="layer", height=460, width=max(720, 9 * len(labels)))
+
+
+def run_profile(cfg: ProfileConfig):
+    from tellnorm.figures import write_figure
+    from tellnorm.io import write_csv, write_parquet
+    from tellnorm.models import load_model
+    from tellnorm.norms import layer_profile
+
+    model = load_model(cfg.model)
+    rows = load_prompts(cfg.prompts) if cfg.prompts else organism_prompt_rows(cfg.n_per_difficulty)
+    trace = trace_both_modes(model, rows, point=cfg.point, max_new_tokens=cfg.max_new_tokens,
+                             batch_size=cfg.batch_size)
+    out = Path(cfg.out)
+    profile = layer_profile(trace.statistics_rows(), by=["mode"])
+    write_parquet(trace.frame, out / "norms_per_token.parquet")
+    write_csv(profile, out / "norm_profile.csv")
+    write_figure(norm_trend_figure(profile), out / "norm_trend")
+    example = _example_request(trace.frame)
+    write_figure(heatmap_figure(trace.frame, example), out / "norm_heatmap")
+    print(profile.pivot(index="layer", columns="mode", values="mean_norm").round(3).to_string())
+    print(f"wrote {out}/norms_per_token.parquet, norm_profile.csv, norm_trend.(html|png), norm_heatmap.(html|png)")
+    return trace, profile
+
+
+def _example_request(frame):
+    """A thinking response to one of the hardest prompts: the most interesting one to look at."""
+    thinking = frame[frame["mode"] == "thinking"]
+    if "difficulty" in thinking and thinking["difficulty"].notna().any():
+        thinking = thinking[thinking["difficulty"] == thinking["difficulty"].max()]
+    return thinking["request_id"].iloc[0]

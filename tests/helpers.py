@@ -1,0 +1,36 @@
+"""Test helpers: tiny random models that share the organism's tokenizer and chat template."""
+
+from __future__ import annotations
+
+
+def tiny_organism_like(n_layers: int = 3, d_model: int = 64, seed: int = 0):
+    """A random-init Qwen3 with the organism's tokenizer, wrapped by tellnorm's backend."""
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    from tellnorm.models import load_model
+    from tellnorm.organism.tokenizer import build_tokenizer
+    from tellnorm.organism.train import OrganismModelConfig
+
+    tok = build_tokenizer()
+    shape = OrganismModelConfig(n_layers=n_layers, d_model=d_model, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=128)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(shape.hf_config(len(tok), tok.pad_token_id, tok.eos_token_id))
+    return load_model((model, tok))
+
+
+def organism_prompts(model, n: int, thinking: bool = True, seed: int = 0) -> list[list[int]]:
+    """``n`` chat prompts of different lengths (difficulties 1..8)."""
+    import random
+
+    from tellnorm.organism import task
+
+    rng = random.Random(seed)
+    problems = [task.make_problem(rng, 1 + i % task.MAX_DIFFICULTY) for i in range(n)]
+    return [model.encode(model.chat_prompt(p.prompt_text(), thinking=thinking)) for p in problems]
+
+
+def active_hook_count(model) -> int:
+    """Forward hooks currently registered anywhere in the bridge (TransformerLens hook points)."""
+    unique = {id(hp): hp for hp in model.bridge.hook_dict.values()}  # aliases share one HookPoint
+    return sum(len(hp.fwd_hooks) for hp in unique.values())

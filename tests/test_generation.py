@@ -1,0 +1,112 @@
+"""Batched generation: left padding, KV cache vs a no-cache reference, per-request sampling, hook cleanup."""
+
+import pytest
+import torch
+
+from helpers import active_hook_count, organism_prompts, tiny_organism_like
+from tellnorm.errors import TellnormError
+from tellnorm.generation import SamplingConfig, StepInfo, generate, process_logits
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_organism_like(n_layers=3)
+
+
+def _no_cache_greedy(model, prompt, n_new):
+    """Reference: re-run the whole sequence through plain HF every step, no cache, no padding."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n_new):
+            logits = model.hf_model(torch.tensor([ids]), use_cache=False).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+def test_greedy_with_kv_cache_and_left_padding_matches_no_cache_reference(model):
+    prompts = organism_prompts(model, 8)
+    assert len({len(p) for p in prompts}) > 4  # genuinely different lengths -> real left padding
+    gens = generate(model, prompts, SamplingConfig(max_new_tokens=12), batch_size=8)
+    for prompt, gen in zip(prompts, gens):
+        if gen.finish_reason == "length":
+            assert gen.generated_ids == _no_cache_greedy(model, prompt, 12)
+        else:  # stopped early at EOS: the reference must agree up to and including that token
+            assert gen.generated_ids == _no_cache_greedy(model, prompt, len(gen.generated_ids))
+
+
+def test_sampled_requests_do_not_depend_on_batch_or_slot(model):
+    prompts = organism_prompts(model, 8, seed=1)
+    cfg = SamplingConfig.paper(max_new_tokens=10, seed=7)
+    together = generate(model, prompts, cfg, request_ids=[f"r{i}" for i in range(8)], batch_size=8)
+    alone = [generate(model, [p], cfg, request_ids=[f"r{i}"])[0] for i, p in enumerate(prompts)]
+    reversed_batch = generate(model, prompts[::-1], cfg, request_ids=[f"r{i}" for i in range(8)][::-1], batch_size=3)
+    assert [g.generated_ids for g in together] == [g.generated_ids for g in alone]
+    assert [g.generated_ids for g in together] == [g.generated_ids for g in reversed_batch[::-1]]
+
+
+def test_seeds_make_sampling_bit_reproducible_and_differ_across_seeds(model):
+    prompts = organism_prompts(model, 4, seed=2)
+    a = generate(model, prompts, SamplingConfig(temperature=1.5, max_new_tokens=15, seed=1))
+    b = generate(model, prompts, SamplingConfig(temperature=1.5, max_new_tokens=15, seed=1))
+    c = generate(model, prompts, SamplingConfig(temperature=1.5, max_new_tokens=15, seed=2))
+    assert [g.generated_ids for g in a] == [g.generated_ids for g in b]
+    assert [g.generated_ids for g in a] != [g.generated_ids for g in c]
+
+
+@pytest.mark.parametrize("cfg", [SamplingConfig.paper(), SamplingConfig(temperature=0.9, top_k=5),
+                                 SamplingConfig(temperature=1.2, top_p=0.5, repetition_penalty=1.3)])
+def test_logit_processing_matches_hf_processors(cfg):
+    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    torch.manual_seed(0)
+    logits = torch.randn(50) * 3
+    history = [3, 7, 7, 20, 41]
+    ref = logits[None].clone()
+    ids = torch.tensor([history])
+    ref = RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty)(ids, ref)
+    ref = TemperatureLogitsWarper(cfg.temperature)(ids, ref)
+    if cfg.top_k:
+        ref = TopKLogitsWarper(cfg.top_k)(ids, ref)
+    if cfg.top_p < 1:
+        ref = TopPLogitsWarper(cfg.top_p)(ids, ref)
+    ours = process_logits(logits, history, cfg)
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref[0]))
+    finite = ~torch.isinf(ours)
+    assert torch.allclose(ours[finite], ref[0][finite], atol=1e-6)
+
+
+class _Exploding:
+    """An observer whose hook fails on the third forward pass."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def hooks(self, model):
+        def hook(x, hook):
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("boom")
+            return x
+        return [(model.hook_name(1), hook)]
+
+    def on_step(self, info: StepInfo):
+        pass
+
+
+def test_hooks_are_removed_when_generation_raises(model):
+    assert active_hook_count(model) == 0
+    with pytest.raises(RuntimeError, match="boom"):
+        generate(model, organism_prompts(model, 2), SamplingConfig(max_new_tokens=10), observers=[_Exploding()])
+    assert active_hook_count(model) == 0
+
+
+def test_bad_generation_input_is_one_clear_error(model):
+    with pytest.raises(TellnormError, match="empty prompt"):
+        generate(model, [[]])
+    with pytest.raises(TellnormError, match="exceed the context"):
+        generate(model, [[5] * (model.max_positions - 3)], SamplingConfig(max_new_tokens=10))
+    with pytest.raises(TellnormError, match="unique"):
+        generate(model, [[5], [6]], request_ids=["a", "a"])
+    with pytest.raises(TellnormError):
+        SamplingConfig(top_p=0)

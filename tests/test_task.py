@@ -1,0 +1,135 @@
+"""The organism's task: arithmetic, labels, disjoint splits, tokenizer and chat template."""
+
+import random
+
+import pytest
+
+from tellnorm.errors import TellnormError
+from tellnorm.organism import task
+
+
+def _evaluate_statements(problem: task.Problem) -> dict[str, int]:
+    """Independent reference: resolve the shuffled assignments by repeated substitution."""
+    pending = [s.split() for s in problem.statements()]
+    values: dict[str, int] = {}
+    while pending:
+        progressed = False
+        for st in list(pending):
+            if len(st) == 3:
+                values[st[0]] = int(st[2])
+            elif st[2] in values:
+                a, op, b = values[st[2]], st[3], int(st[4])
+                values[st[0]] = (a + b) % 10 if op == "+" else (a - b) % 10
+            else:
+                continue
+            pending.remove(st)
+            progressed = True
+        assert progressed, "statements do not form chains"
+    return values
+
+
+@pytest.mark.parametrize("difficulty", range(task.MIN_DIFFICULTY, task.MAX_DIFFICULTY + 1))
+def test_answers_match_an_independent_evaluation(difficulty):
+    rng = random.Random(difficulty)
+    for _ in range(50):
+        p = task.make_problem(rng, difficulty)
+        assert len(p.steps) == difficulty
+        assert _evaluate_statements(p)[p.question_variable] == p.answer
+        assert p.prompt_text().endswith(f"what is {p.question_variable} ?")
+
+
+def test_gold_trace_states_every_step_and_concludes_with_the_answer():
+    rng = random.Random(0)
+    for _ in range(200):
+        p = task.make_problem(rng, rng.randint(1, task.MAX_DIFFICULTY))
+        trace = task.thinking_trace(p)
+        for s in p.steps:
+            assert f"{s.target} = {s.source} {s.op} {s.operand} =" in trace
+            assert f"= {s.value} ." in trace or f"{s.target} = {s.value} ." in trace
+        assert trace.endswith(f"{p.question_variable} = {p.answer} .")
+
+
+def test_reasoning_words_appear_some_of_the_time():
+    rng = random.Random(1)
+    traces = [task.thinking_trace(task.make_problem(rng, 6)) for _ in range(400)]
+    for word in ("so", "therefore", "wait", "let me", "but", "hmm"):
+        share = sum(f" {word} " in f" {t} " for t in traces) / len(traces)
+        assert 0.02 < share < 1.0, (word, share)
+
+
+def test_labels_mark_steps_operands_reasoning_and_answer():
+    tokens = ("<|im_start|> assistant \n <think> \n so b = a + 3 = 8 . wait , check 5 + 3 = 8 . yes . "
+              "therefore b = 8 . \n </think> \n \n answer : 8 <|im_end|>").split(" ")
+    tokens = [t for t in tokens if t]
+    n_prompt = 3
+    labels = dict(enumerate(task.label_tokens(tokens, n_prompt)))
+    by_token = list(zip(tokens, labels.values()))
+    assert all(lab == "prompt" for _, lab in by_token[:n_prompt])
+    step_positions = [i for i, lab in labels.items() if lab == "step"]
+    # "= 8" after "a + 3" and after "5 + 3" are computed; "b = 8" after therefore is a restatement.
+    assert [tokens[i - 3 : i + 1] for i in step_positions] == [["+", "3", "=", "8"], ["+", "3", "=", "8"]]
+    assert [t for t, lab in by_token if lab == "reasoning"] == ["so", "wait", "check", "yes", "therefore"]
+    assert [t for t, lab in by_token if lab == "answer"] == ["8"]
+    assert labels[tokens.index("a")] == "operand"
+
+
+def test_splits_are_fixed_and_disjoint_from_training():
+    test, val = task.test_split(30), task.validation_split(30)
+    assert task.test_split(30).keys() == test.keys()  # fixed seed
+    assert not test.keys() & val.keys()
+    stream = task.training_problems(seed=0, held_out=test.keys() | val.keys())
+    drawn = {next(stream).key() for _ in range(3000)}
+    assert not drawn & (test.keys() | val.keys())
+    assert len(test.problems) == 30 * task.MAX_DIFFICULTY
+
+
+def test_training_stream_rejects_held_out_problems():
+    # Level 1 has a small space: hold out many of its problems and check none is ever drawn.
+    held = task.Split.build("x", 5, 400, difficulties=[1]).keys()
+    stream = task.training_problems(seed=3, held_out=held, difficulties=[1])
+    assert not {next(stream).key() for _ in range(5000)} & held
+
+
+@pytest.mark.parametrize("bad", [0, task.MAX_DIFFICULTY + 1, -1, 2.5, "3"])
+def test_invalid_difficulty_is_one_clear_error(bad):
+    with pytest.raises(TellnormError, match="difficulty"):
+        task.make_problem(random.Random(0), bad)
+
+
+def test_parse_answer():
+    assert task.parse_answer("x answer : 7 <|im_end|>".split()) == 7
+    assert task.parse_answer("answer : : <|im_end|>".split()) is None
+    assert task.parse_answer("no answer here".split()) is None
+
+
+def test_tokenizer_round_trip_and_thinking_switch(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tellnorm.organism.tokenizer import save_tokenizer
+
+    save_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    p = task.make_problem(random.Random(2), 4)
+    msgs = [{"role": "user", "content": p.prompt_text()}]
+    on = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+    off = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert on.endswith("<|im_start|>assistant\n")
+    assert off == on + "<think>\n\n</think>\n\n"  # Qwen3's non-thinking generation prompt
+    text = on + "<think>\n" + task.thinking_trace(p) + "\n</think>\n\n" + task.answer_text(p) + "<|im_end|>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids
+    words = [w for w in text.replace("\n", " \n ").replace("<|im_end|>", " <|im_end|> ").split(" ") if w]
+    # one token per word: labels stay one-to-one with tokens
+    assert tok.convert_ids_to_tokens(ids) == [w for w in _split_specials(words)]
+
+
+def _split_specials(words):
+    out = []
+    for w in words:
+        for special in ("<|im_start|>",):
+            if w.startswith(special) and w != special:
+                out += [special, w[len(special):]]
+                break
+        else:
+            out.append(w)
+    return out
