@@ -6,13 +6,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def _organism_train(args) -> None:
     from tellnorm.organism.train import OrganismTrainConfig, train_organism
 
+    from tellnorm.organism.paths import DEFAULT_ORGANISM_DIR
+
     cfg = OrganismTrainConfig(seed=args.seed, steps=args.steps)
-    meta = train_organism(cfg, out_dir=args.out)
+    meta = train_organism(cfg, out_dir=args.out or DEFAULT_ORGANISM_DIR)
     print(f"trained organism in {meta['train_seconds']:.0f} s, final loss {meta['final_loss']:.4f} -> {args.out}")
 
 
@@ -45,6 +48,60 @@ def _bench_norms(args) -> None:
                             repeats=args.repeats, out=args.out))
 
 
+def _sae_train(args) -> None:
+    from tellnorm.models import load_model
+    from tellnorm.saes.training import SAETrainConfig
+    from tellnorm.studies import sae_suite_study
+
+    cfg = SAETrainConfig(architecture=args.architecture, expansion=args.expansion, epochs=args.epochs, lr=args.lr,
+                         l1_coefficient=args.l1, corpus_problems=args.corpus_problems, seed=args.seed)
+    _, quality = sae_suite_study(load_model(args.model), cfg, args.out)
+    print(quality.round(4).to_string(index=False))
+
+
+def _features(args) -> None:
+    from tellnorm.figures import write_figure
+    from tellnorm.models import load_model
+    from tellnorm.norms import layer_profile
+    from tellnorm.norms import trace_forward
+    from tellnorm.saes import load_saes
+    from tellnorm.studies import contrast_corpus, feature_study, trend_figure
+
+    model = load_model(args.model)
+    saes = load_saes(args.saes, model)
+    corpus = contrast_corpus(model, args.n)
+    out = Path(args.out)
+    result = feature_study(model, saes, corpus, out, top_k=args.top_k)
+    trace = trace_forward(model, corpus.sequences, n_prompt=corpus.n_prompt,
+                          request_ids=list(range(len(corpus.sequences))))
+    frame = trace.frame.assign(mode=trace.frame.request_id.map(dict(enumerate(corpus.modes))))
+    profile = layer_profile(frame[frame.is_generated & ~frame.is_position_zero], by=["mode"])
+    write_figure(trend_figure(profile, result["trend"], args.top_k), out / "feature_trend")
+    print(result["trend"].round(4).to_string(index=False))
+    print(f"wrote {out}/features_*.csv, feature_trend.csv, feature_trend.(html|png)")
+
+
+def _dashboard(args) -> None:
+    from tellnorm.models import load_model
+    from tellnorm.saes import load_saes
+    from tellnorm.studies import contrast_corpus, dashboard_study, feature_scores, feature_study, parse_feature_list
+
+    model = load_model(args.model)
+    saes = load_saes(args.saes, model)
+    corpus = contrast_corpus(model, args.n)
+    if args.features:
+        features, scores = parse_feature_list(args.features), {}
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            result = feature_study(model, saes, corpus, Path(tmp))
+        features = result["top_reason"]
+        scores = feature_scores(result)
+    path = dashboard_study(model, saes, corpus, features, scores, Path(args.out))
+    print(f"wrote {path}")
+
+
 def _reproduce(args) -> None:
     from tellnorm.reproduce import ReproduceConfig, reproduce
 
@@ -67,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     organism = sub.add_parser("organism", help="the embedded model organism: train or evaluate it")
     osub = organism.add_subparsers(dest="organism_command", metavar="ACTION", required=True)
     p = osub.add_parser("train", help="train the organism (deterministic under --seed; ~25 min on 2 cores)")
-    p.add_argument("--steps", type=int, default=1600)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: the shipped data/organism)")
     p.set_defaults(func=_organism_train)
@@ -89,6 +146,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--out", default="figures/profile")
     p.set_defaults(func=_profile)
+
+    sae = sub.add_parser("sae", help="per-layer SAEs (sae_lens): train the suite and report its quality")
+    ssub = sae.add_subparsers(dest="sae_command", metavar="ACTION", required=True)
+    p = ssub.add_parser("train", help="train one SAE per layer on the model's own responses (paper defaults)")
+    p.add_argument("--model", default="organism")
+    p.add_argument("--architecture", default="standard", help="standard (ReLU + L1, the paper's), topk or jumprelu")
+    p.add_argument("--expansion", type=int, default=4)
+    p.add_argument("--epochs", type=float, default=6)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--l1", type=float, default=1e-3)
+    p.add_argument("--corpus-problems", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default: the shipped data/organism_saes)")
+    p.set_defaults(func=_sae_train)
+
+    p = sub.add_parser("features", help="reasoning features: thinking/non-thinking contrast, ReasonScore, controls")
+    p.add_argument("--model", default="organism")
+    p.add_argument("--saes", default="organism", help="'organism', a folder, FORMAT:PATH or RELEASE:ID")
+    p.add_argument("--n", type=int, default=10, help="validation problems per difficulty (default: 10)")
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--out", default="figures/features")
+    p.set_defaults(func=_features)
+
+    p = sub.add_parser("dashboard", help="offline HTML dashboards of features (default: top ReasonScore features)")
+    p.add_argument("--model", default="organism")
+    p.add_argument("--saes", default="organism")
+    p.add_argument("--features", default=None, help="LAYER:F1,F2 ... (default: top 5 of each late layer)")
+    p.add_argument("--n", type=int, default=10)
+    p.add_argument("--out", default="figures/dashboard.html")
+    p.set_defaults(func=_dashboard)
 
     bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")
     bsub = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)

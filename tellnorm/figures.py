@@ -1,6 +1,7 @@
 """One figure style for every tellnorm plot, and writing figures as offline HTML plus PNG.
 
-HTML embeds plotly.js (no CDN), so every page opens with no network. PNG export goes through kaleido, which
+HTML pages load plotly.js from a ``plotly.min.js`` written once beside them (no CDN), so every page opens with
+no network and a folder of figures carries one copy of the library. PNG export goes through kaleido, which
 drives a local Chrome/Chromium (Debian's ``chromium`` package); without one, figures are written as HTML only
 and the caller is told once how to get PNGs.
 """
@@ -28,8 +29,9 @@ def style(fig, *, title: str | None = None, x_title: str | None = None, y_title:
     fig.update_layout(
         template="plotly_white", font={"family": FONT, "size": 13}, height=height, width=width,
         title={"text": title, "x": 0.02, "xanchor": "left"} if title else None,
-        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0.0},
-        margin={"l": 70, "r": 30, "t": 80 if title else 40, "b": 60},
+        # the legend gets its own row above the plot area, clear of subplot titles
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.10, "x": 0.0},
+        margin={"l": 70, "r": 30, "t": 120 if title else 70, "b": 60},
     )
     if x_title:
         fig.update_xaxes(title_text=x_title)
@@ -47,14 +49,14 @@ def chromium_path() -> str | None:
 
 
 def write_figure(fig, stem: str | Path, *, png: bool = True) -> list[Path]:
-    """Write ``stem.html`` (self-contained) and, when a browser is available, ``stem.png``; return the paths.
+    """Write ``stem.html`` (with ``plotly.min.js`` beside it) and, when a browser is available, ``stem.png``.
 
     Files are written to a temporary name and renamed, so an interrupted export leaves no half-written figure.
     """
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(stem.with_suffix(".html")) as tmp:
-        fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)
+        fig.write_html(str(tmp), include_plotlyjs="directory", full_html=True)
     written = [stem.with_suffix(".html")]
     if png:
         browser = chromium_path()

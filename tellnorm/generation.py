@@ -104,7 +104,9 @@ def generate(
     progress: bool = False,
     desc: str = "generating",
 ) -> list[Generation]:
-    """Generate a continuation of every prompt (token ids); returns generations in prompt order."""
+    """Generate a continuation of every prompt (token ids); returns generations in prompt order.
+
+    A request stops at EOS, after ``max_new_tokens``, or when it fills the model's context ("length")."""
     sampling = sampling or SamplingConfig()
     request_ids = list(request_ids) if request_ids is not None else list(range(len(prompts)))
     if len(request_ids) != len(prompts) or len(set(request_ids)) != len(request_ids):
@@ -112,9 +114,9 @@ def generate(
     for rid, ids in zip(request_ids, prompts):
         if len(ids) == 0:
             raise TellnormError(f"request {rid!r} has an empty prompt")
-        if len(ids) + sampling.max_new_tokens > model.max_positions:
-            raise TellnormError(f"request {rid!r}: {len(ids)} prompt tokens + {sampling.max_new_tokens} new tokens "
-                                f"exceed the context of {model.max_positions}; shorten the prompt or max_new_tokens")
+        if len(ids) >= model.max_positions:
+            raise TellnormError(f"request {rid!r}: its prompt has {len(ids)} tokens, which leaves no room in the "
+                                f"context of {model.max_positions}; shorten the prompt")
     from tqdm.auto import tqdm
 
     observers = list(observers)
@@ -175,7 +177,7 @@ def _generate_batch(model, batch, sampling: SamplingConfig, observers) -> list[G
             for row, rid in enumerate(live):
                 if next_tokens[row] in stop_ids:
                     finished[rid] = "eos"
-                elif len(generated[rid]) >= sampling.max_new_tokens:
+                elif len(generated[rid]) >= min(sampling.max_new_tokens, model.max_positions - len(prompt_of[rid])):
                     finished[rid] = "length"
                 else:
                     keep.append(row)

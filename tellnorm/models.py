@@ -139,6 +139,8 @@ def _load_folder(path: Path, *, name: str, source: str, device: str, dtype) -> L
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as err:  # corrupt or truncated files surface as many exception types
         raise TellnormError(f"cannot load {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}.{rebuild}") from None
+    if (path / "organism.json").is_file():
+        source = ORGANISM  # a retrained copy of the organism elsewhere is still the organism (labels apply)
     return _wrap(model, tokenizer, name=name, source=source, device=device)
 
 

@@ -119,29 +119,35 @@ def heatmap_figure(frame, request_id, *, title: str | None = None, max_tokens: i
                  y_title="layer", height=460, width=max(720, 9 * len(labels)))
 
 
-def run_profile(cfg: ProfileConfig):
+def profile_study(model, rows: list[dict], out: Path, *, point: str = "resid_post", max_new_tokens: int = 200,
+                  batch_size: int = 40):
+    """Trace ``rows`` in both modes and write the per-token table, the profile and both figures to ``out``."""
     from tellnorm.figures import write_figure
     from tellnorm.io import write_csv, write_parquet
-    from tellnorm.models import load_model
     from tellnorm.norms import layer_profile
 
-    model = load_model(cfg.model)
-    rows = load_prompts(cfg.prompts) if cfg.prompts else organism_prompt_rows(cfg.n_per_difficulty)
-    trace = trace_both_modes(model, rows, point=cfg.point, max_new_tokens=cfg.max_new_tokens,
-                             batch_size=cfg.batch_size)
-    out = Path(cfg.out)
+    trace = trace_both_modes(model, rows, point=point, max_new_tokens=max_new_tokens, batch_size=batch_size)
     profile = layer_profile(trace.statistics_rows(), by=["mode"])
     write_parquet(trace.frame, out / "norms_per_token.parquet")
     write_csv(profile, out / "norm_profile.csv")
     write_figure(norm_trend_figure(profile), out / "norm_trend")
-    example = _example_request(trace.frame)
-    write_figure(heatmap_figure(trace.frame, example), out / "norm_heatmap")
-    print(profile.pivot(index="layer", columns="mode", values="mean_norm").round(3).to_string())
-    print(f"wrote {out}/norms_per_token.parquet, norm_profile.csv, norm_trend.(html|png), norm_heatmap.(html|png)")
+    write_figure(heatmap_figure(trace.frame, example_request(trace.frame)), out / "norm_heatmap")
     return trace, profile
 
 
-def _example_request(frame):
+def run_profile(cfg: ProfileConfig):
+    from tellnorm.models import load_model
+
+    model = load_model(cfg.model)
+    rows = load_prompts(cfg.prompts) if cfg.prompts else organism_prompt_rows(cfg.n_per_difficulty)
+    trace, profile = profile_study(model, rows, Path(cfg.out), point=cfg.point, max_new_tokens=cfg.max_new_tokens,
+                                   batch_size=cfg.batch_size)
+    print(profile.pivot(index="layer", columns="mode", values="mean_norm").round(3).to_string())
+    print(f"wrote {cfg.out}/norms_per_token.parquet, norm_profile.csv, norm_trend.(html|png), norm_heatmap.(html|png)")
+    return trace, profile
+
+
+def example_request(frame):
     """A thinking response to one of the hardest prompts: the most interesting one to look at."""
     thinking = frame[frame["mode"] == "thinking"]
     if "difficulty" in thinking and thinking["difficulty"].notna().any():

@@ -34,3 +34,22 @@ def active_hook_count(model) -> int:
     """Forward hooks currently registered anywhere in the bridge (TransformerLens hook points)."""
     unique = {id(hp): hp for hp in model.bridge.hook_dict.values()}  # aliases share one HookPoint
     return sum(len(hp.fwd_hooks) for hp in unique.values())
+
+
+def hf_layer_norms_float64(model, batch):
+    """Reference independent of TransformerLens: forward hooks on HF's own decoder layers, ‖h‖ in float64.
+
+    ``batch``: equal-length token-id lists. Returns a tensor ``[n_layers, batch, seq]``."""
+    import torch
+
+    outputs = {}
+    handles = [layer.register_forward_hook(lambda mod, inp, out, i=i: outputs.__setitem__(
+        i, (out[0] if isinstance(out, tuple) else out).detach()))
+        for i, layer in enumerate(model.hf_model.model.layers)]
+    try:
+        with torch.no_grad():
+            model.hf_model(torch.tensor(batch), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack([outputs[i].double().norm(dim=-1) for i in range(len(outputs))])

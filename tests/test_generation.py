@@ -101,11 +101,18 @@ def test_hooks_are_removed_when_generation_raises(model):
     assert active_hook_count(model) == 0
 
 
+def test_generation_stops_at_the_end_of_the_context(model):
+    prompt = [5] * (model.max_positions - 3)
+    gen = generate(model, [prompt], SamplingConfig(max_new_tokens=10))[0]
+    assert len(prompt) + len(gen.generated_ids) <= model.max_positions
+    assert gen.finish_reason == "length" or len(gen.generated_ids) < 3
+
+
 def test_bad_generation_input_is_one_clear_error(model):
     with pytest.raises(TellnormError, match="empty prompt"):
         generate(model, [[]])
-    with pytest.raises(TellnormError, match="exceed the context"):
-        generate(model, [[5] * (model.max_positions - 3)], SamplingConfig(max_new_tokens=10))
+    with pytest.raises(TellnormError, match="no room in the context"):
+        generate(model, [[5] * model.max_positions], SamplingConfig(max_new_tokens=10))
     with pytest.raises(TellnormError, match="unique"):
         generate(model, [[5], [6]], request_ids=["a", "a"])
     with pytest.raises(TellnormError):

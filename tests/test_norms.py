@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import active_hook_count, organism_prompts, tiny_organism_like
+from helpers import active_hook_count, hf_layer_norms_float64, organism_prompts, tiny_organism_like
 from tellnorm.errors import TellnormError
 from tellnorm.generation import SamplingConfig
 from tellnorm.norms import NormTracer, layer_profile, trace_forward, trace_generation
@@ -16,18 +16,7 @@ def model():
 
 
 def _hf_layer_outputs_float64(model, ids):
-    """Reference: forward hooks on HF's own decoder layers, norms recomputed in float64."""
-    outputs = {}
-    handles = [layer.register_forward_hook(lambda mod, inp, out, i=i: outputs.__setitem__(
-        i, (out[0] if isinstance(out, tuple) else out).detach()))
-        for i, layer in enumerate(model.hf_model.model.layers)]
-    try:
-        with torch.no_grad():
-            model.hf_model(torch.tensor([ids]), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return {i: out[0].double().norm(dim=-1).numpy() for i, out in outputs.items()}
+    return {i: norms[0].numpy() for i, norms in enumerate(hf_layer_norms_float64(model, [ids]))}
 
 
 def test_forward_trace_matches_hf_decoder_layers_in_float64(model):

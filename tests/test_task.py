@@ -38,14 +38,18 @@ def test_answers_match_an_independent_evaluation(difficulty):
         assert p.prompt_text().endswith(f"what is {p.question_variable} ?")
 
 
-def test_gold_trace_states_every_step_and_concludes_with_the_answer():
+def test_gold_trace_computes_every_step_in_order():
     rng = random.Random(0)
     for _ in range(200):
         p = task.make_problem(rng, rng.randint(1, task.MAX_DIFFICULTY))
         trace = task.thinking_trace(p)
-        for s in p.steps:
-            assert f"{s.target} = {s.source} {s.op} {s.operand} =" in trace
-            assert f"= {s.value} ." in trace or f"{s.target} = {s.value} ." in trace
+        cursor = trace.index(f"{p.start} = {p.start_value} .")
+        prev = p.start_value
+        for s in p.steps:  # values substituted forward, in order
+            correct = f"{prev} {s.op} {s.operand} = {s.value} "  # "." or, in a correction, "not"
+            found = trace.find(correct, cursor)
+            assert found > 0, (trace, correct)
+            cursor, prev = found + len(correct), s.value
         assert trace.endswith(f"{p.question_variable} = {p.answer} .")
 
 
@@ -58,19 +62,25 @@ def test_reasoning_words_appear_some_of_the_time():
 
 
 def test_labels_mark_steps_operands_reasoning_and_answer():
-    tokens = ("<|im_start|> assistant \n <think> \n so b = a + 3 = 8 . wait , check 5 + 3 = 8 . yes . "
-              "therefore b = 8 . \n </think> \n \n answer : 8 <|im_end|>").split(" ")
+    tokens = ("<|im_start|> assistant \n <think> \n so b = a + 3 = 5 + 3 = 8 . wait , check 5 + 3 = 8 . yes . "
+              "c = b - 9 = 8 - 9 = 1 . wait , but 8 - 9 = 9 not 1 . therefore c = 9 . \n </think> \n \n "
+              "answer : 9 <|im_end|>").split(" ")
     tokens = [t for t in tokens if t]
     n_prompt = 3
-    labels = dict(enumerate(task.label_tokens(tokens, n_prompt)))
-    by_token = list(zip(tokens, labels.values()))
+    labels = task.label_tokens(tokens, n_prompt)
+    by_token = list(zip(tokens, labels))
     assert all(lab == "prompt" for _, lab in by_token[:n_prompt])
-    step_positions = [i for i, lab in labels.items() if lab == "step"]
-    # "= 8" after "a + 3" and after "5 + 3" are computed; "b = 8" after therefore is a restatement.
-    assert [tokens[i - 3 : i + 1] for i in step_positions] == [["+", "3", "=", "8"], ["+", "3", "=", "8"]]
-    assert [t for t, lab in by_token if lab == "reasoning"] == ["so", "wait", "check", "yes", "therefore"]
-    assert [t for t, lab in by_token if lab == "answer"] == ["8"]
-    assert labels[tokens.index("a")] == "operand"
+    steps = [i for i, lab in enumerate(labels) if lab == "step"]
+    # computed values close their clause: the step, its re-check, the wrong step, and the correction
+    assert [tokens[i] for i in steps] == ["8", "8", "1", "9"]
+    assert [tokens[i - 3 : i] for i in steps] == [["+", "3", "="], ["+", "3", "="], ["-", "9", "="], ["-", "9", "="]]
+    assert [t for t, lab in by_token if lab == "reasoning"] == ["so", "wait", "check", "yes", "wait", "but", "not",
+                                                                 "therefore"]
+    assert [t for t, lab in by_token if lab == "answer"] == ["9"]
+    first_line = tokens.index("b")
+    assert labels[first_line : first_line + 9] == ["operand", "format", "operand", "operand", "operand", "format",
+                                                   "operand", "operand", "operand"]  # b = a + 3 = 5 + 3
+    assert labels[tokens.index("therefore") + 3] == "operand"  # a restated value, not a computation
 
 
 def test_splits_are_fixed_and_disjoint_from_training():

@@ -1,14 +1,20 @@
 """The organism's synthetic reasoning task: chains of variable assignments, mod 10.
 
-A problem lists assignments in shuffled order, e.g. ``c = b - 2 ; a = 5 ; x = 4 ; b = a + 3 ; y = x + 1``
-and asks ``what is c ?``. Answering means following the chain a → b → c through the shuffled list: one
-retrieval and one mod-10 addition or subtraction per step. Addition and subtraction never erase history
-(unlike ×0 or ×5), so no shortcut shortens a chain; ``difficulty`` is the number of steps. Two distractor
-assignments from an unrelated chain make the retrieval real.
+A problem lists a chain of assignments, e.g. ``a = 5 ; b = a + 3 ; c = b - 2 ; what is c ?``: one mod-10
+addition or subtraction per step, ``difficulty`` steps. Addition and subtraction never erase history (unlike
+×0 or ×5, which collapse the state), so no shortcut shortens a chain: answering directly means summing every
+signed operand mod 10 in a single forward pass, while a written chain needs one table lookup per step.
 
-Thinking mode writes the chain out (``b = a + 3 = 8 .``) with occasional reasoning words: "so" before a
-step, "wait , check ..." re-checks, "wait , but ... not 7" corrections, "therefore" before the conclusion.
+Thinking mode writes each step as copy, substitute, compute (``b = a + 3 = 5 + 3 = 8 .``) with occasional
+reasoning words: "so" before a step,
+"wait , check ..." re-checks, "wait , but ... not 7" corrections, "therefore" before the conclusion.
 Non-thinking mode answers directly after an empty think block, exactly like Qwen3's ``enable_thinking``.
+
+Design note: a first version shuffled the assignments and mixed in a distractor chain, so that each step also
+needed a content-based lookup. The 8-layer organism did not learn that lookup within the training budget (the
+loss on copied operands stayed at chance, ln 10, for 500 steps), so the chain is now given in order. A second
+version wrote ``b = 5 + 3 = 8`` directly; its model mis-copied the operator (the token before ``+`` in the trace
+is a value, in the prompt a variable, so induction cannot match it), hence the verbatim copy before substituting.
 
 Every token carries a ground-truth label (see :data:`LABELS`), assigned by :func:`label_tokens` from the
 token sequence alone, so labels exist for the model's own generations too, not only for gold traces.
@@ -22,8 +28,7 @@ from dataclasses import dataclass, field
 MODULUS = 10  # mod-10 arithmetic keeps every value a single token
 MIN_DIFFICULTY = 1
 MAX_DIFFICULTY = 8  # issue: difficulty 1 to at least 8
-VARIABLES = tuple("abcdefghijklmnopqrst")  # 20 names: 8 steps + 1 start + 2 distractors fit with room
-N_DISTRACTORS = 2  # assignments of an unrelated chain mixed into every prompt
+VARIABLES = tuple("abcdefghijklmnopqrst")  # 20 names; a chain of 8 steps uses 9 of them
 
 # Token-level ground truth. "step" is the freshly computed value of a step (the only token that needs the
 # arithmetic); "operand" tokens are copied from the prompt or the previous step; "reasoning" tokens are the
@@ -56,8 +61,6 @@ class Problem:
     start: str
     start_value: int
     steps: tuple[Step, ...]
-    distractors: tuple[str, ...]  # rendered statements of the unrelated chain
-    order: tuple[int, ...]  # permutation of statements as shown in the prompt
     trace_seed: int = 0  # decides where reasoning words appear in the gold trace
 
     @property
@@ -70,9 +73,7 @@ class Problem:
 
     def statements(self) -> list[str]:
         chain = [f"{self.start} = {self.start_value}"]
-        chain += [f"{s.target} = {s.source} {s.op} {s.operand}" for s in self.steps]
-        everything = chain + list(self.distractors)
-        return [everything[i] for i in self.order]
+        return chain + [f"{s.target} = {s.source} {s.op} {s.operand}" for s in self.steps]
 
     def prompt_text(self) -> str:
         return " ; ".join(self.statements()) + f" ; what is {self.question_variable} ?"
@@ -88,21 +89,15 @@ def _apply(value: int, op: str, operand: int) -> int:
 
 def make_problem(rng: random.Random, difficulty: int) -> Problem:
     check_difficulty(difficulty)
-    names = rng.sample(VARIABLES, difficulty + 1 + N_DISTRACTORS)
-    chain_names, distractor_names = names[: difficulty + 1], names[difficulty + 1 :]
+    names = rng.sample(VARIABLES, difficulty + 1)
     value = rng.randrange(MODULUS)
     start_value = value
     steps = []
-    for source, target in zip(chain_names, chain_names[1:]):
+    for source, target in zip(names, names[1:]):
         op, operand = rng.choice("+-"), rng.randrange(1, MODULUS)
         value = _apply(value, op, operand)
         steps.append(Step(target, source, op, operand, value))
-    d0, d1 = distractor_names
-    distractors = (f"{d0} = {rng.randrange(MODULUS)}", f"{d1} = {d0} {rng.choice('+-')} {rng.randrange(1, MODULUS)}")
-    order = list(range(len(steps) + 1 + len(distractors)))
-    rng.shuffle(order)
-    return Problem(difficulty, chain_names[0], start_value, tuple(steps), distractors, tuple(order),
-                   trace_seed=rng.randrange(2**31))
+    return Problem(difficulty, names[0], start_value, tuple(steps), trace_seed=rng.randrange(2**31))
 
 
 def check_difficulty(difficulty: int) -> None:
@@ -124,16 +119,17 @@ def thinking_trace(problem: Problem) -> str:
     prev = problem.start_value
     for s in problem.steps:
         lead = "so " if rng.random() < P_SO else ""
-        expr = f"{s.source} {s.op} {s.operand}"
+        expr = f"{prev} {s.op} {s.operand}"
+        definition = f"{s.target} = {s.source} {s.op} {s.operand}"  # copied verbatim, then substituted
         if rng.random() < P_CORRECTION:
             wrong = (s.value + rng.randrange(1, MODULUS)) % MODULUS
-            parts.append(f"{lead}{s.target} = {expr} = {wrong} .")
-            parts.append(f"wait , but {prev} {s.op} {s.operand} = {s.value} not {wrong} . so {s.target} = {s.value} .")
+            parts.append(f"{lead}{definition} = {expr} = {wrong} .")
+            parts.append(f"wait , but {expr} = {s.value} not {wrong} . so {s.target} = {s.value} .")
         else:
-            parts.append(f"{lead}{s.target} = {expr} = {s.value} .")
+            parts.append(f"{lead}{definition} = {expr} = {s.value} .")
             if rng.random() < P_RECHECK:
                 opener = "wait" if rng.random() < 0.6 else "hmm"
-                parts.append(f"{opener} , check {prev} {s.op} {s.operand} = {s.value} . yes .")
+                parts.append(f"{opener} , check {expr} = {s.value} . yes .")
         prev = s.value
     closer = "therefore" if rng.random() < P_THEREFORE else "so"
     parts.append(f"{closer} {problem.question_variable} = {problem.answer} .")
@@ -147,21 +143,23 @@ def answer_text(problem: Problem) -> str:
 def label_tokens(tokens: list[str], n_prompt: int) -> list[str]:
     """Ground-truth label of each token, from the token strings alone (gold traces and model generations).
 
-    ``tokens[:n_prompt]`` are the prompt (the chat template's generation prompt included). A digit right
-    after ``=`` in a clause that contains ``+`` or ``-`` is a computed value ("step": ``b = a + 3 = 8``, also
-    re-checks and corrections); other digits, variables and operators are "operand" (given or copied); the
-    digit after ``answer :`` is the "answer".
+    ``tokens[:n_prompt]`` are the prompt (the chat template's generation prompt included). The digit that
+    closes a clause containing ``+`` or ``-`` (``b = a + 3 = 5 + 3 = 8 .``, also re-checks and corrections) is
+    a computed value ("step"); other digits, variables and operators are "operand" (given, copied or
+    substituted); the digit after ``answer :`` is the "answer".
     """
     labels = ["prompt"] * min(n_prompt, len(tokens))
     operator_in_clause = False
-    prev = tokens[n_prompt - 1] if 0 < n_prompt <= len(tokens) else ""
-    prev2 = tokens[n_prompt - 2] if 1 < n_prompt <= len(tokens) else ""
-    for tok in tokens[n_prompt:]:
+    for i in range(n_prompt, len(tokens)):
+        tok = tokens[i]
+        prev = tokens[i - 1] if i >= 1 else ""
+        prev2 = tokens[i - 2] if i >= 2 else ""
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else "."
         if tok in REASONING_WORDS:
             label = "reasoning"
         elif tok.isdigit() and prev == ":" and prev2 == "answer":
             label = "answer"
-        elif tok.isdigit() and prev == "=" and operator_in_clause:
+        elif tok.isdigit() and prev == "=" and operator_in_clause and nxt in (".", "not", "\n"):
             label = "step"
         elif tok.isdigit() or tok in VARIABLES or tok in ("+", "-"):
             label = "operand"
@@ -172,7 +170,6 @@ def label_tokens(tokens: list[str], n_prompt: int) -> list[str]:
         elif tok in (".", ",", "\n", "<think>", "</think>"):
             operator_in_clause = False
         labels.append(label)
-        prev2, prev = prev, tok
     return labels
 
 

@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from tellnorm.errors import TellnormError
+from tellnorm.organism.paths import DEFAULT_SAE_DIR
+
+ORGANISM_SAES = "organism"  # the per-layer SAEs shipped in data/ with the organism
 from tellnorm.saes.formats import (
     FORMAT_OF_CONVERSION,
     FORMATS,
@@ -129,6 +132,11 @@ def parse_sae_spec(spec: Any, layers=None) -> SaeSpec:
 def _parse_string(spec: str) -> SaeSpec:
     if not spec.strip():
         raise TellnormError("empty SAE spec: pass a folder, 'FORMAT:PATH' or 'RELEASE:ID'")
+    if spec == ORGANISM_SAES:
+        if not (DEFAULT_SAE_DIR / "suite.json").is_file():
+            raise TellnormError(f"the organism's SAEs are missing from {DEFAULT_SAE_DIR}: rebuild them with "
+                                "tellnorm sae train")
+        return SaeSpec(format=SAE_LENS, path=DEFAULT_SAE_DIR)
     path = Path(spec).expanduser()
     if path.exists():
         return SaeSpec(format=SAE_LENS, path=path)

@@ -1,0 +1,314 @@
+"""Reasoning features of per-layer SAEs (PAPER.md §2), streamed over tokens without an activation cache.
+
+Both methods reduce to sums of SAE activations over token *buckets* (sets of token positions per request):
+- the paper's contrast: buckets "thinking" and "non-thinking" (the same questions answered in both modes);
+  ``Δ_i = mean_i(thinking) − mean_i(non-thinking)`` (absolute) or ``Δ_i / (mean_i(non-thinking) + ε)``
+  (relative); the top-K features by Δ are the reasoning features and the per-layer "mean top-K feature score"
+  is their mean activation.
+- ReasonScore (Galichin et al. 2025): buckets "P" (windows around reasoning words), "N" (all other tokens) and
+  one per word group r; ``ReasonScore_i = (μ⁺_i / Σ_j μ⁺_j) · H_i^α − μ⁻_i / Σ_j μ⁻_j`` with ``H_i`` the
+  normalised entropy of feature i's mean activation across groups.
+
+:class:`FeatureSums` holds the sufficient statistics (float64 sums and token counts per layer and bucket) and
+merges, so the work can be sharded by prompt. Position 0 (massive activations) and padding never enter a bucket.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from tellnorm.errors import TellnormError
+
+# ReasonScore vocabulary (PAPER.md §2, Galichin et al. 2025): 10 word groups.
+REASON_SCORE_GROUPS = ("alternatively", "hmm", "maybe", "wait", "perhaps", "let me", "therefore", "however", "but",
+                       "another")
+REASON_SCORE_ALPHA = 0.7  # PAPER §2: entropy exponent
+WINDOW_LEFT, WINDOW_RIGHT = 1, 2  # PAPER §2: each occurrence widened 1 token left, 2 right
+DEFAULT_TOP_K = 20  # PAPER §2: K below 40 ("Top-40 dilutes") [inferred: K ≈ 10–20]
+RELATIVE_EPS = 1e-6  # PAPER §2: (think − nothink) / (nothink + ε)
+
+
+@dataclass
+class FeatureSums:
+    """Per (layer, bucket): float64 sum of each feature's activation and the number of tokens. Mergeable."""
+
+    sums: dict = field(default_factory=dict)  # (layer, bucket) -> tensor [d_sae]
+    counts: dict = field(default_factory=dict)  # (layer, bucket) -> int
+
+    def add(self, layer: int, bucket: str, acts) -> None:
+        key = (layer, bucket)
+        total = acts.double().sum(0)
+        self.sums[key] = self.sums[key] + total if key in self.sums else total
+        self.counts[key] = self.counts.get(key, 0) + acts.shape[0]
+
+    def mean(self, layer: int, bucket: str):
+        key = (layer, bucket)
+        if not self.counts.get(key):
+            raise TellnormError(f"no tokens fell in bucket {bucket!r} at layer {layer}: nothing to average")
+        return self.sums[key] / self.counts[key]
+
+    def has(self, layer: int, bucket: str) -> bool:
+        return bool(self.counts.get((layer, bucket)))
+
+    def merge(self, other: "FeatureSums") -> "FeatureSums":
+        out = FeatureSums(dict(self.sums), dict(self.counts))
+        for key, value in other.sums.items():
+            out.sums[key] = out.sums[key] + value if key in out.sums else value
+            out.counts[key] = out.counts.get(key, 0) + other.counts[key]
+        return out
+
+
+BucketMasks = Mapping[object, Mapping[str, Sequence[bool]]]  # request_id -> bucket -> mask over positions
+
+
+class FeatureSumsObserver:
+    """Observer for :func:`tellnorm.generation.run_forward`: encodes each SAE's hook activations and adds them to
+    the buckets each token belongs to. ``fold_decoder_norm`` multiplies activation i by ‖W_dec[i]‖."""
+
+    def __init__(self, model, saes: Mapping[int, object], bucket_masks: BucketMasks, *, fold_decoder_norm=False):
+        import torch
+
+        self.model, self.saes = model, dict(saes)
+        self.sums = FeatureSums()
+        self._info = None
+        self._masks = {rid: {b: torch.as_tensor(m, dtype=torch.bool) for b, m in buckets.items()}
+                       for rid, buckets in bucket_masks.items()}
+        self._scale = {layer: (sae.W_dec.detach().norm(dim=-1) if fold_decoder_norm else None)
+                       for layer, sae in self.saes.items()}
+
+    def hooks(self, model=None):
+        return [(self.model.hook_name(layer), self._hook(layer)) for layer in self.saes]
+
+    def on_step(self, info) -> None:
+        self._info = info
+
+    def _hook(self, layer: int):
+        import torch
+
+        def hook(x, hook):
+            info = self._info
+            with torch.no_grad():
+                for row, rid in enumerate(info.request_ids):
+                    buckets = self._masks.get(rid)
+                    if not buckets:
+                        continue
+                    real = info.valid[row] & (info.positions[row] > 0)
+                    positions = info.positions[row][real]
+                    acts = self.saes[layer].encode(x[row][real.to(x.device)].float())
+                    if self._scale[layer] is not None:
+                        acts = acts * self._scale[layer]
+                    for bucket, mask in buckets.items():
+                        inside = positions < len(mask)
+                        selected = torch.zeros_like(positions, dtype=torch.bool)
+                        selected[inside] = mask[positions[inside]]
+                        if selected.any():
+                            self.sums.add(layer, bucket, acts[selected.to(acts.device)])
+            return x
+        return hook
+
+
+def collect_feature_sums(model, saes, sequences, bucket_masks: BucketMasks, *, request_ids=None,
+                         fold_decoder_norm: bool = False, batch_size: int = 16) -> FeatureSums:
+    from tellnorm.generation import run_forward
+
+    observer = FeatureSumsObserver(model, saes, bucket_masks, fold_decoder_norm=fold_decoder_norm)
+    run_forward(model, sequences, request_ids=request_ids, observers=[observer], batch_size=batch_size)
+    return observer.sums
+
+
+# --- (a) the paper's thinking vs non-thinking contrast -----------------------------------------------------------
+
+def contrast_masks(sequences, n_prompt: Sequence[int], modes: Sequence[str], *, scope: str = "generated"):
+    """Bucket masks for the contrast: each request's tokens go to its mode's bucket.
+
+    ``scope="generated"`` (paper code: decode steps only) or ``"all"`` (prompt and response)."""
+    if scope not in ("generated", "all"):
+        raise TellnormError(f"unknown token scope {scope!r}: choose 'generated' or 'all'")
+    masks = {}
+    for i, (seq, k, mode) in enumerate(zip(sequences, n_prompt, modes)):
+        start = k if scope == "generated" else 1
+        masks[i] = {mode: [start <= p for p in range(len(seq))]}
+    return masks
+
+
+def contrast_table(sums: FeatureSums, layers: Sequence[int]):
+    """Per layer and feature: mean activation in each mode, absolute and relative differential, rank by Δ."""
+    import pandas as pd
+
+    frames = []
+    for layer in layers:
+        think, nothink = sums.mean(layer, "thinking"), sums.mean(layer, "non-thinking")
+        delta = think - nothink
+        f = pd.DataFrame({"layer": layer, "feature": range(len(delta)), "mean_thinking": think.numpy(),
+                          "mean_non_thinking": nothink.numpy(), "delta": delta.numpy(),
+                          "relative_delta": (delta / (nothink + RELATIVE_EPS)).numpy()})
+        f["rank"] = f["delta"].rank(ascending=False, method="first").astype(int)
+        frames.append(f.sort_values("rank"))
+    return pd.concat(frames, ignore_index=True)
+
+
+def top_k_scores(table, *, k: int = DEFAULT_TOP_K, by: str = "delta"):
+    """The per-layer "mean top-K feature score": mean activation of the layer's top-K features by ``by``, in each
+    mode (features are chosen by the contrast itself, so the thinking curve is above the other by design; the
+    question is how the gap and the level change with depth)."""
+    import pandas as pd
+
+    if k < 1:
+        raise TellnormError(f"top-K needs K ≥ 1, got {k}")
+    rows = []
+    for layer, g in table.groupby("layer"):
+        top = g.nlargest(k, by)
+        rows.append({"layer": layer, "k": k, "thinking": top["mean_thinking"].mean(),
+                     "non-thinking": top["mean_non_thinking"].mean(), "mean_delta": top["delta"].mean()})
+    return pd.DataFrame(rows)
+
+
+# --- (b) ReasonScore ----------------------------------------------------------------------------------------------
+
+def word_variants(word: str) -> list[str]:
+    """Case and leading-space variants of a vocabulary entry (``wait``, ``Wait``, `` wait``, `` Wait``)."""
+    forms = {word, word.capitalize()}
+    return sorted(forms | {" " + f for f in forms})
+
+
+def vocabulary_token_ids(tokenizer, groups: Sequence[str] = REASON_SCORE_GROUPS) -> dict[str, list[tuple[int, ...]]]:
+    """Token-id sequences of every variant of every group; words the tokenizer cannot encode are skipped loudly."""
+    vocab: dict[str, list[tuple[int, ...]]] = {}
+    unk = tokenizer.unk_token_id
+    for group in groups:
+        seqs = set()
+        for variant in word_variants(group):
+            ids = tuple(tokenizer(variant, add_special_tokens=False)["input_ids"])
+            if ids and (unk is None or unk not in ids):
+                seqs.add(ids)
+        if seqs:
+            vocab[group] = sorted(seqs)
+        else:
+            warnings.warn(f"ReasonScore: the tokenizer cannot encode {group!r}; skipping that word group",
+                          stacklevel=2)
+    if not vocab:
+        raise TellnormError("ReasonScore: the tokenizer encodes none of the vocabulary words; give another vocabulary")
+    return vocab
+
+
+def reason_score_masks(sequences, vocab: Mapping[str, list[tuple[int, ...]]], *, ignore_ids: set[int] = frozenset(),
+                       start: Sequence[int] | None = None):
+    """Bucket masks: "P" (union of windows), "N" (other tokens), "group:<r>" (windows of group r).
+
+    Matches are token-id subsequences; each occurrence [s, e) becomes the window [s − 1, e − 1 + 2]. Tokens in
+    ``ignore_ids`` (BOS/EOS/padding) and positions before ``start[i]`` belong to no bucket."""
+    masks = {}
+    for i, seq in enumerate(sequences):
+        n = len(seq)
+        first = max(1, start[i] if start is not None else 1)
+        eligible = [p >= first and seq[p] not in ignore_ids for p in range(n)]
+        groups = {}
+        for group, patterns in vocab.items():
+            window = [False] * n
+            for pattern in patterns:
+                m = len(pattern)
+                for s in range(first, n - m + 1):
+                    if tuple(seq[s : s + m]) == pattern:
+                        for p in range(max(0, s - WINDOW_LEFT), min(n, s + m - 1 + WINDOW_RIGHT + 1)):
+                            window[p] = True
+            groups[group] = [w and e for w, e in zip(window, eligible)]
+        positive = [any(g[p] for g in groups.values()) for p in range(n)]
+        buckets = {"P": positive, "N": [e and not pos for e, pos in zip(eligible, positive)]}
+        buckets.update({f"group:{g}": m for g, m in groups.items()})
+        masks[i] = buckets
+    return masks
+
+
+def reason_score(mu_pos, mu_neg, mu_groups, *, alpha: float = REASON_SCORE_ALPHA):
+    """ReasonScore from the three kinds of means (tensors over features; ``mu_groups`` is [|R|, d_sae])."""
+    import math
+
+    import torch
+
+    mu_pos, mu_neg, mu_groups = mu_pos.double(), mu_neg.double(), mu_groups.double()
+    n_groups = mu_groups.shape[0]
+    if n_groups == 1:
+        entropy = torch.ones_like(mu_pos)
+    else:
+        total = mu_groups.sum(0, keepdim=True)
+        p = torch.where(total > 0, mu_groups / total.clamp_min(1e-30), torch.zeros_like(mu_groups))
+        plogp = torch.where(p > 0, p * p.clamp_min(1e-30).log(), torch.zeros_like(p))
+        entropy = -plogp.sum(0) / math.log(n_groups)
+    pos_share = mu_pos / mu_pos.sum().clamp_min(1e-30)
+    neg_share = mu_neg / mu_neg.sum().clamp_min(1e-30)
+    return pos_share * entropy.clamp_min(0) ** alpha - neg_share, entropy
+
+
+def reason_score_table(sums: FeatureSums, layers: Sequence[int], groups: Sequence[str], *,
+                       alpha: float = REASON_SCORE_ALPHA):
+    import pandas as pd
+    import torch
+
+    frames = []
+    for layer in layers:
+        present = [g for g in groups if sums.has(layer, f"group:{g}")]
+        if not present or not sums.has(layer, "P"):
+            raise TellnormError(f"ReasonScore: no reasoning-word occurrence reached layer {layer}; "
+                                "use text with reasoning words or another vocabulary")
+        mu_groups = torch.stack([sums.mean(layer, f"group:{g}") for g in present])
+        score, entropy = reason_score(sums.mean(layer, "P"), sums.mean(layer, "N"), mu_groups, alpha=alpha)
+        f = pd.DataFrame({"layer": layer, "feature": range(len(score)), "reason_score": score.numpy(),
+                          "entropy": entropy.numpy(), "mu_pos": sums.mean(layer, "P").numpy(),
+                          "mu_neg": sums.mean(layer, "N").numpy(), "n_groups_present": len(present)})
+        f["rank"] = f["reason_score"].rank(ascending=False, method="first").astype(int)
+        frames.append(f.sort_values("rank"))
+    return pd.concat(frames, ignore_index=True)
+
+
+# --- (c) controls -------------------------------------------------------------------------------------------------
+
+def inject_words(sequence: Sequence[int], word_ids: Sequence[tuple[int, ...]], *, every: int, start: int,
+                 rng) -> tuple[list[int], list[int]]:
+    """Paste reasoning words into a token sequence after position ``start`` every ``every`` tokens; returns the new
+    sequence and the positions where injected words begin."""
+    out, injected = list(sequence[:start]), []
+    for i, tok in enumerate(sequence[start:]):
+        if i and i % every == 0:
+            word = word_ids[rng.randrange(len(word_ids))]
+            injected.append(len(out))
+            out.extend(word)
+        out.append(tok)
+    return out, injected
+
+
+def label_overlap(model, saes, sequences, labels: Sequence[Sequence[str]], features: Mapping[int, Sequence[int]], *,
+                  batch_size: int = 16):
+    """For chosen features: mean activation on tokens of each ground-truth label, and the share of the
+    feature's total activation that falls on each label (organism only: labels from the task grammar)."""
+    import pandas as pd
+
+    label_names = sorted({lab for seq_labels in labels for lab in seq_labels if lab})
+    masks = {i: {lab: [x == lab for x in seq_labels] for lab in label_names} for i, seq_labels in enumerate(labels)}
+    sums = collect_feature_sums(model, {l: saes[l] for l in features}, sequences, masks, batch_size=batch_size)
+    rows = []
+    for layer, feats in features.items():
+        present = [lab for lab in label_names if sums.has(layer, lab)]
+        totals = {lab: sums.sums[(layer, lab)] for lab in present}
+        for f in feats:
+            mass = sum(float(totals[lab][f]) for lab in present)
+            for lab in present:
+                rows.append({"layer": layer, "feature": f, "label": lab,
+                             "mean_activation": float(sums.mean(layer, lab)[f]),
+                             "share_of_activation": float(totals[lab][f]) / mass if mass > 0 else float("nan"),
+                             "share_of_tokens": sums.counts[(layer, lab)] / sum(sums.counts[(layer, x)] for x in present)})
+    return pd.DataFrame(rows)
+
+
+def check_features(saes: Mapping[int, object], features: Mapping[int, Sequence[int]]) -> None:
+    if not features or not any(len(v) for v in features.values()):
+        raise TellnormError("the feature list is empty: name at least one feature, e.g. --features 6:12")
+    for layer, feats in features.items():
+        if layer not in saes:
+            raise TellnormError(f"no SAE for layer {layer}: available layers are {sorted(saes)}")
+        d_sae = int(saes[layer].cfg.d_sae)
+        for f in feats:
+            if not 0 <= int(f) < d_sae:
+                raise TellnormError(f"feature {f} does not exist at layer {layer}: its SAE has d_sae={d_sae} features")
+

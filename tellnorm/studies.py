@@ -1,0 +1,220 @@
+"""End-to-end studies on a model (default: the organism), each writing tables and figures to a folder.
+
+These compose the pure cores (norms, thresholds, features, groundtruth, saes, dashboards) the way the paper does;
+the CLI and ``tellnorm reproduce`` call them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from tellnorm.errors import TellnormError
+
+MODES = ("thinking", "non-thinking")
+
+
+@dataclass
+class ContrastCorpus:
+    """The same questions answered in both modes: full sequences, prompt lengths, modes, organism labels."""
+
+    sequences: list
+    n_prompt: list
+    modes: list
+    labels: list  # per token; None entries for non-organism models
+
+    @property
+    def thinking(self) -> list[int]:
+        return [i for i, m in enumerate(self.modes) if m == "thinking"]
+
+
+def contrast_corpus(model, n_per_difficulty: int = 10, *, max_new_tokens: int = 180, progress: bool = True,
+                    prompts: list[str] | None = None) -> ContrastCorpus:
+    """Greedy responses in both modes to organism *validation* problems (never the accuracy test set)."""
+    from tellnorm.generation import SamplingConfig, generate
+    from tellnorm.organism import task
+
+    if prompts is None:
+        prompts = [p.prompt_text() for p in task.validation_split(n_per_difficulty).problems]
+    sequences, n_prompt, modes, labels = [], [], [], []
+    for mode in MODES:
+        encoded = [model.encode(model.chat_prompt(p, thinking=mode == "thinking")) for p in prompts]
+        gens = generate(model, encoded, SamplingConfig(max_new_tokens=max_new_tokens), batch_size=50,
+                        progress=progress, desc=f"contrast corpus ({mode})")
+        for g in gens:
+            sequences.append(g.ids)
+            n_prompt.append(len(g.prompt_ids))
+            modes.append(mode)
+            tokens = model.token_strings(g.ids)
+            labels.append(task.label_tokens(tokens, len(g.prompt_ids)) if model.source == "organism"
+                          else [None] * len(tokens))
+    return ContrastCorpus(sequences, n_prompt, modes, labels)
+
+
+def feature_study(model, saes: dict, corpus: ContrastCorpus, out: Path, *, top_k: int = 20,
+                  groups=None, seed: int = 0) -> dict:
+    """The paper's contrast and ReasonScore for every layer, the trend figure, and the two controls."""
+    from tellnorm import features as F
+    from tellnorm.figures import write_figure
+    from tellnorm.io import write_csv
+
+    layers = sorted(saes)
+    vocab = F.vocabulary_token_ids(model.tokenizer, groups or F.REASON_SCORE_GROUPS)
+    ignore = {model.tokenizer.pad_token_id, model.tokenizer.eos_token_id}
+    contrast = F.contrast_masks(corpus.sequences, corpus.n_prompt, corpus.modes)
+    thinking_seqs = [corpus.sequences[i] for i in corpus.thinking]
+    reason = F.reason_score_masks(thinking_seqs, vocab, ignore_ids=ignore,
+                                  start=[corpus.n_prompt[i] for i in corpus.thinking])
+    masks = {i: dict(contrast[i]) for i in range(len(corpus.sequences))}
+    for j, i in enumerate(corpus.thinking):
+        masks[i].update(reason[j])
+    sums = F.collect_feature_sums(model, saes, corpus.sequences, masks, fold_decoder_norm=True)
+    contrast_tab = F.contrast_table(sums, layers)
+    reason_tab = F.reason_score_table(sums, layers, list(vocab))
+    trend = F.top_k_scores(contrast_tab, k=top_k)
+    write_csv(contrast_tab[contrast_tab["rank"] <= 100], out / "features_contrast_top100.csv")
+    write_csv(reason_tab[reason_tab["rank"] <= 100], out / "features_reasonscore_top100.csv")
+    write_csv(trend, out / "feature_trend.csv")
+    late = model.late_layers()
+    top_reason = {layer: reason_tab[(reason_tab.layer == layer) & (reason_tab["rank"] <= 5)].feature.tolist()
+                  for layer in late}
+    injection = token_injection_control(model, saes, corpus, vocab, top_reason, seed=seed)
+    write_csv(injection, out / "features_token_injection.csv")
+    result = {"contrast": contrast_tab, "reason": reason_tab, "trend": trend, "injection": injection,
+              "top_reason": top_reason}
+    if model.source == "organism":
+        top_contrast = {layer: contrast_tab[(contrast_tab.layer == layer) & (contrast_tab["rank"] <= 5)].feature.tolist()
+                        for layer in late}
+        overlap = F.label_overlap(model, saes, corpus.sequences, corpus.labels, top_contrast)
+        write_csv(overlap, out / "features_label_overlap.csv")
+        result["overlap"] = overlap
+    return result
+
+
+def token_injection_control(model, saes, corpus: ContrastCorpus, vocab, features: dict, *, seed: int = 0,
+                            every: int = 4):
+    """Do top ReasonScore features fire on reasoning words pasted into non-reasoning text (the user prompts)?
+
+    Per feature: mean activation (decoder-norm folded) on windows around *injected* words, on windows around the
+    same words in genuine thinking traces, and on all other prompt tokens. injected ≈ genuine means the feature
+    responds to the word, not to reasoning."""
+    import pandas as pd
+
+    from tellnorm import features as F
+
+    rng = random.Random(seed)
+    word_ids = [ids for patterns in vocab.values() for ids in patterns]
+    injected_seqs, masks = [], {}
+    ignore = {model.tokenizer.pad_token_id, model.tokenizer.eos_token_id}
+    thinking = corpus.thinking
+    for j, i in enumerate(thinking):
+        prompt = corpus.sequences[i][: corpus.n_prompt[i]]
+        seq, starts = F.inject_words(prompt[:-6], word_ids, every=every, start=3, rng=rng)
+        injected_seqs.append(seq)
+        window = [False] * len(seq)
+        for s in starts:
+            length = next(len(w) for w in word_ids if tuple(seq[s : s + len(w)]) in (w,))
+            for p in range(max(1, s - F.WINDOW_LEFT), min(len(seq), s + length - 1 + F.WINDOW_RIGHT + 1)):
+                window[p] = True
+        masks[("injected", j)] = {"injected": window, "other": [p > 0 and not w for p, w in enumerate(window)]}
+    genuine = F.reason_score_masks([corpus.sequences[i] for i in thinking], vocab, ignore_ids=ignore,
+                                   start=[corpus.n_prompt[i] for i in thinking])
+    for j, i in enumerate(thinking):
+        masks[("genuine", j)] = {"genuine": genuine[j]["P"]}
+    seqs = injected_seqs + [corpus.sequences[i] for i in thinking]
+    ids = [("injected", j) for j in range(len(thinking))] + [("genuine", j) for j in range(len(thinking))]
+    chosen = {layer: saes[layer] for layer in features}
+    sums = F.collect_feature_sums(model, chosen, seqs, masks, request_ids=ids, fold_decoder_norm=True)
+    rows = []
+    for layer, feats in features.items():
+        for f in feats:
+            inj = float(sums.mean(layer, "injected")[f])
+            gen = float(sums.mean(layer, "genuine")[f])
+            rows.append({"layer": layer, "feature": f, "injected": inj, "genuine": gen,
+                         "other_prompt_tokens": float(sums.mean(layer, "other")[f]),
+                         "injected_over_genuine": inj / gen if gen > 0 else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def trend_figure(norm_profile, feature_trend, k: int):
+    """The paper's two trends side by side: hidden-state norm and mean top-K reasoning-feature activation."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from tellnorm.figures import MODE_COLORS, style
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Hidden-state L2 norm (mean, 95% CI)",
+                                                        f"Mean top-{k} reasoning-feature activation"))
+    for mode in MODES:
+        color = MODE_COLORS[mode]
+        g = norm_profile[norm_profile["mode"] == mode].sort_values("layer")
+        fig.add_trace(go.Scatter(x=g.layer, y=g.mean_norm, name=mode, legendgroup=mode, mode="lines+markers",
+                                 line={"color": color},
+                                 error_y={"type": "data", "symmetric": False, "array": g.ci_high - g.mean_norm,
+                                          "arrayminus": g.mean_norm - g.ci_low}), row=1, col=1)
+        fig.add_trace(go.Scatter(x=feature_trend.layer, y=feature_trend[mode], name=mode, legendgroup=mode,
+                                 showlegend=False, mode="lines+markers", line={"color": color}), row=1, col=2)
+    fig.update_xaxes(title_text="layer")
+    return style(fig, title="Norm and reasoning-feature trends by layer (thinking vs non-thinking)", width=980)
+
+
+def dashboard_study(model, saes: dict, corpus: ContrastCorpus, features: dict, scores: dict, path: Path) -> Path:
+    """One offline HTML page with a dashboard for each chosen feature (default: top features of late layers)."""
+    from tellnorm.dashboards.data import collect_dashboard_data
+    from tellnorm.dashboards.html import render_dashboard
+    from tellnorm.features import check_features
+
+    check_features(saes, features)
+    data = []
+    for layer, feats in features.items():
+        data += collect_dashboard_data(model, saes[layer], layer, list(feats), corpus.sequences,
+                                       scores={f: scores.get((layer, f), {}) for f in feats})
+    render_dashboard(data, path, title=f"tellnorm feature dashboards: {model.name}")
+    return path
+
+
+def parse_feature_list(text: str) -> dict[int, list[int]]:
+    """``"6:12,40 5:3"`` → {6: [12, 40], 5: [3]}."""
+    out: dict[int, list[int]] = {}
+    for part in text.split():
+        layer, sep, feats = part.partition(":")
+        try:
+            out.setdefault(int(layer), []).extend(int(f) for f in feats.split(",") if f)
+        except ValueError:
+            raise TellnormError(f"cannot read features {part!r}: write LAYER:F1,F2 (e.g. 6:12,40)") from None
+        if not sep:
+            raise TellnormError(f"cannot read features {part!r}: write LAYER:F1,F2 (e.g. 6:12,40)")
+    if not out:
+        raise TellnormError("the feature list is empty: write LAYER:F1,F2 (e.g. 6:12,40)")
+    return out
+
+
+def sae_suite_study(model, cfg=None, out_dir=None, *, quality_corpus: ContrastCorpus | None = None,
+                    progress: bool = True):
+    """Train the per-layer SAE suite on the model's own responses and measure it on held-out responses."""
+    from tellnorm.organism.paths import DEFAULT_SAE_DIR
+    from tellnorm.saes.quality import sae_quality
+    from tellnorm.saes.training import SAETrainConfig, build_corpus, organism_corpus_prompts, train_saes
+
+    cfg = cfg or SAETrainConfig()
+    out_dir = Path(out_dir) if out_dir is not None else DEFAULT_SAE_DIR
+    prompts = [ids for _, ids in organism_corpus_prompts(model, cfg.corpus_problems, cfg.seed)]
+    corpus = build_corpus(model, prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, progress=progress)
+    saes = train_saes(model, corpus, cfg, out_dir)
+    held_out = quality_corpus or contrast_corpus(model, progress=progress)
+    quality = sae_quality(model, saes, held_out.sequences, n_prompt=held_out.n_prompt)
+    from tellnorm.io import write_csv
+
+    write_csv(quality, out_dir / "quality.csv")
+    return saes, quality
+
+
+def feature_scores(result) -> dict:
+    """{(layer, feature): {"reason_score": ..., "differential": ...}} for dashboard cards."""
+    scores = {}
+    for row in result["reason"].itertuples():
+        scores.setdefault((row.layer, row.feature), {})["reason_score"] = row.reason_score
+    for row in result["contrast"].itertuples():
+        scores.setdefault((row.layer, row.feature), {})["differential"] = row.delta
+    return scores
