@@ -53,8 +53,10 @@ def _sae_train(args) -> None:
     from tellnorm.saes.training import SAETrainConfig
     from tellnorm.studies import sae_suite_study
 
-    cfg = SAETrainConfig(architecture=args.architecture, expansion=args.expansion, epochs=args.epochs, lr=args.lr,
-                         l1_coefficient=args.l1, corpus_problems=args.corpus_problems, seed=args.seed)
+    preset = SAETrainConfig if args.paper else SAETrainConfig.organism
+    overrides = {"l1_coefficient": args.l1} if args.l1 is not None else {}
+    cfg = preset(architecture=args.architecture, expansion=args.expansion, epochs=args.epochs, lr=args.lr,
+                 corpus_problems=args.corpus_problems, seed=args.seed, **overrides)
     _, quality = sae_suite_study(load_model(args.model), cfg, args.out)
     print(quality.round(4).to_string(index=False))
 
@@ -149,13 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sae = sub.add_parser("sae", help="per-layer SAEs (sae_lens): train the suite and report its quality")
     ssub = sae.add_subparsers(dest="sae_command", metavar="ACTION", required=True)
-    p = ssub.add_parser("train", help="train one SAE per layer on the model's own responses (paper defaults)")
+    p = ssub.add_parser("train", help="train one SAE per layer on the model's own responses (reproduces data/organism_saes)")
     p.add_argument("--model", default="organism")
     p.add_argument("--architecture", default="standard", help="standard (ReLU + L1, the paper's), topk or jumprelu")
     p.add_argument("--expansion", type=int, default=4)
     p.add_argument("--epochs", type=float, default=6)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--l1", type=float, default=1e-3)
+    p.add_argument("--l1", type=float, default=None, help="L1 coefficient (default: the organism preset's; "
+                   "--paper: the paper's 1e-3)")
+    p.add_argument("--paper", action="store_true", help="the paper's constants exactly (dense SAEs in sae_lens's "
+                   "loss normalisation; see README)")
     p.add_argument("--corpus-problems", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: the shipped data/organism_saes)")

@@ -197,7 +197,7 @@ def sae_suite_study(model, cfg=None, out_dir=None, *, quality_corpus: ContrastCo
     from tellnorm.saes.quality import sae_quality
     from tellnorm.saes.training import SAETrainConfig, build_corpus, organism_corpus_prompts, train_saes
 
-    cfg = cfg or SAETrainConfig()
+    cfg = cfg or SAETrainConfig.organism()
     out_dir = Path(out_dir) if out_dir is not None else DEFAULT_SAE_DIR
     prompts = [ids for _, ids in organism_corpus_prompts(model, cfg.corpus_problems, cfg.seed)]
     corpus = build_corpus(model, prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, progress=progress)

@@ -33,6 +33,14 @@ class SAETrainConfig:
     seed: int = 0
     layers: tuple[int, ...] | None = None  # default: every layer
 
+    @classmethod
+    def organism(cls, **overrides) -> "SAETrainConfig":
+        """The shipped organism SAEs: the paper's recipe with the L1 coefficient calibrated for sparsity.
+
+        In sae_lens's loss (squared error summed over d_in, on activations scaled to mean norm √d_in) the paper's
+        L1 = 1e-3 leaves the organism's SAEs dense (L0 ≈ 310–380 of 512 features); see the README."""
+        return cls(**{"l1_coefficient": ORGANISM_L1, **overrides})
+
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
             raise TellnormError(f"unknown SAE architecture {self.architecture!r}: choose one of {', '.join(ARCHITECTURES)}")
@@ -40,6 +48,7 @@ class SAETrainConfig:
             raise TellnormError("SAE training needs expansion ≥ 1, epochs > 0 and lr > 0")
 
 
+ORGANISM_L1 = 2.0  # [tellnorm calibration on the organism: L0 ≈ 15–24, FVU ≈ 0.02–0.03; see README]
 CORPUS_SEED_OFFSET = 50_000  # corpus problems come from their own stream, disjoint from test and validation
 
 
