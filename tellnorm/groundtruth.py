@@ -100,3 +100,21 @@ def peak_figure(table):
     fig.update_yaxes(range=[0, 1])
     return style(fig, title="Do norm peaks mark the step computations? AUROC per layer (organism, thinking mode)",
                  x_title="layer", y_title="AUROC", width=960)
+
+
+def peak_composition(frame, *, mode: str = "thinking", cfg: ThresholdConfig | None = None, top_tokens: int = 4):
+    """Where the peaks are instead: per layer, the number of peaks, their share by label, and the top tokens."""
+    import pandas as pd
+
+    f = frame[(frame["mode"] == mode) & frame["is_generated"] & ~frame["is_position_zero"]].copy()
+    f = f[f["label"].notna()]
+    peaks = f[peak_mask(f, cfg).to_numpy()]
+    rows = []
+    for layer, g in peaks.groupby("layer"):
+        shares = g["label"].value_counts(normalize=True)
+        tokens = g["token"].value_counts().head(top_tokens)
+        rows.append({"layer": layer, "n_peaks": len(g), "peak_rate": len(g) / (f["layer"] == layer).sum(),
+                     **{f"share_{label}": float(shares.get(label, 0.0)) for label in ("step", "operand", "reasoning",
+                                                                                       "answer", "format")},
+                     "top_tokens": ", ".join(f"{t!r}×{n}" for t, n in tokens.items())})
+    return pd.DataFrame(rows)

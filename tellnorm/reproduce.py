@@ -101,17 +101,21 @@ def stage_norm_profile(ctx: Context) -> None:
 
 def stage_peaks(ctx: Context) -> None:
     from tellnorm.figures import write_figure
-    from tellnorm.groundtruth import peak_figure, peak_table
+    from tellnorm.groundtruth import peak_composition, peak_figure, peak_table
     from tellnorm.io import write_csv
 
     table = peak_table(ctx.state["trace"].frame)
+    composition = peak_composition(ctx.state["trace"].frame)
     write_csv(table, ctx.out / "norm_peaks_vs_steps.csv")
+    write_csv(composition, ctx.out / "norm_peak_composition.csv")
     write_figure(peak_figure(table), ctx.out / "norm_peaks_vs_steps")
     cols = ["target", "layer", "n_targets", "base_rate", "precision", "recall", "auroc_norm",
             "auroc_norm_minus_position", "auroc_same_token", "auroc_position_only"]
     ctx.report.add("Are norm peaks the step computations? (organism ground truth, thinking mode)",
                    "Peak = norm above its response's Q3 + 1.5·IQR at that layer.\n\n"
-                   + _code(table[cols].round(3).to_string(index=False)) + "\n\n![peaks](norm_peaks_vs_steps.png)")
+                   + _code(table[cols].round(3).to_string(index=False)) + "\n\n![peaks](norm_peaks_vs_steps.png)\n\n"
+                   + "Where the peaks are (share of each layer's peaks by label, most frequent tokens):\n\n"
+                   + _code(composition.round(3).to_string(index=False)))
 
 
 def stage_features(ctx: Context) -> None:

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tellnorm.groundtruth import auroc, peak_mask, peak_table, position_residual
+from tellnorm.groundtruth import auroc, peak_composition, peak_mask, peak_table, position_residual
 
 
 def _brute_auroc(scores, positives):
@@ -67,3 +67,13 @@ def test_a_pure_position_effect_is_caught_by_the_control():
     t = peak_table(f).set_index(["target", "layer"]).loc[("step token", 0)]
     assert t.auroc_norm > 0.8 and t.auroc_position_only > 0.95
     assert abs(t.auroc_norm_minus_position - 0.5) < 0.15
+
+
+def test_peak_composition_counts_the_peaks_by_label():
+    rng = np.random.default_rng(5)
+    f = _frame(rng, step_boost=8.0)
+    comp = peak_composition(f).set_index("layer").loc[0]
+    mask = peak_mask(f)
+    assert comp.n_peaks == mask.sum()
+    assert comp.share_step == pytest.approx((f[mask].label == "step").mean())
+    assert "'7'" in comp.top_tokens
