@@ -133,7 +133,9 @@ def _load_folder(path: Path, *, name: str, source: str, device: str, dtype) -> L
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise TellnormError(f"{path} has a config but no weights (*.safetensors or *.bin).{rebuild}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a tiny checkpoint's "Loading weights" bar is noise on stderr
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

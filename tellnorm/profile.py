@@ -138,8 +138,8 @@ def profile_study(model, rows: list[dict], out: Path, *, point: str = "resid_pos
 def run_profile(cfg: ProfileConfig):
     from tellnorm.models import load_model
 
-    model = load_model(cfg.model)
     rows = load_prompts(cfg.prompts) if cfg.prompts else organism_prompt_rows(cfg.n_per_difficulty)
+    model = load_model(cfg.model)  # after the prompts: bad input fails before the slow part
     trace, profile = profile_study(model, rows, Path(cfg.out), point=cfg.point, max_new_tokens=cfg.max_new_tokens,
                                    batch_size=cfg.batch_size)
     print(profile.pivot(index="layer", columns="mode", values="mean_norm").round(3).to_string())

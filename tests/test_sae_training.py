@@ -102,3 +102,16 @@ def test_bad_sae_training_input():
         train_saes(model, [], SAETrainConfig())
     with pytest.raises(TellnormError, match="out of range"):
         train_saes(model, [[1, 2, 3]], SAETrainConfig(layers=(4,)))
+
+
+@pytest.mark.parametrize("architecture", ["topk", "jumprelu"])
+def test_other_architectures_train_and_round_trip(architecture, tmp_path):
+    model = tiny_organism_like(n_layers=1)
+    seqs = organism_prompts(model, 8, seed=12)
+    cfg = SAETrainConfig(architecture=architecture, expansion=2, epochs=1, batch_size_tokens=128, topk_k=4)
+    saes = train_saes(model, seqs, cfg, tmp_path)
+    loaded = load_saes(tmp_path, model)
+    x = torch.randn(6, model.d_model)
+    torch.testing.assert_close(loaded[0].encode(x), saes[0].encode(x))
+    if architecture == "topk":
+        assert int((loaded[0].encode(x) > 0).sum(-1).max()) <= 4

@@ -131,15 +131,26 @@ def train_organism(cfg: OrganismTrainConfig | None = None, out_dir: str | Path =
                    progress: bool = True) -> dict:
     """Train the organism and write it (fp16 weights, tokenizer, chat template, metadata) to ``out_dir``."""
     import torch
+
+    cfg = cfg or OrganismTrainConfig()
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(cfg, Path(out_dir), progress)
+    finally:  # leave the process as we found it
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(cfg: OrganismTrainConfig, out_dir: Path, progress: bool) -> dict:
+    import torch
     from tqdm.auto import tqdm
     from transformers import Qwen3ForCausalLM
 
     from tellnorm.organism.tokenizer import build_tokenizer
 
-    cfg = cfg or OrganismTrainConfig()
-    torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    torch.use_deterministic_algorithms(True)
     tokenizer = build_tokenizer()
     hf_cfg = cfg.model.hf_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     model = Qwen3ForCausalLM(hf_cfg)
@@ -181,7 +192,6 @@ def train_organism(cfg: OrganismTrainConfig | None = None, out_dir: str | Path =
                 bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
     seconds = time.perf_counter() - start
 
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     model.half().save_pretrained(out_dir, safe_serialization=True)
