@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from tellnorm.errors import TellnormError
+from tellnorm.generation import LayerHooks
 
 # ReasonScore vocabulary (PAPER.md §2, Galichin et al. 2025): 10 word groups.
 REASON_SCORE_GROUPS = ("alternatively", "hmm", "maybe", "wait", "perhaps", "let me", "therefore", "however", "but",
@@ -63,32 +64,26 @@ class FeatureSums:
 BucketMasks = Mapping[object, Mapping[str, Sequence[bool]]]  # request_id -> bucket -> mask over positions
 
 
-class FeatureSumsObserver:
+class FeatureSumsObserver(LayerHooks):
     """Observer for :func:`tellnorm.generation.run_forward`: encodes each SAE's hook activations and adds them to
     the buckets each token belongs to. ``fold_decoder_norm`` multiplies activation i by ‖W_dec[i]‖."""
 
     def __init__(self, model, saes: Mapping[int, object], bucket_masks: BucketMasks, *, fold_decoder_norm=False):
         import torch
 
-        self.model, self.saes = model, dict(saes)
+        super().__init__(model, saes)
+        self.saes = dict(saes)
         self.sums = FeatureSums()
-        self._info = None
         self._masks = {rid: {b: torch.as_tensor(m, dtype=torch.bool) for b, m in buckets.items()}
                        for rid, buckets in bucket_masks.items()}
         self._scale = {layer: (sae.W_dec.detach().norm(dim=-1) if fold_decoder_norm else None)
                        for layer, sae in self.saes.items()}
 
-    def hooks(self, model=None):
-        return [(self.model.hook_name(layer), self._hook(layer)) for layer in self.saes]
-
-    def on_step(self, info) -> None:
-        self._info = info
-
-    def _hook(self, layer: int):
+    def hook_for(self, layer: int):
         import torch
 
         def hook(x, hook):
-            info = self._info
+            info = self.info
             with torch.no_grad():
                 for row, rid in enumerate(info.request_ids):
                     buckets = self._masks.get(rid)

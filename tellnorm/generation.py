@@ -63,6 +63,27 @@ class Observer(Protocol):
     def on_step(self, info: StepInfo) -> None: ...
 
 
+class LayerHooks:
+    """Base for observers that hook one point on each of some layers: ``hook_for(layer)`` builds each hook, and
+    ``self.info`` is the :class:`StepInfo` of the forward pass running now (None outside generation)."""
+
+    def __init__(self, model, layers: Iterable[int], point: str = "resid_post"):
+        self.model = model
+        self.layers = list(layers)
+        self.point = point
+        self.hook_names = [model.hook_name(layer, point) for layer in self.layers]  # validates both
+        self.info: StepInfo | None = None
+
+    def hooks(self, model=None) -> list[tuple[str, Any]]:
+        return [(name, self.hook_for(layer)) for layer, name in zip(self.layers, self.hook_names)]
+
+    def on_step(self, info: StepInfo) -> None:
+        self.info = info
+
+    def hook_for(self, layer: int):
+        raise NotImplementedError
+
+
 @dataclass
 class Generation:
     request_id: Any

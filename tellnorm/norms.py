@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from tellnorm.errors import TellnormError
-from tellnorm.generation import Generation, SamplingConfig, StepInfo, generate, run_forward
+from tellnorm.generation import Generation, LayerHooks, SamplingConfig, StepInfo, generate, run_forward
 
 
-class NormTracer:
+class NormTracer(LayerHooks):
     """Observer that records ‖h‖₂ at ``point`` of every layer in ``layers`` for every real token.
 
     Use with :func:`tellnorm.generation.generate` / :func:`run_forward` (which say what each row is), or as a
@@ -24,26 +24,16 @@ class NormTracer:
     """
 
     def __init__(self, model, layers: Sequence[int] | None = None, point: str = "resid_post"):
-        self.model = model
-        self.layers = list(range(model.n_layers)) if layers is None else list(layers)
-        self.point = point
-        self.hook_names = [model.hook_name(layer, point) for layer in self.layers]  # validates both
-        self._info: StepInfo | None = None
+        super().__init__(model, range(model.n_layers) if layers is None else layers, point)
         self._records: list = []  # (layer, request_ids, positions [b,s], valid [b,s], norms [b,s])
         self._context = None
 
-    def hooks(self, model=None) -> list:
-        return [(name, self._hook_for(layer)) for layer, name in zip(self.layers, self.hook_names)]
-
-    def on_step(self, info: StepInfo) -> None:
-        self._info = info
-
-    def _hook_for(self, layer: int):
+    def hook_for(self, layer: int):
         import torch
 
         def record(activation, hook):
             norms = torch.linalg.vector_norm(activation, dim=-1, dtype=torch.float32).detach()
-            info = self._info or _default_info(norms.shape)
+            info = self.info or _default_info(norms.shape)
             if not torch.isfinite(norms).all():
                 row, col = (~torch.isfinite(norms)).nonzero()[0].tolist()
                 raise TellnormError(
@@ -61,7 +51,7 @@ class NormTracer:
         return self
 
     def __exit__(self, *exc):
-        context, self._context, self._info = self._context, None, None
+        context, self._context, self.info = self._context, None, None
         return context.__exit__(*exc)
 
     def frame(self):

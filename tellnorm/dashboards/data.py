@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from tellnorm.errors import TellnormError
-from tellnorm.generation import StepInfo, run_forward
+from tellnorm.generation import LayerHooks, run_forward
 
 SCHEMA_VERSION = 1
 DEFAULT_BINS = 40
@@ -328,7 +328,7 @@ class _CoMoments:
         )
 
 
-class FeatureActivationObserver:
+class FeatureActivationObserver(LayerHooks):
     """Observer for :func:`run_forward`: streams the chosen features' statistics at one hook (module docstring)."""
 
     def __init__(self, model, sae, layer: int, feature_ids: Sequence[int], *, n_examples: int = 10,
@@ -336,7 +336,8 @@ class FeatureActivationObserver:
                  encode_chunk: int | None = None, sequences=None):
         import torch
 
-        self.hook = model.hook_name(layer, point)
+        super().__init__(model, [layer], point)
+        self.hook = self.hook_names[0]
         self.sae = sae
         self.features = list(feature_ids)
         self.index = torch.tensor(self.features, dtype=torch.long)
@@ -349,15 +350,11 @@ class FeatureActivationObserver:
         self.sum_active = torch.zeros(len(self.features), dtype=torch.float64)
         # Per feature: (activation, request_id, position, context activations, context start, prefix hash)
         self.top: list[list[tuple]] = [[] for _ in self.features]
-        self._info: StepInfo | None = None
         # Token ids by request id, to show identical prefixes (e.g. a shared chat template) once; None: no dedup.
         self.sequences = sequences
 
-    def hooks(self, model=None) -> list:
-        return [(self.hook, self._record)]
-
-    def on_step(self, info: StepInfo) -> None:
-        self._info = info
+    def hook_for(self, layer: int):
+        return self._record
 
     def _encode(self, h):
         """Chosen-feature activations of ``h`` ``[tokens, d_model]``, encoding ``encode_chunk`` tokens at a time."""
@@ -372,7 +369,7 @@ class FeatureActivationObserver:
     def _record(self, activation, hook):
         import torch
 
-        info = self._info
+        info = self.info
         if info is None:
             raise TellnormError("FeatureActivationObserver needs run_forward/generate to tell it what the rows are")
         with torch.no_grad():

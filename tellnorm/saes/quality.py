@@ -6,7 +6,9 @@ Everything streams over tokens (sums in float64), never caching ``[tokens, d_mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from tellnorm.generation import LayerHooks
 
 
 @dataclass
@@ -46,24 +48,17 @@ class _LayerSums:
         return self.sum_sq_error / total_variance
 
 
-@dataclass
-class _QualityObserver:
+class _QualityObserver(LayerHooks):
     """Encodes every real token (position 0 excluded) at each SAE's hook and accumulates :class:`_LayerSums`."""
 
-    model: object
-    saes: dict
-    sums: dict = field(default_factory=dict)
-    _info: object = None
+    def __init__(self, model, saes: dict):
+        super().__init__(model, saes)
+        self.saes = saes
+        self.sums: dict = {}
 
-    def hooks(self, model=None):
-        return [(self.model.hook_name(layer), self._hook(layer)) for layer in self.saes]
-
-    def on_step(self, info) -> None:
-        self._info = info
-
-    def _hook(self, layer):
+    def hook_for(self, layer):
         def hook(x, hook):
-            mask = self._info.valid & (self._info.positions > 0)
+            mask = self.info.valid & (self.info.positions > 0)
             tokens = x[mask.to(x.device)].float()
             sae = self.saes[layer]
             acts = sae.encode(tokens)
@@ -103,18 +98,15 @@ def next_token_loss(model, sequences, *, n_prompt=None, batch_size: int = 16, sp
     if splice is not None:
         layer, sae = splice
 
-        class _Splice:
-            def hooks(self, model_):
+        class _Splice(LayerHooks):
+            def hook_for(self, layer_):
                 def replace(x, hook):
                     out = sae.decode(sae.encode(x.float())).to(x.dtype)
                     out[:, 0] = x[:, 0]  # keep position 0 (and left padding) untouched: not SAE data
                     return out
-                return [(model.hook_name(layer), replace)]
+                return replace
 
-            def on_step(self, info):
-                pass
-
-        hooks = [_Splice()]
+        hooks = [_Splice(model, [layer])]
     logits = run_forward(model, sequences, observers=hooks, batch_size=1 if splice else batch_size,
                          return_logits=True)
     total, count = 0.0, 0
