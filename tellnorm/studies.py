@@ -56,7 +56,6 @@ def feature_study(model, saes: dict, corpus: ContrastCorpus, out: Path, *, top_k
                   groups=None, seed: int = 0) -> dict:
     """The paper's contrast and ReasonScore for every layer, the trend figure, and the two controls."""
     from tellnorm import features as F
-    from tellnorm.figures import write_figure
     from tellnorm.io import write_csv
 
     layers = sorted(saes)

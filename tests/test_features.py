@@ -63,7 +63,6 @@ def test_contrast_matches_numpy_reference(setup):
 
 def _reference_reason_score(acts_list, seqs, vocab, alpha=0.7):
     """Straightforward numpy ReasonScore: explicit windows per occurrence, then the formula."""
-    d = acts_list[0].shape[1]
     groups = list(vocab)
     pos_tokens, neg_tokens, group_tokens = [], [], {g: [] for g in groups}
     for acts, seq in zip(acts_list, seqs):

@@ -1,6 +1,5 @@
 """SAE suite training through sae_lens and its quality metrics, against independent computations."""
 
-import numpy as np
 import pytest
 import torch
 

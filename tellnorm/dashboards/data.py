@@ -29,7 +29,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from tellnorm.errors import TellnormError
 from tellnorm.generation import LayerHooks, run_forward
