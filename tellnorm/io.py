@@ -21,9 +21,13 @@ def atomic_path(path: str | Path):
         tmp.unlink(missing_ok=True)
 
 
-def write_csv(df, path) -> Path:
+CSV_SIGNIFICANT_DIGITS = 5  # tables report 3–4 digits; 5 keeps reruns on other machines byte-identical
+
+
+def write_csv(df, path, *, significant_digits: int = CSV_SIGNIFICANT_DIGITS) -> Path:
+    """Write a table rounded to what is reported, so a rerun elsewhere leaves ``git status`` clean."""
     with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
+        df.to_csv(tmp, index=False, float_format=f"%.{significant_digits}g")
     return Path(path)
 
 

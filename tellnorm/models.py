@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,9 +181,16 @@ def _stable_tokenizer(tokenizer):
     if getattr(tokenizer, "name_or_path", None) and Path(str(tokenizer.name_or_path)).is_dir():
         return tokenizer
     # The folder must outlive this call: TL reloads a BOS tokenizer from its name_or_path (add_bos_token=True).
+    # It lives as long as the tokenizer that names it, and goes at interpreter exit at the latest.
     tmp = tempfile.mkdtemp(prefix="tellnorm-tokenizer-")
-    tokenizer.save_pretrained(tmp)
-    return AutoTokenizer.from_pretrained(tmp)
+    try:
+        tokenizer.save_pretrained(tmp)
+        reloaded = AutoTokenizer.from_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    weakref.finalize(reloaded, shutil.rmtree, tmp, ignore_errors=True)
+    return reloaded
 
 
 def _wrap(model, tokenizer, *, name: str, source: str, device: str) -> LoadedModel:
