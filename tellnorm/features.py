@@ -128,13 +128,29 @@ def contrast_masks(sequences, n_prompt: Sequence[int], modes: Sequence[str], *, 
     return masks
 
 
-def contrast_table(sums: FeatureSums, layers: Sequence[int]):
-    """Per layer and feature: mean activation in each mode, absolute and relative differential, rank by Δ."""
+MATCHED_SUFFIX = "@matched"
+
+
+def matched_contrast_masks(matched_positions: Sequence[Sequence[int]], lengths: Sequence[int],
+                           modes: Sequence[str]):
+    """Bucket masks of a token-matched contrast: only positions both modes' responses have (e.g. the closing
+    ``answer : X``) enter the buckets ``"<mode>@matched"``."""
+    masks = {}
+    for i, (positions, length, mode) in enumerate(zip(matched_positions, lengths, modes)):
+        chosen = set(positions)
+        masks[i] = {mode + MATCHED_SUFFIX: [p in chosen and p > 0 for p in range(length)]}
+    return masks
+
+
+def contrast_table(sums: FeatureSums, layers: Sequence[int], buckets: tuple[str, str] = ("thinking", "non-thinking")):
+    """Per layer and feature: mean activation in each mode, absolute and relative differential, rank by Δ.
+
+    ``buckets`` names the thinking and the non-thinking bucket (e.g. the token-matched ones)."""
     import pandas as pd
 
     frames = []
     for layer in layers:
-        think, nothink = sums.mean(layer, "thinking"), sums.mean(layer, "non-thinking")
+        think, nothink = sums.mean(layer, buckets[0]), sums.mean(layer, buckets[1])
         delta = think - nothink
         f = pd.DataFrame({"layer": layer, "feature": range(len(delta)), "mean_thinking": think.numpy(),
                           "mean_non_thinking": nothink.numpy(), "delta": delta.numpy(),

@@ -125,7 +125,7 @@ def token_table(model, generations: Sequence[Generation], extra_columns: dict | 
     """One row per token of every request: its string and masks (prompt, think block, position 0, label)."""
     import pandas as pd
 
-    from tellnorm.organism.task import label_tokens
+    from tellnorm.organism.task import closing_roles, label_tokens
 
     is_organism = getattr(model, "source", "") == "organism"
     rows = []
@@ -133,12 +133,14 @@ def token_table(model, generations: Sequence[Generation], extra_columns: dict | 
         tokens = model.token_strings(g.ids)
         n_prompt = len(g.prompt_ids)
         labels = label_tokens(tokens, n_prompt) if is_organism else [None] * len(tokens)
+        roles = closing_roles(tokens, n_prompt) if is_organism else {}
         inside = False
         for pos, tok in enumerate(tokens):
             if tok == "</think>":
                 inside = False
             rows.append({"request_id": g.request_id, "position": pos, "token": tok, "is_prompt": pos < n_prompt,
                          "in_think": inside and tok != "<think>", "label": labels[pos],
+                         "matched_role": roles.get(pos),
                          "next_label": labels[pos + 1] if pos + 1 < len(tokens) else None})
             if tok == "<think>":
                 inside = True

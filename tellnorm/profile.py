@@ -23,7 +23,7 @@ class ProfileConfig:
     n_per_difficulty: int = 20
     out: str = "figures/profile"
     point: str = "resid_post"
-    max_new_tokens: int = 200
+    max_new_tokens: int = 240
     batch_size: int = 40
 
 
@@ -54,7 +54,7 @@ def organism_prompt_rows(n_per_difficulty: int) -> list[dict]:
             for p in task.test_split(n_per_difficulty).problems]
 
 
-def trace_both_modes(model, rows: list[dict], *, point: str = "resid_post", max_new_tokens: int = 200,
+def trace_both_modes(model, rows: list[dict], *, point: str = "resid_post", max_new_tokens: int = 240,
                      batch_size: int = 40, layers=None, progress: bool = True):
     """Generate every prompt in thinking and non-thinking mode and trace all layers; one NormTrace."""
     import pandas as pd
@@ -96,6 +96,71 @@ def norm_trend_figure(profile, *, title: str = "Hidden-state L2 norm by layer (g
     return style(fig, title=title, x_title="layer (resid_post)", y_title="mean ‖h‖₂ (95% CI over responses)")
 
 
+# Token sets of the like-with-like comparison: every generated token, then positions both modes' responses have.
+MATCHED_TOKEN_SETS = ("all tokens", "answer_word", "answer_value")
+TOKEN_SET_TITLES = {"all tokens": "all generated tokens", "answer_word": "the `answer` token",
+                    "answer_value": "the answer value X"}
+
+
+def matched_comparison(frame, *, token_sets=MATCHED_TOKEN_SETS, seed: int = 0):
+    """Thinking vs non-thinking norms per layer, paired by problem, on all tokens and on matched positions.
+
+    ``frame``: statistics rows of a both-modes trace (columns mode, prompt_index, layer, norm, matched_role).
+    For "all tokens" a response contributes its mean norm; for a matched role (e.g. ``answer_value``) the norm
+    at that one position. Pairs are the problems whose responses have the position in both modes. Per layer:
+    n pairs, each mode's mean with a bootstrap 95% CI, the ratio of means, and the mean paired difference
+    (thinking − non-thinking) with a bootstrap 95% CI over pairs.
+    """
+    import pandas as pd
+
+    from tellnorm.stats import bootstrap_ci
+
+    rows = []
+    for token_set in token_sets:
+        f = frame if token_set == "all tokens" else frame[frame["matched_role"] == token_set]
+        per_response = f.groupby(["layer", "prompt_index", "mode"], observed=True)["norm"].mean().unstack("mode")
+        for layer, g in per_response.groupby(level="layer"):
+            g = g.dropna(subset=[m for m in MODES if m in g.columns])
+            if g.empty or any(m not in g.columns for m in MODES):
+                continue
+            think, nothink = g["thinking"].to_numpy(), g["non-thinking"].to_numpy()
+            diff = think - nothink
+            row = {"tokens": token_set, "layer": layer, "n_pairs": len(g)}
+            for name, values in (("thinking", think), ("non_thinking", nothink), ("difference", diff)):
+                lo, hi = bootstrap_ci(values, seed=seed)
+                row.update({name: values.mean(), f"{name}_ci_low": lo, f"{name}_ci_high": hi})
+            row["ratio"] = think.mean() / nothink.mean()
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def matched_norm_figure(table):
+    """Norm by layer per mode, one panel per token set: all tokens beside positions both modes have."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from tellnorm.figures import MODE_COLORS, style
+
+    sets = [s for s in MATCHED_TOKEN_SETS if s in set(table["tokens"])]
+    fig = make_subplots(rows=1, cols=len(sets), subplot_titles=[TOKEN_SET_TITLES[s] for s in sets],
+                        horizontal_spacing=0.07)
+    for col, token_set in enumerate(sets, 1):
+        g = table[table["tokens"] == token_set].sort_values("layer")
+        for mode, column in (("thinking", "thinking"), ("non-thinking", "non_thinking")):
+            fig.add_trace(go.Scatter(
+                x=g.layer, y=g[column], name=mode, legendgroup=mode, showlegend=col == 1, mode="lines+markers",
+                line={"color": MODE_COLORS[mode]},
+                error_y={"type": "data", "symmetric": False, "array": g[f"{column}_ci_high"] - g[column],
+                         "arrayminus": g[column] - g[f"{column}_ci_low"]},
+                customdata=g[["n_pairs"]].to_numpy(),
+                hovertemplate="layer %{x}<br>mean ‖h‖ %{y:.3f}<br>n = %{customdata[0]} problems<extra></extra>"),
+                row=1, col=col)
+        fig.update_xaxes(title_text="layer (resid_post)", row=1, col=col)
+    fig.update_yaxes(title_text="mean ‖h‖₂ (95% CI over problems)", row=1, col=1)
+    return style(fig, title="Thinking vs non-thinking norms: all tokens and token-matched positions",
+                 width=1100, height=430)
+
+
 def heatmap_figure(frame, request_id, *, title: str | None = None, max_tokens: int = 160):
     """Layer × token heatmap of one response, each layer's norms divided by that layer's median (peaks stand out)."""
     import numpy as np
@@ -119,9 +184,12 @@ def heatmap_figure(frame, request_id, *, title: str | None = None, max_tokens: i
                  y_title="layer", height=460, width=max(720, 9 * len(labels)))
 
 
-def profile_study(model, rows: list[dict], out: Path, *, point: str = "resid_post", max_new_tokens: int = 200,
+def profile_study(model, rows: list[dict], out: Path, *, point: str = "resid_post", max_new_tokens: int = 240,
                   batch_size: int = 40):
-    """Trace ``rows`` in both modes and write the per-token table, the profile and both figures to ``out``."""
+    """Trace ``rows`` in both modes and write the per-token table, the profile and the figures to ``out``.
+
+    Returns ``(trace, profile, matched)``; ``matched`` (the like-with-like comparison of
+    :func:`matched_comparison`) is None for models whose responses have no shared closing to match."""
     from tellnorm.figures import write_figure
     from tellnorm.io import write_csv, write_parquet
     from tellnorm.norms import layer_profile
@@ -132,7 +200,12 @@ def profile_study(model, rows: list[dict], out: Path, *, point: str = "resid_pos
     write_csv(profile, out / "norm_profile.csv")
     write_figure(norm_trend_figure(profile), out / "norm_trend")
     write_figure(heatmap_figure(trace.frame, example_request(trace.frame)), out / "norm_heatmap")
-    return trace, profile
+    matched = None
+    if trace.frame["matched_role"].notna().any():
+        matched = matched_comparison(trace.statistics_rows())
+        write_csv(matched, out / "norm_profile_matched.csv")
+        write_figure(matched_norm_figure(matched), out / "norm_trend_matched")
+    return trace, profile, matched
 
 
 def run_profile(cfg: ProfileConfig):
@@ -140,7 +213,7 @@ def run_profile(cfg: ProfileConfig):
 
     rows = load_prompts(cfg.prompts) if cfg.prompts else organism_prompt_rows(cfg.n_per_difficulty)
     model = load_model(cfg.model)  # after the prompts: bad input fails before the slow part
-    trace, profile = profile_study(model, rows, Path(cfg.out), point=cfg.point, max_new_tokens=cfg.max_new_tokens,
+    trace, profile, _ = profile_study(model, rows, Path(cfg.out), point=cfg.point, max_new_tokens=cfg.max_new_tokens,
                                    batch_size=cfg.batch_size)
     print(profile.pivot(index="layer", columns="mode", values="mean_norm").round(3).to_string())
     print(f"wrote {cfg.out}/norms_per_token.parquet, norm_profile.csv, norm_trend.(html|png), norm_heatmap.(html|png)")

@@ -29,7 +29,7 @@ class ContrastCorpus:
         return [i for i, m in enumerate(self.modes) if m == "thinking"]
 
 
-def contrast_corpus(model, n_per_difficulty: int = 10, *, max_new_tokens: int = 180, progress: bool = True,
+def contrast_corpus(model, n_per_difficulty: int = 10, *, max_new_tokens: int = 240, progress: bool = True,
                     prompts: list[str] | None = None) -> ContrastCorpus:
     """Greedy responses in both modes to organism *validation* problems (never the accuracy test set)."""
     from tellnorm.generation import SamplingConfig, generate
@@ -68,6 +68,10 @@ def feature_study(model, saes: dict, corpus: ContrastCorpus, out: Path, *, top_k
     masks = {i: dict(contrast[i]) for i in range(len(corpus.sequences))}
     for j, i in enumerate(corpus.thinking):
         masks[i].update(reason[j])
+    matched = matched_positions(model, corpus)
+    if matched is not None:
+        for i, buckets in F.matched_contrast_masks(matched, [len(s) for s in corpus.sequences], corpus.modes).items():
+            masks[i].update(buckets)
     sums = F.collect_feature_sums(model, saes, corpus.sequences, masks, fold_decoder_norm=True)
     contrast_tab = F.contrast_table(sums, layers)
     reason_tab = F.reason_score_table(sums, layers, list(vocab))
@@ -82,6 +86,9 @@ def feature_study(model, saes: dict, corpus: ContrastCorpus, out: Path, *, top_k
     write_csv(injection, out / "features_token_injection.csv")
     result = {"contrast": contrast_tab, "reason": reason_tab, "trend": trend, "injection": injection,
               "top_reason": top_reason}
+    if matched is not None:
+        result["matched_trend"] = matched_feature_trend(sums, contrast_tab, layers, top_k)
+        write_csv(result["matched_trend"], out / "feature_trend_matched.csv")
     if model.source == "organism":
         top_contrast = {layer: contrast_tab[(contrast_tab.layer == layer) & (contrast_tab["rank"] <= 5)].feature.tolist()
                         for layer in late}
@@ -89,6 +96,38 @@ def feature_study(model, saes: dict, corpus: ContrastCorpus, out: Path, *, top_k
         write_csv(overlap, out / "features_label_overlap.csv")
         result["overlap"] = overlap
     return result
+
+
+def matched_positions(model, corpus: ContrastCorpus):
+    """Per sequence, the positions both modes' responses have (the organism's closing ``answer : X``); None for
+    models without such a shared closing."""
+    from tellnorm.organism.task import closing_roles
+
+    if model.source != "organism":
+        return None
+    return [sorted(closing_roles(model.token_strings(seq), k)) for seq, k in zip(corpus.sequences, corpus.n_prompt)]
+
+
+def matched_feature_trend(sums, contrast_tab, layers, top_k: int):
+    """The reasoning-feature trend on token-matched positions only, two ways: features re-ranked by the contrast
+    on matched tokens (``thinking``, ``non-thinking``), and the all-token top-K features evaluated on matched
+    tokens (``all_token_features_*``); ``top_k_jaccard`` is the overlap of the two top-K sets."""
+    from tellnorm import features as F
+
+    buckets = ("thinking" + F.MATCHED_SUFFIX, "non-thinking" + F.MATCHED_SUFFIX)
+    matched_tab = F.contrast_table(sums, layers, buckets=buckets)
+    trend = F.top_k_scores(matched_tab, k=top_k)
+    for layer in layers:
+        all_top = set(contrast_tab[contrast_tab.layer == layer].nsmallest(top_k, "rank").feature)
+        matched_top = set(matched_tab[matched_tab.layer == layer].nsmallest(top_k, "rank").feature)
+        row = trend.layer == layer
+        chosen = sorted(all_top)
+        trend.loc[row, "all_token_features_thinking"] = float(sums.mean(layer, buckets[0])[chosen].mean())
+        trend.loc[row, "all_token_features_non_thinking"] = float(sums.mean(layer, buckets[1])[chosen].mean())
+        trend.loc[row, "top_k_jaccard"] = len(all_top & matched_top) / len(all_top | matched_top)
+    trend["n_tokens_thinking"] = [sums.counts[(layer, buckets[0])] for layer in trend.layer]
+    trend["n_tokens_non_thinking"] = [sums.counts[(layer, buckets[1])] for layer in trend.layer]
+    return trend
 
 
 def token_injection_control(model, saes, corpus: ContrastCorpus, vocab, features: dict, *, seed: int = 0,
@@ -136,8 +175,9 @@ def token_injection_control(model, saes, corpus: ContrastCorpus, vocab, features
     return pd.DataFrame(rows)
 
 
-def trend_figure(norm_profile, feature_trend, k: int):
-    """The paper's two trends side by side: hidden-state norm and mean top-K reasoning-feature activation."""
+def trend_figure(norm_profile, feature_trend, k: int, matched_trend=None):
+    """The paper's two trends side by side: hidden-state norm and mean top-K reasoning-feature activation (with
+    ``matched_trend``, also the trend of features ranked on token-matched positions, dashed)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -154,7 +194,13 @@ def trend_figure(norm_profile, feature_trend, k: int):
                                           "arrayminus": g.mean_norm - g.ci_low}), row=1, col=1)
         fig.add_trace(go.Scatter(x=feature_trend.layer, y=feature_trend[mode], name=mode, legendgroup=mode,
                                  showlegend=False, mode="lines+markers", line={"color": color}), row=1, col=2)
+        if matched_trend is not None:
+            fig.add_trace(go.Scatter(x=matched_trend.layer, y=matched_trend[mode], name=f"{mode}, matched tokens",
+                                     mode="lines+markers", line={"color": color, "dash": "dash"},
+                                     marker={"symbol": "diamond"}), row=1, col=2)
     fig.update_xaxes(title_text="layer")
+    fig.update_yaxes(title_text="mean ‖h‖₂", row=1, col=1)
+    fig.update_yaxes(title_text="mean activation (decoder-norm folded)", row=1, col=2)
     return style(fig, title="Norm and reasoning-feature trends by layer (thinking vs non-thinking)", width=980)
 
 

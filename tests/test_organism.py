@@ -36,12 +36,45 @@ def test_shipped_organism_shape_and_chat_template():
 
 
 @pytest.mark.slow
-def test_thinking_beats_non_thinking_at_high_difficulty():
-    """The issue's bar for a useful organism, on a fresh sample of the test set (n = 40 per mode)."""
+def test_the_organism_answers_easy_problems_directly_and_needs_thinking_for_hard_ones():
+    """The issues' bars for a useful organism (issue 2, issue 7), on the test set (n = 40 per level and mode):
+    non-thinking answers one step directly and beats the majority guess at two; thinking solves what
+    non-thinking cannot, and the hardest level leaves room above it."""
     from tellnorm.models import load_model
     from tellnorm.organism.evaluate import EvalConfig, evaluate
+    from tellnorm.organism.task import MAX_DIFFICULTY
 
-    _, summary = evaluate(load_model("organism"), EvalConfig(per_difficulty=40, difficulties=(8,)), progress=False)
-    acc = summary.set_index("mode")
-    assert 0.4 <= acc.loc["thinking", "accuracy"] <= 0.9
-    assert acc.loc["thinking", "ci_low"] > acc.loc["non-thinking", "ci_high"]
+    _, summary = evaluate(load_model("organism"), EvalConfig(per_difficulty=40, difficulties=(1, 2, MAX_DIFFICULTY)),
+                          progress=False)
+    acc = summary.set_index(["mode", "difficulty"])
+    assert acc.loc[("non-thinking", 1), "ci_high"] >= 0.9
+    assert acc.loc[("non-thinking", 2), "ci_low"] > acc.loc[("non-thinking", 2), "majority_baseline"]
+    assert 0.4 <= acc.loc[("thinking", MAX_DIFFICULTY), "accuracy"] <= 0.9
+    assert acc.loc[("thinking", MAX_DIFFICULTY), "ci_low"] > acc.loc[("non-thinking", MAX_DIFFICULTY), "ci_high"]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"steps": 0}, "steps must be a positive integer"),
+    ({"lr": -1e-3}, "learning rate must be a positive number"),
+    ({"lr": float("nan")}, "learning rate must be a positive number"),
+    ({"thinking_fraction": 1.5}, "thinking_fraction"),
+    ({"non_thinking_difficulty_weights": (1.0,)}, "one per difficulty"),
+])
+def test_nonsense_training_settings_are_refused(overrides, match):
+    from tellnorm.errors import TellnormError
+
+    with pytest.raises(TellnormError, match=match):
+        OrganismTrainConfig(**overrides)
+
+
+def test_training_refuses_an_output_folder_that_is_a_file_before_any_work(tmp_path, capsys):
+    from tellnorm.cli import main
+
+    target = tmp_path / "weights.bin"
+    target.write_text("not a folder")
+    assert main(["organism", "train", "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "is a file" in err and "Traceback" not in err
+    assert main(["organism", "train", "--steps", "0", "--out", str(tmp_path / "new")]) == 2
+    assert "steps must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

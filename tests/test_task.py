@@ -125,7 +125,7 @@ def test_tokenizer_round_trip_and_thinking_switch(tmp_path):
     off = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
     assert on.endswith("<|im_start|>assistant\n")
     assert off == on + "<think>\n\n</think>\n\n"  # Qwen3's non-thinking generation prompt
-    text = on + "<think>\n" + task.thinking_trace(p) + "\n</think>\n\n" + task.answer_text(p) + "<|im_end|>"
+    text = on + task.response_text(p, thinking=True) + "<|im_end|>"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.unk_token_id not in ids
     words = [w for w in text.replace("\n", " \n ").replace("<|im_end|>", " <|im_end|> ").split(" ") if w]
@@ -143,3 +143,29 @@ def _split_specials(words):
         else:
             out.append(w)
     return out
+
+
+def test_non_thinking_answer_is_the_chain_written_compactly_with_the_shared_closing():
+    rng = random.Random(5)
+    for difficulty in (1, 3, task.MAX_DIFFICULTY):
+        p = task.make_problem(rng, difficulty)
+        words = task.response_text(p, thinking=False).split()
+        # start value, then each statement's operator and operand in prompt order, then one result
+        expected_operands = [str(p.start_value)] + [w for s in p.steps for w in (s.op, str(s.operand))]
+        assert words[: 1 + 2 * difficulty] == expected_operands
+        assert words[1 + 2 * difficulty :] == ["=", str(p.answer), ".", "answer", ":", str(p.answer)]
+        # both modes close with the same tokens, so positions can be matched across modes
+        assert task.response_text(p, thinking=True).split()[-3:] == words[-3:]
+        # the signed sum of the copied operands mod 10 is the answer (the format states the computation)
+        total = p.start_value + sum(s.operand if s.op == "+" else -s.operand for s in p.steps)
+        assert total % task.MODULUS == p.answer
+
+
+def test_labels_of_a_non_thinking_answer():
+    p = task.Problem(2, "a", 5, (task.Step("b", "a", "+", 3, 8), task.Step("c", "b", "-", 2, 6)))
+    tokens = task.response_text(p, thinking=False).split()
+    labels = task.label_tokens(["<prompt>"] + tokens, 1)[1:]
+    assert dict(zip(range(len(tokens)), labels)) == {
+        0: "operand", 1: "operand", 2: "operand", 3: "operand", 4: "operand", 5: "format", 6: "step", 7: "format",
+        8: "format", 9: "format", 10: "answer"}
+    assert task.parse_answer(tokens) == 6

@@ -17,7 +17,7 @@ class EvalConfig:
     per_difficulty: int = 100  # test problems per level and mode
     difficulties: tuple[int, ...] = tuple(range(task.MIN_DIFFICULTY, task.MAX_DIFFICULTY + 1))
     modes: tuple[str, ...] = MODES
-    max_new_tokens: int = 200  # an 8-step trace with re-checks stays below ~150 tokens
+    max_new_tokens: int = task.RESPONSE_BUDGET
     batch_size: int = 50
     seed: int = 0  # bootstrap seed
 

@@ -8,7 +8,12 @@ signed operand mod 10 in a single forward pass, while a written chain needs one 
 Thinking mode writes each step as copy, substitute, compute (``b = a + 3 = 5 + 3 = 8 .``) with occasional
 reasoning words: "so" before a step,
 "wait , check ..." re-checks, "wait , but ... not 7" corrections, "therefore" before the conclusion.
-Non-thinking mode answers directly after an empty think block, exactly like Qwen3's ``enable_thinking``.
+Non-thinking mode (after the empty think block of Qwen3's ``enable_thinking=False``) writes the chain compactly,
+``5 + 3 - 2 = 6 . answer : 6``, as real models do when they answer without thinking: one step is as easy as a
+thinking step, while a long chain needs a many-operand sum in a single token (organism v2; v1 answered with
+``answer : X`` alone and stayed at the majority-guess level even for one step, because fetching far-away
+operands and summing them in one token is beyond this model). Both modes close with ``answer : X``, so the
+``answer`` token and the value are positions both modes have (:data:`MATCHED_ROLES`).
 
 Design note: a first version shuffled the assignments and mixed in a distractor chain, so that each step also
 needed a content-based lookup. The 8-layer organism did not learn that lookup within the training budget (the
@@ -27,8 +32,11 @@ from dataclasses import dataclass, field
 
 MODULUS = 10  # mod-10 arithmetic keeps every value a single token
 MIN_DIFFICULTY = 1
-MAX_DIFFICULTY = 8  # issue: difficulty 1 to at least 8
-VARIABLES = tuple("abcdefghijklmnopqrst")  # 20 names; a chain of 8 steps uses 9 of them
+MAX_DIFFICULTY = 10  # issue 2: at least 8; v2 adds 9 and 10 so that thinking does not saturate (issue 7)
+VARIABLES = tuple("abcdefghijklmnopqrst")  # 20 names; a chain of 10 steps uses 11 of them
+# Generation budget of a response: the longest gold response (10 steps, re-checks and corrections) is ≈ 200
+# tokens [measured on 300 problems: max 194]; a margin lets a rambling model show itself.
+RESPONSE_BUDGET = 240
 
 # Token-level ground truth. "step" is the freshly computed value of a step (the only token that needs the
 # arithmetic); "operand" tokens are copied from the prompt or the previous step; "reasoning" tokens are the
@@ -137,7 +145,28 @@ def thinking_trace(problem: Problem) -> str:
 
 
 def answer_text(problem: Problem) -> str:
+    """The closing both modes share: ``answer : X``."""
     return f"answer : {problem.answer}"
+
+
+def direct_answer(problem: Problem) -> str:
+    """The non-thinking response: the chain written compactly, then the shared closing.
+
+    ``5 + 3 - 2 = 6 . answer : 6``: the start value and every signed operand copied in prompt order, then one
+    result. Copying in order is what the thinking trace already does, so one step is
+    as easy as one thinking step (``5 + 3 = 8``); a chain of n steps needs an (n+1)-operand sum in the single
+    token after the last ``=``, which a forward pass of 8 layers can do for short chains only.
+    """
+    operands = " ".join(f"{s.op} {s.operand}" for s in problem.steps)
+    return f"{problem.start_value} {operands} = {problem.answer} . {answer_text(problem)}"
+
+
+def response_text(problem: Problem, thinking: bool) -> str:
+    """The gold assistant turn after the chat template's generation prompt (which holds the empty think block
+    when thinking is off), end-of-turn token excluded."""
+    if thinking:
+        return f"<think>\n{thinking_trace(problem)}\n</think>\n\n{answer_text(problem)}"
+    return direct_answer(problem)
 
 
 def label_tokens(tokens: list[str], n_prompt: int) -> list[str]:
@@ -225,6 +254,22 @@ def training_problems(seed: int, held_out: set[str], difficulties=range(MIN_DIFF
         p = make_problem(rng, rng.choice(levels))
         if p.key() not in held_out:
             yield p
+
+
+# Positions both modes' responses have: the shared closing ``answer : X``. Comparing modes on these tokens
+# compares like with like (same token, same role), unlike all-token means over responses of different make-up.
+MATCHED_ROLES = ("answer_word", "answer_colon", "answer_value")
+
+
+def closing_roles(tokens: list[str], n_prompt: int) -> dict[int, str]:
+    """Positions of the response's last ``answer : X`` closing (generated tokens only) and their roles."""
+    for i in range(len(tokens) - 2, n_prompt - 1, -1):
+        if tokens[i] == "answer" and tokens[i + 1] == ":":
+            roles = {i: "answer_word", i + 1: "answer_colon"}
+            if i + 2 < len(tokens) and tokens[i + 2].isdigit():
+                roles[i + 2] = "answer_value"
+            return roles
+    return {}
 
 
 def parse_answer(tokens: list[str]) -> int | None:

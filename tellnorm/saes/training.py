@@ -28,7 +28,7 @@ class SAETrainConfig:
     topk_k: int = 16  # TopK variant only [tellnorm choice: ≈ d_model / 8]
     jumprelu_sparsity_coefficient: float = 1e-3  # JumpReLU variant only [tellnorm choice]
     corpus_problems: int = 600  # prompts per mode in the training corpus
-    max_new_tokens: int = 180  # an 8-step organism trace fits (prompt + trace < 256 positions)
+    max_new_tokens: int = 240  # a 10-step organism trace fits (longest gold response ≈ 200 tokens)
     batch_size_tokens: int = 1024
     seed: int = 0
     layers: tuple[int, ...] | None = None  # default: every layer
