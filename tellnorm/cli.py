@@ -10,13 +10,15 @@ from pathlib import Path
 
 
 def _organism_train(args) -> None:
-    from tellnorm.organism.train import OrganismTrainConfig, train_organism
-
     from tellnorm.organism.paths import DEFAULT_ORGANISM_DIR
+    from tellnorm.organism.train import OrganismTrainConfig, check_output_folder, train_organism
 
-    cfg = OrganismTrainConfig(seed=args.seed, steps=args.steps)
-    meta = train_organism(cfg, out_dir=args.out or DEFAULT_ORGANISM_DIR)
-    print(f"trained organism in {meta['train_seconds']:.0f} s, final loss {meta['final_loss']:.4f} -> {args.out}")
+    overrides = {name: value for name, value in (("steps", args.steps), ("lr", args.lr)) if value is not None}
+    cfg = OrganismTrainConfig(seed=args.seed, **overrides)  # validates before any work
+    out = Path(args.out) if args.out else DEFAULT_ORGANISM_DIR
+    check_output_folder(out)
+    meta = train_organism(cfg, out_dir=out)
+    print(f"trained organism in {meta['train_seconds']:.0f} s, final loss {meta['final_loss']:.4f} -> {out}")
 
 
 def _organism_eval(args) -> None:
@@ -104,6 +106,64 @@ def _dashboard(args) -> None:
     print(f"wrote {path}")
 
 
+def _intervene(args) -> None:
+    from tellnorm.interventions.study import InterventionConfig, format_suppression, run_intervene
+    from tellnorm.models import load_model
+    from tellnorm.thresholds import ThresholdConfig
+
+    threshold = ThresholdConfig(**{k: v for k, v in (("k", args.k), ("warmup", args.warmup)) if v is not None})
+    cfg = InterventionConfig(  # validates before any work
+        per_difficulty=args.n, calibration_per_difficulty=args.calibration_n, factors=tuple(args.factors),
+        amplify=tuple(args.amplify), random_seeds=tuple(args.seeds), threshold_mode=args.threshold_mode,
+        thresholds_file=args.thresholds, threshold=threshold, steering=not args.no_steering,
+        features=not args.no_features, saes=args.saes, batch_size=args.batch_size)
+    result = run_intervene(load_model(args.model), cfg, Path(args.out))
+    print(format_suppression(result["suppression"]))
+    print(f"wrote {args.out}/suppression.csv, suppression_hits.csv, suppression_top_tokens.csv, suppression.(html|png)"
+          f"{', steering.csv' if cfg.steering else ''}{', feature_ablation.csv' if cfg.features else ''} "
+          f"in {result['seconds']:.0f} s")
+
+
+def _analysis_setup(args, *, bounds: bool):
+    """Check every argument of ``bounds`` / ``correlate`` before the slow work (generation), then load."""
+    from tellnorm.bounds import check_output_dir, select_saes
+    from tellnorm.correlation import MIN_LAYERS
+    from tellnorm.errors import TellnormError
+    from tellnorm.models import load_model
+    from tellnorm.saes import load_saes
+
+    out = check_output_dir(args.out)
+    if args.n < 1:
+        raise TellnormError(f"--n must be ≥ 1 (problems per difficulty), got {args.n}: the corpus would be empty")
+    if args.top_k < 1:
+        raise TellnormError(f"--top-k must be ≥ 1, got {args.top_k}")
+    model = load_model(args.model)
+    saes = select_saes(model, load_saes(args.saes, model), top_k=args.top_k, layers=args.layers, bounds=bounds,
+                       min_layers=1 if bounds else MIN_LAYERS)
+    return model, saes, out
+
+
+def _bounds(args) -> None:
+    from tellnorm.bounds import bounds_study
+    from tellnorm.studies import contrast_corpus
+
+    model, saes, out = _analysis_setup(args, bounds=True)
+    result = bounds_study(model, saes, contrast_corpus(model, args.n), out, top_k=args.top_k)
+    for name in ("bounds", "assumptions", "pairs"):
+        print(result[name].to_string(index=False, float_format="{:.4g}".format))
+    print(f"wrote {out}/bounds*.csv, bounds_norm_vs_reasoning.(html|png), bounds_pairs.(html|png)")
+
+
+def _correlate(args) -> None:
+    from tellnorm.correlation import correlation_study
+    from tellnorm.studies import contrast_corpus
+
+    model, saes, out = _analysis_setup(args, bounds=False)
+    result = correlation_study(model, saes, contrast_corpus(model, args.n), out, top_k=args.top_k)
+    print(result["table"].to_string(index=False, float_format="{:.1f}".format))
+    print(f"wrote {out}/correlation*.csv, correlation_alignment.(html|png)")
+
+
 def _reproduce(args) -> None:
     from tellnorm.reproduce import ReproduceConfig, reproduce
 
@@ -125,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     organism = sub.add_parser("organism", help="the embedded model organism: train or evaluate it")
     osub = organism.add_subparsers(dest="organism_command", metavar="ACTION", required=True)
-    p = osub.add_parser("train", help="train the organism (deterministic under --seed; ~25 min on 2 cores)")
-    p.add_argument("--steps", type=int, default=3000)
+    p = osub.add_parser("train", help="train the organism (deterministic under --seed; ~20 min on 2 cores)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the config's 3600)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the config's 2e-3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: the shipped data/organism)")
     p.set_defaults(func=_organism_train)
@@ -145,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None, help="JSONL file with a 'prompt' field per line (default: organism test set)")
     p.add_argument("--n", type=int, default=20, help="organism test problems per difficulty (default: 20)")
     p.add_argument("--point", default="resid_post", help="hook point: resid_pre, resid_mid, resid_post, attn_out, mlp_out")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=240)
     p.add_argument("--out", default="figures/profile")
     p.set_defaults(func=_profile)
 
@@ -181,6 +242,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=10)
     p.add_argument("--out", default="figures/dashboard.html")
     p.set_defaults(func=_dashboard)
+
+    for name, func, help_text in (
+            ("bounds", _bounds, "check the norm-bounds-feature-activation theorem per layer: exact bound, paired "
+                                "two-sided relation, assumptions A1-A4"),
+            ("correlate", _correlate, "Spearman across layers: norm vs SAE reasoning activation, and the competing "
+                                      "intrinsic signals")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--model", default="organism")
+        p.add_argument("--saes", default="organism", help="'organism', a folder, FORMAT:PATH or RELEASE:ID")
+        p.add_argument("--n", type=int, default=10, help="validation problems per difficulty (default: 10)")
+        p.add_argument("--top-k", type=int, default=20, help="reasoning features per layer (default: 20)")
+        p.add_argument("--layers", type=int, nargs="+", default=None, help="layers to analyse (default: every SAE's)")
+        p.add_argument("--out", default=f"figures/{name}")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("intervene", help="causal tests: suppress high-norm vs random tokens, steer, ablate features")
+    p.add_argument("--model", default="organism")
+    p.add_argument("--saes", default="organism", help="SAEs for the feature ablation (as in tellnorm features)")
+    p.add_argument("--n", type=int, default=10, help="test problems per difficulty (default: 10)")
+    p.add_argument("--calibration-n", type=int, default=10,
+                   help="validation problems per difficulty for thresholds, steering direction, features (default: 10)")
+    p.add_argument("--factors", type=float, nargs="+", default=[0.1, 0.25, 0.5], help="suppression factors c < 1")
+    p.add_argument("--amplify", type=float, nargs="*", default=[2.0], help="amplification factors c > 1")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the random matched control")
+    p.add_argument("--threshold-mode", default="calibrated", help="calibrated (default: fixed τ from validation "
+                   "responses), fixed (--thresholds FILE), exact or pooled-p2 (streaming, with --warmup)")
+    p.add_argument("--thresholds", default=None, help="JSON file of per-layer τ for --threshold-mode fixed")
+    p.add_argument("--k", type=float, default=None, help="τ = Q3 + k·IQR (default: the paper's 1.5)")
+    p.add_argument("--warmup", type=int, default=None, help="steps before a streaming threshold exists (default 500)")
+    p.add_argument("--no-steering", action="store_true", help="skip steering along the thinking direction")
+    p.add_argument("--no-features", action="store_true", help="skip the reasoning-feature ablation")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--out", default="figures/interventions")
+    p.set_defaults(func=_intervene)
 
     bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")
     bsub = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)

@@ -53,8 +53,18 @@ class StepInfo:
     request_ids: list
     positions: Any  # position of each token within its request (prompt token 0 = position 0)
     valid: Any  # False on left padding
-    phase: str  # "prefill" or "decode"
+    phase: str  # "prefill" or "decode" ("forward" in teacher-forced passes)
     step: int  # decode step (0 for prefill)
+    n_prompt: list | None = None  # prompt length of each row's request (None when unknown): position >= n_prompt
+    #                               is a generated token
+
+    @classmethod
+    def default(cls, batch: int, seq: int) -> "StepInfo":
+        """What a bare forward pass of ``batch`` unpadded rows is: requests 0..batch-1, positions 0..seq-1."""
+        import torch
+
+        return cls(list(range(batch)), torch.arange(seq).expand(batch, seq), torch.ones(batch, seq, dtype=torch.bool),
+                   "forward", 0)
 
 
 class Observer(Protocol):
@@ -181,7 +191,7 @@ def _generate_batch(model, batch, sampling: SamplingConfig, observers) -> list[G
     with torch.no_grad():
         while live:
             info = StepInfo(list(live), positions, attention[:, -positions.shape[1]:].bool(),
-                            "prefill" if step == 0 else "decode", step)
+                            "prefill" if step == 0 else "decode", step, [len(prompt_of[rid]) for rid in live])
             for obs in observers:
                 obs.on_step(info)
             out = model.hf_model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
@@ -233,12 +243,18 @@ def left_pad(model, sequences):
 
 
 def run_forward(model, sequences: Sequence[Sequence[int]], *, request_ids: Sequence | None = None,
-                batch_size: int = 16, observers: Iterable[Observer] = (), return_logits: bool = False):
-    """Teacher-forced forward passes over full sequences (left-padded batches), observed like generation."""
+                batch_size: int = 16, observers: Iterable[Observer] = (), return_logits: bool = False,
+                n_prompt: Sequence[int] | None = None):
+    """Teacher-forced forward passes over full sequences (left-padded batches), observed like generation.
+
+    ``n_prompt[i]`` (optional) says how many leading tokens of sequence i are its prompt; observers see it as
+    ``StepInfo.n_prompt``, so edits that act on generated tokens act on the same tokens as in generation."""
     import torch
 
     request_ids = list(request_ids) if request_ids is not None else list(range(len(sequences)))
     observers = list(observers)
+    if n_prompt is not None and len(n_prompt) != len(sequences):
+        raise TellnormError(f"n_prompt has {len(n_prompt)} entries for {len(sequences)} sequences: give one each")
     for rid, ids in zip(request_ids, sequences):
         if len(ids) == 0:
             raise TellnormError(f"request {rid!r} is empty")
@@ -250,7 +266,8 @@ def run_forward(model, sequences: Sequence[Sequence[int]], *, request_ids: Seque
             rids = request_ids[start : start + batch_size]
             chunk = [list(s) for s in sequences[start : start + batch_size]]
             input_ids, attention, positions = left_pad(model, chunk)
-            info = StepInfo(rids, positions, attention.bool(), "forward", 0)
+            prompt_lengths = None if n_prompt is None else list(n_prompt[start : start + batch_size])
+            info = StepInfo(rids, positions, attention.bool(), "forward", 0, prompt_lengths)
             for obs in observers:
                 obs.on_step(info)
             out = model.hf_model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=False)

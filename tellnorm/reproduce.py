@@ -20,12 +20,14 @@ class ReproduceConfig:
     per_difficulty: int = 100  # organism test problems per level and mode for accuracy
     profile_per_difficulty: int = 25  # test problems per level traced for the norm analyses
     features_per_difficulty: int = 15  # validation problems per level for the feature contrast
+    intervention_per_difficulty: int = 10  # test problems per level for the suppression study (≈ 3.5 min)
     top_k: int = 20  # PAPER §2: K below 40 [inferred K ≈ 10–20]
     quick: bool = False  # small sizes for smoke tests
 
     def __post_init__(self):
         if self.quick:
             self.per_difficulty, self.profile_per_difficulty, self.features_per_difficulty = 4, 2, 2
+            self.intervention_per_difficulty = 1
 
 
 @dataclass
@@ -58,7 +60,8 @@ def reproduce(cfg: ReproduceConfig) -> Report:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ctx = Context(load_model(cfg.model), cfg, out, Report())
-    for stage in (stage_accuracy, stage_norm_profile, stage_peaks, stage_features, stage_dashboards):
+    for stage in (stage_accuracy, stage_norm_profile, stage_peaks, stage_features, stage_bounds, stage_correlation,
+                  stage_interventions, stage_dashboards):
         start = time.perf_counter()
         print(f"[{stage.__name__}] ...", flush=True)
         stage(ctx)
@@ -88,15 +91,28 @@ def stage_accuracy(ctx: Context) -> None:
 def stage_norm_profile(ctx: Context) -> None:
     from tellnorm.profile import organism_prompt_rows, profile_study
 
-    trace, profile = profile_study(ctx.model, organism_prompt_rows(ctx.cfg.profile_per_difficulty), ctx.out)
+    trace, profile, matched = profile_study(ctx.model, organism_prompt_rows(ctx.cfg.profile_per_difficulty), ctx.out)
     ctx.state.update(trace=trace, profile=profile)
     table = profile.pivot(index="layer", columns="mode", values="mean_norm")
     table["thinking / non-thinking"] = table["thinking"] / table["non-thinking"]
     n = int(profile["n_requests"].min())
-    ctx.report.add(
-        "Hidden-state L2 norm by layer (generated tokens, position 0 excluded)",
-        f"Mean ‖h‖₂ of `blocks.L.hook_resid_post` per layer; CIs resample responses (n = {n} per mode).\n\n"
-        + _code(table.round(3).to_string()) + "\n\n![norm trend](norm_trend.png)\n\n![heatmap](norm_heatmap.png)")
+    body = (f"Mean ‖h‖₂ of `blocks.L.hook_resid_post` per layer; CIs resample responses (n = {n} per mode).\n\n"
+            + _code(table.round(3).to_string()) + "\n\n![norm trend](norm_trend.png)\n\n![heatmap](norm_heatmap.png)")
+    if matched is not None:
+        body += ("\n\nLike with like: the same problems in both modes, paired; \"all tokens\" = each response's mean "
+                 "norm, `answer_word` / `answer_value` = the norm at the closing `answer : X` both modes write. "
+                 "Difference = thinking − non-thinking with a bootstrap 95% CI over problems.\n\n"
+                 + _code(format_matched(matched)) + "\n\n![matched](norm_trend_matched.png)")
+    ctx.report.add("Hidden-state L2 norm by layer (generated tokens, position 0 excluded)", body)
+
+
+def format_matched(matched) -> str:
+    view = matched.assign(
+        thinking=matched.thinking.map("{:.3f}".format), non_thinking=matched.non_thinking.map("{:.3f}".format),
+        ratio=matched.ratio.map("{:.2f}".format),
+        difference=[f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in
+                    zip(matched.difference, matched.difference_ci_low, matched.difference_ci_high)])
+    return view[["tokens", "layer", "n_pairs", "thinking", "non_thinking", "ratio", "difference"]].to_string(index=False)
 
 
 def stage_peaks(ctx: Context) -> None:
@@ -130,13 +146,21 @@ def stage_features(ctx: Context) -> None:
     quality = sae_quality(ctx.model, saes, corpus.sequences, n_prompt=corpus.n_prompt)
     write_csv(quality, ctx.out / "sae_quality.csv")
     result = feature_study(ctx.model, saes, corpus, ctx.out, top_k=ctx.cfg.top_k)
-    write_figure(trend_figure(ctx.state["profile"], result["trend"], ctx.cfg.top_k), ctx.out / "feature_trend")
+    write_figure(trend_figure(ctx.state["profile"], result["trend"], ctx.cfg.top_k, result.get("matched_trend")),
+                 ctx.out / "feature_trend")
     ctx.state.update(saes=saes, corpus=corpus, features=result)
     trend = result["trend"].assign(ratio=lambda t: t["thinking"] / t["non-thinking"])
     body = ["SAE quality on held-out responses (validation problems, both modes):",
             _code(quality.drop(columns=["d_sae"]).round(4).to_string(index=False)),
             f"Mean top-{ctx.cfg.top_k} reasoning-feature activation per layer (features ranked by the contrast):",
-            _code(trend.round(4).to_string(index=False)), "![feature trend](feature_trend.png)",
+            _code(trend.round(4).to_string(index=False)), "![feature trend](feature_trend.png)"]
+    if "matched_trend" in result:
+        body += ["Like with like: the contrast on token-matched positions only (the closing `answer : X` of both modes); "
+                 "`thinking`/`non-thinking` = mean top-K activation of features re-ranked there, "
+                 "`all_token_features_*` = the all-token top-K features measured there, `top_k_jaccard` = overlap of "
+                 "the two top-K sets:",
+                 _code(result["matched_trend"].round(4).to_string(index=False))]
+    body += [
             "Token-injection control (top-5 ReasonScore features of each late layer):",
             _code(result["injection"].round(4).to_string(index=False))]
     if "overlap" in result:
@@ -145,6 +169,67 @@ def stage_features(ctx: Context) -> None:
         body += ["Where the top-5 contrast features of each late layer put their activation (share by label):",
                  _code(share.round(3).to_string())]
     ctx.report.add("SAEs and reasoning features", "\n\n".join(body))
+
+
+def stage_bounds(ctx: Context) -> None:
+    from tellnorm.bounds import bounds_study
+
+    result = bounds_study(ctx.model, ctx.state["saes"], ctx.state["corpus"], ctx.out, top_k=ctx.cfg.top_k)
+    bounds = result["bounds"][["layer", "n_checked", "violations", "median_tightness", "p99_tightness",
+                               "max_tightness", "sum_violations", "sum_max_tightness", "norm_line_max_tightness"]]
+    verdicts = result["assumptions"][["layer", "a1_mean_cos", "a1_verdict", "a2_rel_error", "a2_fvu", "a2_verdict",
+                                      "a3_mean_abs_cos", "a3_verdict", "a4_reasoning_active_in_non_thinking",
+                                      "a4_jaccard", "a4_verdict"]]
+    pairs = result["pairs"][["layer", "n_pairs", "frac_delta_nonpositive", "c1", "c2", "in_band", "in_band_ideal",
+                             "median_r_active", "spearman_s_delta_x100"]]
+    ctx.report.add("The theorem, checked: the norm bounds feature activation", "\n\n".join([
+        "Exact, assumption-free bound `a_i(x) ≤ ‖w_i‖·‖s·x − b_dec‖ + max(b_i, 0)` on every (token, feature) of the "
+        "contrast corpus (generated tokens, both modes); `sum_*` = the layer's summed top-K reasoning-feature "
+        "activation against the summed bound; `norm_line_*` = that sum against the bound written as a function of "
+        "‖x‖ alone:", _code(bounds.round(4).to_string(index=False)), "![bound](bounds_norm_vs_reasoning.png)",
+        "The theorem's assumptions, per layer (A1 decoder near-orthonormality on co-active features, A2 faithful "
+        "reconstruction, A3 base ⟂ reasoning part, A4 reasoning features silent in non-thinking tokens):",
+        _code(verdicts.round(3).to_string(index=False)),
+        "The two-sided relation `c₁·√Δ ≤ Σ_{i∈R} Δa_i ≤ c₂·√|R_active|·√Δ` on paired states (same problem, both "
+        "modes, at the shared closing `answer : X`); c₁, c₂ fitted as the 5% / 95% quantiles, `in_band_ideal` = "
+        "the fraction inside the band with c₁ = c₂ = 1:", _code(pairs.round(3).to_string(index=False)),
+        "![pairs](bounds_pairs.png)"]))
+
+
+def stage_correlation(ctx: Context) -> None:
+    from tellnorm.correlation import correlation_study
+
+    result = correlation_study(ctx.model, ctx.state["saes"], ctx.state["corpus"], ctx.out, top_k=ctx.cfg.top_k)
+    ctx.report.add("Correlation: norm profile vs reasoning-feature profile across layers", "\n\n".join([
+        f"Spearman ×100 across the {ctx.model.n_layers} layers (a coarse rank statistic with so few layers: the "
+        "per-layer values it is computed from follow), bootstrap 95% CI over problems; the paper's values beside:",
+        _code(result["table"].to_string(index=False, float_format="{:.1f}".format)),
+        _code(result["layers"].round(4).to_string(index=False)), "![alignment](correlation_alignment.png)"]))
+
+
+def stage_interventions(ctx: Context) -> None:
+    from tellnorm.interventions.study import InterventionConfig, format_suppression, run_intervene
+
+    quick = ctx.cfg.quick
+    cfg = InterventionConfig(per_difficulty=ctx.cfg.intervention_per_difficulty,
+                             calibration_per_difficulty=2 if quick else 10,
+                             random_seeds=(0,) if quick else (0, 1, 2), feature_seeds=(0,) if quick else (0, 1))
+    result = run_intervene(ctx.model, cfg, ctx.out, progress=True)
+    hits = result["hits"][result["hits"]["edit"] == "clean"]
+    body = ["After each layer of a set, on generated tokens, thinking mode: scale high-norm states (‖h‖ > τ, τ = "
+            "Q3 + 1.5·IQR calibrated per layer on clean validation responses) by c, or clamp them to τ/4, against "
+            f"scaling a random matched fraction of tokens ({len(cfg.random_seeds)} seeds, pooled). "
+            f"n = {result['meta']['n_problems']} test problems; Δ = accuracy − clean with a paired bootstrap 95% CI; "
+            "Δlogp = change in the teacher-forced log-probability of the gold answer (ans) and of every gold "
+            "response token (trace).", _code(format_suppression(result["suppression"])),
+            "![suppression](suppression.png)",
+            "What the high-norm rule hits (clean run, share of each layer's hits by ground-truth label):",
+            _code(hits.round(3).to_string(index=False))]
+    if result["steering"] is not None or result["features"] is not None:
+        body.append("Steering along the mean thinking − non-thinking direction, and zeroing the top reasoning features "
+                    "vs random features of matched activation mass: `steering.csv`, `feature_ablation.csv`.\n\n"
+                    "![steering and features](steering_features.png)")
+    ctx.report.add("Interventions: does suppressing high-norm states hurt reasoning?", "\n\n".join(body))
 
 
 def stage_dashboards(ctx: Context) -> None:

@@ -13,7 +13,9 @@ def test_reproduce_quick_writes_every_artifact(tmp_path):
     expected = ["organism_accuracy.csv", "organism_accuracy.html", "norm_profile.csv", "norm_trend.html",
                 "norm_heatmap.html", "norms_per_token.parquet", "norm_peaks_vs_steps.csv", "sae_quality.csv",
                 "feature_trend.csv", "feature_trend.html", "features_reasonscore_top100.csv",
-                "features_token_injection.csv", "dashboard.html", "REPORT.md"]
+                "features_token_injection.csv", "dashboard.html", "REPORT.md", "norm_profile_matched.csv",
+                "feature_trend_matched.csv", "bounds.csv", "bounds_assumptions.csv", "bounds_pairs.csv",
+                "correlation.csv", "suppression.csv", "suppression.html"]
     missing = [name for name in expected if not (tmp_path / name).is_file()]
     assert not missing
     assert not list(tmp_path.glob(".*partial*"))  # no half-written file left behind
@@ -21,5 +23,6 @@ def test_reproduce_quick_writes_every_artifact(tmp_path):
     assert set(acc["mode"]) == {"thinking", "non-thinking"} and (acc["n"] == 4).all()
     assert ((acc.ci_low <= acc.accuracy) & (acc.accuracy <= acc.ci_high)).all()
     report = (tmp_path / "REPORT.md").read_text()
-    for section in ("Organism accuracy", "L2 norm by layer", "norm peaks", "SAEs and reasoning features"):
+    for section in ("Organism accuracy", "L2 norm by layer", "norm peaks", "SAEs and reasoning features",
+                    "The theorem, checked", "Correlation", "Interventions"):
         assert section in report
