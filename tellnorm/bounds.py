@@ -71,6 +71,7 @@ import numpy as np
 from tellnorm.errors import TellnormError
 from tellnorm.features import DEFAULT_TOP_K
 from tellnorm.generation import LayerHooks
+from tellnorm.io import check_output_dir
 
 SUPPORTED_ARCHITECTURES = ("standard", "topk", "jumprelu", "gated")
 # Normalisations that are the identity inside sae_lens's encode (applied outside, folded at save).
@@ -87,7 +88,6 @@ SCATTER_POINTS = 1500  # per layer, for the figure: a bottom-k sample by token h
 TOKEN_CHUNK = 256  # tokens encoded at once: [256, d_sae] float64 tensors (≈ 130 MB each at d_sae = 65k)
 COSINE_BATCH_ELEMENTS = 20_000_000  # cap on tokens × L0 × d_in per chunk of the co-active Gram computation
 PAIR_COLORS = ("#c0392b", "#d68910", "#7d3c98", "#1e8449")  # one per marker in the pairs figure
-CSV_DIGITS = 6  # significant digits written to CSV (reruns are byte-stable)
 THINKING, NON_THINKING = "thinking", "non-thinking"
 
 
@@ -776,23 +776,7 @@ def _jaccard(a, b) -> float:
     return int((a & b).sum()) / union if union else math.nan
 
 
-def round_frame(df, digits: int = CSV_DIGITS):
-    """Float columns rounded to ``digits`` significant digits (what the CSVs report; reruns are byte-stable)."""
-    out = df.copy()
-    for name in out.columns:
-        if out[name].dtype.kind == "f":
-            out[name] = [float(f"{v:.{digits}g}") if np.isfinite(v) else v for v in out[name]]
-    return out
-
-
 # --- inputs, reasoning features, the study ------------------------------------------------------------------------
-
-def check_output_dir(out) -> Path:
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise TellnormError(f"--out {out} is a file: give a folder to write the tables and figures into")
-    return out
-
 
 def select_saes(model, saes: Mapping[int, Any], *, top_k: int, layers: Sequence[int] | None = None,
                 bounds: bool = False, min_layers: int = 1) -> dict:
@@ -899,10 +883,10 @@ def bounds_study(model, saes: Mapping[int, Any], corpus, out, *, top_k: int = DE
     points = pair_frame(sums.states, pairs, layer_list)
     pair_fit = pairs_table(points, layer_list, band)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(round_frame(table), out / "bounds.csv")
-    write_csv(round_frame(assumptions), out / "bounds_assumptions.csv")
-    write_csv(round_frame(pair_fit), out / "bounds_pairs.csv")
-    write_csv(round_frame(points), out / "bounds_pair_points.csv")
+    write_csv(table, out / "bounds.csv")
+    write_csv(assumptions, out / "bounds_assumptions.csv")
+    write_csv(pair_fit, out / "bounds_pairs.csv")
+    write_csv(points, out / "bounds_pair_points.csv")
     result = {"bounds": table, "assumptions": assumptions, "pairs": pair_fit, "pair_points": points,
               "reasoning": reasoning, "sums": sums}
     if figures:

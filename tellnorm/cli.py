@@ -11,12 +11,11 @@ from pathlib import Path
 
 def _organism_train(args) -> None:
     from tellnorm.organism.paths import DEFAULT_ORGANISM_DIR
-    from tellnorm.organism.train import OrganismTrainConfig, check_output_folder, train_organism
+    from tellnorm.organism.train import OrganismTrainConfig, train_organism
 
     overrides = {name: value for name, value in (("steps", args.steps), ("lr", args.lr)) if value is not None}
     cfg = OrganismTrainConfig(seed=args.seed, **overrides)  # validates before any work
     out = Path(args.out) if args.out else DEFAULT_ORGANISM_DIR
-    check_output_folder(out)
     meta = train_organism(cfg, out_dir=out)
     print(f"trained organism in {meta['train_seconds']:.0f} s, final loss {meta['final_loss']:.4f} -> {out}")
 
@@ -126,13 +125,13 @@ def _intervene(args) -> None:
 
 def _analysis_setup(args, *, bounds: bool):
     """Check every argument of ``bounds`` / ``correlate`` before the slow work (generation), then load."""
-    from tellnorm.bounds import check_output_dir, select_saes
+    from tellnorm.bounds import select_saes
     from tellnorm.correlation import MIN_LAYERS
     from tellnorm.errors import TellnormError
     from tellnorm.models import load_model
     from tellnorm.saes import load_saes
 
-    out = check_output_dir(args.out)
+    out = Path(args.out)
     if args.n < 1:
         raise TellnormError(f"--n must be ≥ 1 (problems per difficulty), got {args.n}: the corpus would be empty")
     if args.top_k < 1:
@@ -290,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FILE_OUTPUTS = {_dashboard}  # commands whose --out names a file, not a folder
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no machine tellnorm runs on can download weights
@@ -298,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     from tellnorm.errors import TellnormError
 
     try:
+        if getattr(args, "out", None) and args.func not in FILE_OUTPUTS:
+            from tellnorm.io import check_output_dir
+
+            check_output_dir(args.out)  # before any command spends time
         args.func(args)
     except TellnormError as err:
         print(f"tellnorm: error: {err}", file=sys.stderr)

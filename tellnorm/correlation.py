@@ -336,7 +336,8 @@ def correlation_study(model, saes: Mapping[int, Any], corpus, out, *, top_k: int
                       batch_size: int = 16) -> dict:
     """Write ``correlation.csv``, ``correlation_table.csv``, ``correlation_layers.csv`` and the figure
     ``correlation_alignment`` into ``out``."""
-    from tellnorm.bounds import check_corpus, check_output_dir, reasoning_features, round_frame, select_saes
+    from tellnorm.bounds import check_corpus, reasoning_features, select_saes
+    from tellnorm.io import check_output_dir
     from tellnorm.io import write_csv
 
     out = check_output_dir(out)
@@ -353,9 +354,9 @@ def correlation_study(model, saes: Mapping[int, Any], corpus, out, *, top_k: int
         values["attention_entropy"] = math.nan
     shaped = paper_table(table, model.name)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(round_frame(table), out / "correlation.csv")
-    write_csv(round_frame(shaped), out / "correlation_table.csv")
-    write_csv(round_frame(values), out / "correlation_layers.csv")
+    write_csv(table, out / "correlation.csv")
+    write_csv(shaped, out / "correlation_table.csv")
+    write_csv(values, out / "correlation_layers.csv")
     if figures:
         from tellnorm.figures import write_figure
 

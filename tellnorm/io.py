@@ -8,6 +8,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def check_output_dir(out) -> Path:
+    """Refuse an output folder that cannot be one (an existing file, an unwritable place) before any work."""
+    from tellnorm.errors import TellnormError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TellnormError(f"--out {out} is a file: give a folder to write into (it is created if missing)")
+    parent = next((p for p in [out, *out.parents] if p.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise TellnormError(f"cannot write to {parent}: choose another --out")
+    return out
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary sibling of ``path``; it replaces ``path`` only if the block finishes."""

@@ -91,3 +91,12 @@ def test_non_positive_threshold_k():
 
     with pytest.raises(TellnormError, match="k"):
         ThresholdConfig(k=0)
+
+
+@pytest.mark.parametrize("command", [["profile"], ["features"], ["bounds"], ["correlate"], ["intervene"],
+                                     ["reproduce"], ["sae", "train"], ["organism", "train"], ["bench", "norms"]])
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(capsys, tmp_path, command):
+    target = tmp_path / "results.csv"
+    target.write_text("keep me")
+    _run_bad(capsys, command + ["--out", str(target)], "is a file")
+    assert target.read_text() == "keep me" and [p.name for p in tmp_path.iterdir()] == ["results.csv"]

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tellnorm.io import check_output_dir
 from tellnorm.organism import task
 from tellnorm.organism.paths import DEFAULT_ORGANISM_DIR
 
@@ -226,25 +226,13 @@ def direct_answer_phase(model, tokenizer, cfg: OrganismTrainConfig, held_out: se
     return losses
 
 
-def check_output_folder(out_dir: str | Path) -> None:
-    """Refuse an output path that cannot hold the organism, before hours of training are spent."""
-    from tellnorm.errors import TellnormError
-
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise TellnormError(f"output folder {out_dir} is a file: give a folder (it is created if missing)")
-    parent = next((p for p in [out_dir, *out_dir.parents] if p.exists()), None)
-    if parent is not None and not os.access(parent, os.W_OK):
-        raise TellnormError(f"cannot write to {parent}: choose another --out")
-
-
 def train_organism(cfg: OrganismTrainConfig | None = None, out_dir: str | Path = DEFAULT_ORGANISM_DIR,
                    progress: bool = True) -> dict:
     """Train the organism and write it (fp16 weights, tokenizer, chat template, metadata) to ``out_dir``."""
     import torch
 
     cfg = cfg or OrganismTrainConfig()
-    check_output_folder(out_dir)
+    check_output_dir(out_dir)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True)
