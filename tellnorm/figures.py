@@ -56,7 +56,8 @@ def write_figure(fig, stem: str | Path, *, png: bool = True) -> list[Path]:
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(stem.with_suffix(".html")) as tmp:
-        fig.write_html(str(tmp), include_plotlyjs="directory", full_html=True)
+        # a fixed div id (plotly's default is random), so rewriting an unchanged figure leaves the file unchanged
+        fig.write_html(str(tmp), include_plotlyjs="directory", full_html=True, div_id=f"tellnorm-{stem.name}")
     written = [stem.with_suffix(".html")]
     if png:
         browser = chromium_path()
