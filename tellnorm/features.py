@@ -129,16 +129,18 @@ def contrast_masks(sequences, n_prompt: Sequence[int], modes: Sequence[str], *, 
 
 
 MATCHED_SUFFIX = "@matched"
+MATCHED_REQUEST_BUCKET = "@matched/{}"  # one request's matched tokens: per-problem sums for bootstrap CIs
 
 
 def matched_contrast_masks(matched_positions: Sequence[Sequence[int]], lengths: Sequence[int],
                            modes: Sequence[str]):
     """Bucket masks of a token-matched contrast: only positions both modes' responses have (e.g. the closing
-    ``answer : X``) enter the buckets ``"<mode>@matched"``."""
+    ``answer : X``) enter the buckets ``"<mode>@matched"``, and each request's own ``"@matched/<i>"``."""
     masks = {}
     for i, (positions, length, mode) in enumerate(zip(matched_positions, lengths, modes)):
         chosen = set(positions)
-        masks[i] = {mode + MATCHED_SUFFIX: [p in chosen and p > 0 for p in range(length)]}
+        mask = [p in chosen and p > 0 for p in range(length)]
+        masks[i] = {mode + MATCHED_SUFFIX: mask, MATCHED_REQUEST_BUCKET.format(i): mask}
     return masks
 
 

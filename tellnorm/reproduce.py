@@ -156,7 +156,8 @@ def stage_features(ctx: Context) -> None:
             _code(trend.round(4).to_string(index=False)), "![feature trend](feature_trend.png)"]
     if "matched_trend" in result:
         body += ["Like with like: the contrast on token-matched positions only (the closing `answer : X` of both modes); "
-                 "`thinking`/`non-thinking` = mean top-K activation of features re-ranked there, "
+                 "`thinking`/`non-thinking` = mean top-K activation of features re-ranked there (bootstrap 95% CIs "
+                 "over problems, top-K set held fixed), "
                  "`all_token_features_*` = the all-token top-K features measured there, `top_k_jaccard` = overlap of "
                  "the two top-K sets:",
                  _code(result["matched_trend"].round(4).to_string(index=False))]

@@ -8,17 +8,25 @@ BOOTSTRAP_RESAMPLES = 2000  # enough for stable 2.5/97.5 percentiles of a mean
 CI_LEVEL = 0.95
 
 
+def resample_indices(n: int, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> np.ndarray:
+    """``[resamples, n]`` indices of units drawn with replacement: one bootstrap resample per row."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def percentile_interval(samples, *, level: float = CI_LEVEL) -> tuple[float, float]:
+    alpha = (1 - level) / 2
+    return float(np.quantile(samples, alpha)), float(np.quantile(samples, 1 - alpha))
+
+
 def bootstrap_ci(values, statistic=np.mean, *, resamples: int = BOOTSTRAP_RESAMPLES, level: float = CI_LEVEL,
                  seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of ``statistic`` over ``values`` (1-D); (nan, nan) when empty."""
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, values.size, size=(resamples, values.size))
+    idx = resample_indices(values.size, resamples=resamples, seed=seed)
     stats = statistic(values[idx], axis=1) if statistic in (np.mean, np.median) else np.apply_along_axis(statistic, 1, values[idx])
-    alpha = (1 - level) / 2
-    return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
+    return percentile_interval(stats, level=level)
 
 
 def mean_with_ci(values, *, seed: int = 0) -> dict:

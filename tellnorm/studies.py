@@ -87,7 +87,7 @@ def feature_study(model, saes: dict, corpus: ContrastCorpus, out: Path, *, top_k
     result = {"contrast": contrast_tab, "reason": reason_tab, "trend": trend, "injection": injection,
               "top_reason": top_reason}
     if matched is not None:
-        result["matched_trend"] = matched_feature_trend(sums, contrast_tab, layers, top_k)
+        result["matched_trend"] = matched_feature_trend(sums, contrast_tab, layers, top_k, corpus.modes, seed=seed)
         write_csv(result["matched_trend"], out / "feature_trend_matched.csv")
     if model.source == "organism":
         top_contrast = {layer: contrast_tab[(contrast_tab.layer == layer) & (contrast_tab["rank"] <= 5)].feature.tolist()
@@ -108,15 +108,25 @@ def matched_positions(model, corpus: ContrastCorpus):
     return [sorted(closing_roles(model.token_strings(seq), k)) for seq, k in zip(corpus.sequences, corpus.n_prompt)]
 
 
-def matched_feature_trend(sums, contrast_tab, layers, top_k: int):
+def matched_feature_trend(sums, contrast_tab, layers, top_k: int, modes, *, seed: int = 0):
     """The reasoning-feature trend on token-matched positions only, two ways: features re-ranked by the contrast
-    on matched tokens (``thinking``, ``non-thinking``), and the all-token top-K features evaluated on matched
-    tokens (``all_token_features_*``); ``top_k_jaccard`` is the overlap of the two top-K sets."""
+    on matched tokens (``thinking``, ``non-thinking``, with bootstrap 95% CIs over problems and of their
+    difference; the top-K set is chosen once on all problems and held fixed), and the all-token top-K features
+    evaluated on matched tokens (``all_token_features_*``); ``top_k_jaccard`` is the overlap of the two sets.
+    ``modes[i]`` is request i's mode; the j-th thinking and the j-th non-thinking request are one problem."""
+    import numpy as np
+
     from tellnorm import features as F
+    from tellnorm.stats import percentile_interval, resample_indices
 
     buckets = ("thinking" + F.MATCHED_SUFFIX, "non-thinking" + F.MATCHED_SUFFIX)
     matched_tab = F.contrast_table(sums, layers, buckets=buckets)
     trend = F.top_k_scores(matched_tab, k=top_k)
+    requests = {mode: [i for i, m in enumerate(modes) if m == mode] for mode in MODES}
+    paired = [(t, n) for t, n in zip(requests["thinking"], requests["non-thinking"])
+              if sums.has(layers[0], F.MATCHED_REQUEST_BUCKET.format(t))
+              and sums.has(layers[0], F.MATCHED_REQUEST_BUCKET.format(n))]
+    idx = resample_indices(len(paired), seed=seed)
     for layer in layers:
         all_top = set(contrast_tab[contrast_tab.layer == layer].nsmallest(top_k, "rank").feature)
         matched_top = set(matched_tab[matched_tab.layer == layer].nsmallest(top_k, "rank").feature)
@@ -125,6 +135,17 @@ def matched_feature_trend(sums, contrast_tab, layers, top_k: int):
         trend.loc[row, "all_token_features_thinking"] = float(sums.mean(layer, buckets[0])[chosen].mean())
         trend.loc[row, "all_token_features_non_thinking"] = float(sums.mean(layer, buckets[1])[chosen].mean())
         trend.loc[row, "top_k_jaccard"] = len(all_top & matched_top) / len(all_top | matched_top)
+        top = sorted(matched_top)
+        per_problem = {}  # mode -> (summed top-K activation, token count) of each problem's response
+        for k, mode in enumerate(MODES):
+            keys = [(layer, F.MATCHED_REQUEST_BUCKET.format(pair[k])) for pair in paired]
+            per_problem[mode] = (np.array([float(sums.sums[key][top].mean()) for key in keys]),
+                                 np.array([sums.counts[key] for key in keys], dtype=np.float64))
+        boot = {mode: total[idx].sum(1) / count[idx].sum(1) for mode, (total, count) in per_problem.items()}
+        for name, samples in (("thinking", boot["thinking"]), ("non_thinking", boot["non-thinking"]),
+                              ("delta", boot["thinking"] - boot["non-thinking"])):
+            trend.loc[row, f"{name}_ci_low"], trend.loc[row, f"{name}_ci_high"] = percentile_interval(samples)
+    trend["n_problems"] = len(paired)
     trend["n_tokens_thinking"] = [sums.counts[(layer, buckets[0])] for layer in trend.layer]
     trend["n_tokens_non_thinking"] = [sums.counts[(layer, buckets[1])] for layer in trend.layer]
     return trend

@@ -97,3 +97,29 @@ def test_matched_contrast_uses_only_matched_positions_and_agrees_with_numpy():
     np.testing.assert_allclose(table.mean_thinking, think, rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(table.delta, think - nothink, rtol=1e-5, atol=1e-8)
     assert sums.counts[(1, "thinking@matched")] == 9
+
+
+def test_matched_feature_trend_cis_resample_problems():
+    """Per-problem sums give the matched trend's bootstrap CIs; checked against a direct numpy recomputation."""
+    from tellnorm.studies import matched_feature_trend
+
+    rng = np.random.default_rng(0)
+    n_problems, d_sae, k = 12, 30, 4
+    modes = ["thinking"] * n_problems + ["non-thinking"] * n_problems
+    sums, acts = F.FeatureSums(), {}
+    for i, mode in enumerate(modes):
+        a = torch.tensor(rng.gamma(1.0, 1.0 if mode == "non-thinking" else 2.0, size=(3, d_sae)))
+        acts[i] = a.numpy()
+        for bucket in (mode, mode + F.MATCHED_SUFFIX, F.MATCHED_REQUEST_BUCKET.format(i)):
+            sums.add(0, bucket, a)
+    contrast_tab = F.contrast_table(sums, [0])
+    trend = matched_feature_trend(sums, contrast_tab, [0], k, modes, seed=5).iloc[0]
+    matched_tab = F.contrast_table(sums, [0], buckets=("thinking@matched", "non-thinking@matched"))
+    top = sorted(matched_tab.nsmallest(k, "rank").feature)
+    think = np.stack([acts[i][:, top].mean(1).sum() for i in range(n_problems)])
+    nothink = np.stack([acts[n_problems + i][:, top].mean(1).sum() for i in range(n_problems)])
+    np.testing.assert_allclose(trend.thinking, think.sum() / (3 * n_problems))
+    idx = np.random.default_rng(5).integers(0, n_problems, size=(2000, n_problems))
+    diff = think[idx].sum(1) / (3 * n_problems) - nothink[idx].sum(1) / (3 * n_problems)
+    np.testing.assert_allclose([trend.delta_ci_low, trend.delta_ci_high], np.quantile(diff, [0.025, 0.975]))
+    assert trend.n_problems == n_problems and trend.thinking_ci_low <= trend.thinking <= trend.thinking_ci_high
