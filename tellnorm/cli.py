@@ -49,6 +49,15 @@ def _bench_norms(args) -> None:
                             repeats=args.repeats, out=args.out))
 
 
+def _bench_techniques(args) -> None:
+    from tellnorm.bench_techniques import TechniqueBenchConfig, bench_techniques
+
+    bench_techniques(TechniqueBenchConfig(
+        config=args.config, n_layers=args.layers, prompts=args.prompts, prompt_len=args.prompt_len,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, repeats=args.repeats, threads=args.threads,
+        seed=args.seed, stop_at_eos=args.stop_at_eos, out=args.out))
+
+
 def _sae_train(args) -> None:
     from tellnorm.models import load_model
     from tellnorm.saes.training import SAETrainConfig
@@ -121,6 +130,37 @@ def _intervene(args) -> None:
     print(f"wrote {args.out}/suppression.csv, suppression_hits.csv, suppression_top_tokens.csv, suppression.(html|png)"
           f"{', steering.csv' if cfg.steering else ''}{', feature_ablation.csv' if cfg.features else ''} "
           f"in {result['seconds']:.0f} s")
+
+
+def _evaluate(args) -> None:
+    from tellnorm.errors import TellnormError
+    from tellnorm.evaluation import EvaluateConfig, run_evaluate
+    from tellnorm.models import load_model
+    from tellnorm.techniques import ALRRConfig, ERSSConfig
+    from tellnorm.thresholds import ThresholdConfig
+
+    layers = None
+    if args.layers:
+        try:
+            layers = tuple(int(v) for v in args.layers.split(","))
+        except ValueError:
+            raise TellnormError(f"--layers {args.layers!r}: give layer indices separated by commas, e.g. 20,21,22")
+    threshold = ThresholdConfig(**{k: v for k, v in (("k", args.k), ("warmup", args.warmup)) if v is not None})
+    quick = dict(per_difficulty=2, calibration_per_difficulty=3, n_samples=4, sample_sizes=(2, 4),
+                 sensitivity=False) if args.quick else {}
+    options = dict(task=args.task, extractor=args.extractor, thinking=not args.no_thinking,
+                   calibration=args.calibration, techniques=tuple(args.techniques), controls=not args.no_controls,
+                   threshold_mode=args.threshold_mode, thresholds_file=args.thresholds, threshold=threshold,
+                   alrr=ALRRConfig(layers=layers), erss=ERSSConfig(layers=layers), batch_size=args.batch_size,
+                   sensitivity=not args.no_sensitivity)
+    for name in ("per_difficulty", "n_samples", "sampling_seed", "max_new_tokens"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    cfg = EvaluateConfig(**{**options, **quick})  # validates before any work
+    model = load_model(args.model)
+    result = run_evaluate(model, cfg, Path(args.out))
+    print(result["markdown"])
+    print(f"wrote {args.out}/evaluation.csv, evaluation.md, evaluation_*.csv and the figures")
 
 
 def _analysis_setup(args, *, bounds: bool):
@@ -276,6 +316,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="figures/interventions")
     p.set_defaults(func=_intervene)
 
+    p = sub.add_parser("evaluate", help="ALRR, ERSS, LRS and combinations vs compute-matched baselines")
+    p.add_argument("--model", default="organism")
+    p.add_argument("--task", default="organism",
+                   help='"organism" (its test set) or a JSONL of {"prompt", "answer"[, "group", "id"]} lines')
+    p.add_argument("--extractor", default="organism",
+                   help="answer extractor for a JSONL task: last-number (default there), boxed, or regex:PATTERN")
+    p.add_argument("--calibration", default=None, help="JSONL of calibration prompts for τ (default: the task's)")
+    p.add_argument("--no-thinking", action="store_true", help="JSONL prompts with the thinking switch off")
+    p.add_argument("--n", dest="per_difficulty", type=int, default=None, help="organism problems per difficulty")
+    p.add_argument("--n-samples", type=int, default=None, help="N for the selectors (default 8)")
+    p.add_argument("--sampling-seed", type=int, default=None)
+    p.add_argument("--techniques", nargs="+", default=["alrr", "erss", "alrr+erss"],
+                   help="decode-time techniques and '+' combinations")
+    p.add_argument("--layers", default=None, help="target layers of ALRR and ERSS, e.g. 20,21 (default: late)")
+    p.add_argument("--threshold-mode", default="calibrated", help="calibrated (default), exact, pooled-p2 or fixed")
+    p.add_argument("--thresholds", default=None, help="JSON file of per-layer τ for --threshold-mode fixed")
+    p.add_argument("--k", type=float, default=None, help="τ = Q3 + k·IQR (default: the paper's 1.5)")
+    p.add_argument("--warmup", type=int, default=None, help="steps before a streaming threshold exists")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--no-controls", action="store_true", help="skip the random recursion controls")
+    p.add_argument("--no-sensitivity", action="store_true", help="skip the k / loops / streak / N sweeps")
+    p.add_argument("--quick", action="store_true", help="a minute-long smoke run (2 problems per difficulty, N=4)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--out", default="figures/evaluation")
+    p.set_defaults(func=_evaluate)
+
     bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")
     bsub = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
     p = bsub.add_parser("norms", help="overhead of norm tracing vs a plain forward and run_with_cache")
@@ -286,6 +352,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="figures/bench")
     p.set_defaults(func=_bench_norms)
+    p = bsub.add_parser("techniques", help="wall time of generation with ALRR, ERSS, LRS bookkeeping vs plain")
+    p.add_argument("--config", default="organism", help="organism (trained; random-init with --layers) or "
+                   "qwen3-0.6b (random init)")
+    p.add_argument("--layers", type=int, default=None, help="override the number of layers (random-init weights)")
+    p.add_argument("--prompts", type=int, default=10, help="organism test prompts, one per difficulty in turn")
+    p.add_argument("--prompt-len", type=int, default=None, help="random token-id prompts of this length instead")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per request (EOS ignored)")
+    p.add_argument("--stop-at-eos", action="store_true", help="stop at EOS (token counts may then differ)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: every prompt in one batch")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's setting)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="figures/bench")
+    p.set_defaults(func=_bench_techniques)
     return parser
 
 

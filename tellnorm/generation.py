@@ -17,6 +17,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol, Sequence
 
+import numpy as np
+
 from tellnorm.errors import TellnormError
 
 
@@ -28,6 +30,7 @@ class SamplingConfig:
     top_k: int = 0  # 0 means no top-k filter
     repetition_penalty: float = 1.0
     seed: int = 0
+    ignore_eos: bool = False  # vLLM's SamplingParams.ignore_eos: always generate max_new_tokens (benchmarks)
 
     @classmethod
     def paper(cls, **overrides) -> "SamplingConfig":
@@ -57,6 +60,15 @@ class StepInfo:
     step: int  # decode step (0 for prefill)
     n_prompt: list | None = None  # prompt length of each row's request (None when unknown): position >= n_prompt
     #                               is a generated token
+    cache: Any = None  # the HF KV cache this pass writes (None in cache-free passes)
+    attention_mask: Any = None  # [batch, past + seq] 0/1 over every cached and current column (None: all real)
+    fresh: Any = None  # [batch, seq] tokens this run sees for the first time (None: every valid token); a
+    #                    cache-free reference recomputes old tokens, which observers that record must skip
+
+    @property
+    def new_tokens(self):
+        """Tokens seen for the first time in this run: what recording observers should record."""
+        return self.valid if self.fresh is None else self.fresh
 
     @classmethod
     def default(cls, batch: int, seq: int) -> "StepInfo":
@@ -134,10 +146,17 @@ def generate(
     observers: Iterable[Observer] = (),
     progress: bool = False,
     desc: str = "generating",
+    reuse_cache: bool = True,
+    token_stats: bool = False,
 ) -> list[Generation]:
     """Generate a continuation of every prompt (token ids); returns generations in prompt order.
 
-    A request stops at EOS, after ``max_new_tokens``, or when it fills the model's context ("length")."""
+    A request stops at EOS, after ``max_new_tokens``, or when it fills the model's context ("length").
+
+    ``reuse_cache=False`` is the cache-free reference: every step recomputes each request's whole sequence from a
+    fresh cache (observers see old tokens again, marked not ``fresh``); generations must match the cached path.
+    ``token_stats=True`` stores per generated token, in ``meta``, what confidence baselines score
+    (:data:`TOKEN_STATS`, from the model's raw next-token distribution)."""
     sampling = sampling or SamplingConfig()
     request_ids = list(request_ids) if request_ids is not None else list(range(len(prompts)))
     if len(request_ids) != len(prompts) or len(set(request_ids)) != len(request_ids):
@@ -160,7 +179,7 @@ def generate(
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             batch = [(request_ids[i], list(prompts[i])) for i in chunk]
-            for gen in _generate_batch(model, batch, sampling, observers):
+            for gen in _generate_batch(model, batch, sampling, observers, reuse_cache, token_stats):
                 results[gen.request_id] = gen
             bar.update(len(chunk))
     bar.close()
@@ -170,17 +189,34 @@ def generate(
     return gens
 
 
-def _generate_batch(model, batch, sampling: SamplingConfig, observers) -> list[Generation]:
+TOKEN_STATS = ("token_logprob", "topk_mean_logprob", "mean_logprob")
+TOKEN_STATS_TOP_K = 20  # DEEPCONF (Fu et al. 2025): confidence from vLLM's top-20 logprobs
+
+
+def step_token_stats(logits, tokens):
+    """Per row: log p of the picked token, the mean of the top-20 log-probabilities, the mean log p over the
+    vocabulary (DeepConf's token confidence is minus the second; self-certainty comes from the third)."""
+    import torch
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, torch.as_tensor(tokens, device=logp.device)[:, None])[:, 0]
+    top = torch.topk(logp, min(TOKEN_STATS_TOP_K, logp.shape[-1]), dim=-1).values.mean(-1)
+    return chosen.tolist(), top.tolist(), logp.mean(-1).tolist()
+
+
+def _generate_batch(model, batch, sampling: SamplingConfig, observers, reuse_cache: bool = True,
+                    token_stats: bool = False) -> list[Generation]:
     import torch
     from transformers import DynamicCache
 
     device = model.device
-    stop_ids = eos_ids(model)
+    stop_ids = set() if sampling.ignore_eos else eos_ids(model)
     input_ids, attention, positions = left_pad(model, [ids for _, ids in batch])
 
     live = [rid for rid, _ in batch]  # request id of each row, in row order
     prompt_of = {rid: ids for rid, ids in batch}
     generated: dict = {rid: [] for rid in live}
+    stats: dict = {rid: {name: [] for name in TOKEN_STATS} for rid in live}
     generators = {}
     if not sampling.greedy:
         for rid in live:
@@ -188,15 +224,17 @@ def _generate_batch(model, batch, sampling: SamplingConfig, observers) -> list[G
     finished: dict = {}
     cache = DynamicCache()
     step = 0
+    fresh = None
     with torch.no_grad():
         while live:
             info = StepInfo(list(live), positions, attention[:, -positions.shape[1]:].bool(),
-                            "prefill" if step == 0 else "decode", step, [len(prompt_of[rid]) for rid in live])
+                            "prefill" if step == 0 else "decode", step, [len(prompt_of[rid]) for rid in live],
+                            cache=cache, attention_mask=attention, fresh=fresh)
             for obs in observers:
                 obs.on_step(info)
             out = model.hf_model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                                  past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            cache = out.past_key_values if reuse_cache else DynamicCache()
             logits = out.logits[:, -1, :].float()
             next_tokens = []
             for row, rid in enumerate(live):
@@ -204,6 +242,10 @@ def _generate_batch(model, batch, sampling: SamplingConfig, observers) -> list[G
                 token = _pick(logits[row], history, sampling, generators.get(rid))
                 generated[rid].append(token)
                 next_tokens.append(token)
+            if token_stats:
+                for rid, *values in zip(live, *step_token_stats(logits, next_tokens)):
+                    for name, value in zip(TOKEN_STATS, values):
+                        stats[rid][name].append(value)
             keep = []
             for row, rid in enumerate(live):
                 if next_tokens[row] in stop_ids:
@@ -214,18 +256,27 @@ def _generate_batch(model, batch, sampling: SamplingConfig, observers) -> list[G
                     keep.append(row)
             if not keep:
                 break
-            if len(keep) < len(live):
+            live = [live[r] for r in keep]
+            step += 1
+            if not reuse_cache:  # the reference: the whole sequence again, from scratch
+                input_ids, attention, positions = left_pad(model, [prompt_of[r] + generated[r] for r in live])
+                fresh = torch.zeros_like(attention, dtype=torch.bool)
+                fresh[:, -1] = True
+                continue
+            next_tokens = [next_tokens[r] for r in keep]
+            if len(keep) < attention.shape[0]:
                 index = torch.tensor(keep, device=device)
                 cache.batch_select_indices(index)
                 attention = attention[index]
                 positions = positions[index]
-                live = [live[r] for r in keep]
-                next_tokens = [next_tokens[r] for r in keep]
             input_ids = torch.tensor(next_tokens, device=device).unsqueeze(1)
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
-            step += 1
-    return [Generation(rid, prompt_of[rid], generated[rid], finished[rid]) for rid, _ in batch]
+    gens = []
+    for rid, _ in batch:
+        meta = {name: np.asarray(values, dtype=np.float32) for name, values in stats[rid].items()} if token_stats else {}
+        gens.append(Generation(rid, prompt_of[rid], generated[rid], finished[rid], meta=meta))
+    return gens
 
 
 def left_pad(model, sequences):
@@ -234,6 +285,11 @@ def left_pad(model, sequences):
 
     device = model.device
     width = max(len(ids) for ids in sequences)
+    if min(len(ids) for ids in sequences) < width and model.hf_model.dtype == torch.float64:
+        # The bridge's attention takes its softmax in float32, where a float64 mask value is -inf: fully masked
+        # padding rows turn NaN and spread into the real tokens of their row.
+        raise TellnormError("a float64 model cannot run left-padded batches (the bridge's float32 softmax turns the "
+                            "padding mask into NaN): use batch_size=1 or prompts of one length, or float32")
     input_ids = torch.full((len(sequences), width), model.tokenizer.pad_token_id, dtype=torch.long, device=device)
     attention = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
     for row, ids in enumerate(sequences):

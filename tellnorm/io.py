@@ -54,3 +54,18 @@ def write_parquet(df, path) -> Path:
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
     return Path(path)
+
+
+def markdown_table(df, *, float_format: str = "{:.3g}") -> str:
+    """A DataFrame as a GitHub markdown table (floats through ``float_format``; NaN as a dash)."""
+    import math
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return "—" if math.isnan(value) else float_format.format(value)
+        return str(value)
+
+    header = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "|" + "---|" * len(df.columns)
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, rule] + rows)

@@ -16,6 +16,14 @@ from tellnorm.errors import TellnormError
 from tellnorm.generation import Generation, LayerHooks, SamplingConfig, StepInfo, generate, run_forward
 
 
+def l2_norm(x, *, keepdim: bool = False):
+    """‖x‖₂ over the last axis, accumulated in float32 (float64 for float64 models), detached."""
+    import torch
+
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(x.detach(), dim=-1, dtype=dtype, keepdim=keepdim)
+
+
 class NormTracer(LayerHooks):
     """Observer that records ‖h‖₂ at ``point`` of every layer in ``layers`` for every real token.
 
@@ -32,7 +40,7 @@ class NormTracer(LayerHooks):
         import torch
 
         def record(activation, hook):
-            norms = torch.linalg.vector_norm(activation, dim=-1, dtype=torch.float32).detach()
+            norms = l2_norm(activation)
             info = self.info or _default_info(norms.shape)
             if not torch.isfinite(norms).all():
                 row, col = (~torch.isfinite(norms)).nonzero()[0].tolist()
@@ -40,7 +48,7 @@ class NormTracer(LayerHooks):
                     f"non-finite activation at layer {layer} ({self.point}), request {info.request_ids[row]!r}, "
                     f"position {int(info.positions[row, col])}: check the model's dtype and weights"
                 )
-            self._records.append((layer, info.request_ids, info.positions.cpu(), info.valid.cpu(), norms.cpu()))
+            self._records.append((layer, info.request_ids, info.positions.cpu(), info.new_tokens.cpu(), norms.cpu()))
             return activation
 
         return record

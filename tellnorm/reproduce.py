@@ -1,7 +1,8 @@
 """``tellnorm reproduce``: the whole study on the organism, stage by stage, into one folder with a report.
 
 Stages: organism accuracy → norm profile (thinking vs non-thinking) → do norm peaks mark the steps (ground
-truth) → SAE quality → reasoning features (contrast, ReasonScore, controls) with the trend figure → dashboards.
+truth) → SAE quality → reasoning features (contrast, ReasonScore, controls) with the trend figure → the bound →
+correlation → interventions → the test-time techniques against compute-matched baselines → dashboards.
 Each stage writes its tables and figures and a section of ``REPORT.md`` with the numbers it measured.
 """
 
@@ -21,13 +22,14 @@ class ReproduceConfig:
     profile_per_difficulty: int = 25  # test problems per level traced for the norm analyses
     features_per_difficulty: int = 15  # validation problems per level for the feature contrast
     intervention_per_difficulty: int = 10  # test problems per level for the suppression study (≈ 3.5 min)
+    evaluation_per_difficulty: int = 20  # test problems per level for ALRR/ERSS/LRS vs baselines
     top_k: int = 20  # PAPER §2: K below 40 [inferred K ≈ 10–20]
     quick: bool = False  # small sizes for smoke tests
 
     def __post_init__(self):
         if self.quick:
             self.per_difficulty, self.profile_per_difficulty, self.features_per_difficulty = 4, 2, 2
-            self.intervention_per_difficulty = 1
+            self.intervention_per_difficulty = self.evaluation_per_difficulty = 1
 
 
 @dataclass
@@ -61,7 +63,7 @@ def reproduce(cfg: ReproduceConfig) -> Report:
     out.mkdir(parents=True, exist_ok=True)
     ctx = Context(load_model(cfg.model), cfg, out, Report())
     for stage in (stage_accuracy, stage_norm_profile, stage_peaks, stage_features, stage_bounds, stage_correlation,
-                  stage_interventions, stage_dashboards):
+                  stage_interventions, stage_evaluation, stage_dashboards):
         start = time.perf_counter()
         print(f"[{stage.__name__}] ...", flush=True)
         stage(ctx)
@@ -231,6 +233,19 @@ def stage_interventions(ctx: Context) -> None:
                     "vs random features of matched activation mass: `steering.csv`, `feature_ablation.csv`.\n\n"
                     "![steering and features](steering_features.png)")
     ctx.report.add("Interventions: does suppressing high-norm states hurt reasoning?", "\n\n".join(body))
+
+
+def stage_evaluation(ctx: Context) -> None:
+    from tellnorm.evaluation import EvaluateConfig, run_evaluate
+
+    quick = ctx.cfg.quick
+    cfg = EvaluateConfig(per_difficulty=ctx.cfg.evaluation_per_difficulty, calibration_per_difficulty=2 if quick else 10,
+                         **(dict(n_samples=4, sample_sizes=(2, 4), sensitivity=False) if quick else {}))
+    result = run_evaluate(ctx.model, cfg, ctx.out, progress=True)
+    ctx.report.add("Test-time techniques: ALRR, ERSS, LRS against compute-matched baselines",
+                   result["markdown"].split("\n", 2)[2] + "\n![evaluation](evaluation.png)\n\n"
+                   "![by difficulty](evaluation_by_difficulty.png)\n\n![LRS ablations](evaluation_lrs.png)"
+                   + ("\n\n![sensitivity](evaluation_sensitivity.png)" if cfg.sensitivity else ""))
 
 
 def stage_dashboards(ctx: Context) -> None:

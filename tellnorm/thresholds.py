@@ -542,6 +542,19 @@ def make_threshold(mode: str = "exact", cfg: ThresholdConfig | None = None, n_la
     return tracker(n_layers, cfg)
 
 
+def calibrated_thresholds(norms_by_layer: Mapping[int, Sequence[float]], cfg: ThresholdConfig | None = None, *,
+                          source: str = "calibrated thresholds") -> FixedThresholds:
+    """Per-layer constants τ_l = Q3 + k·IQR of a calibration corpus's norms (every value pooled, no warm-up)."""
+    values = {}
+    for layer, norms in norms_by_layer.items():
+        norms = _to_numpy(norms)
+        if norms.size == 0:
+            raise TellnormError(f"no calibration norms at layer {layer}: the calibration responses have no "
+                                "generated tokens there")
+        values[int(layer)] = float(exact_threshold(norms, cfg))
+    return FixedThresholds(values, source=source)
+
+
 def _check_fixed_layers(thresholds: FixedThresholds, n_layers: Layers) -> None:
     """A layer count bounds the file's layers; explicit layers must each have a threshold."""
     if isinstance(n_layers, (int, np.integer)):
@@ -557,5 +570,5 @@ def _check_fixed_layers(thresholds: FixedThresholds, n_layers: Layers) -> None:
 __all__ = [
     "WARMUP_SUPPRESSION", "WARMUP_ERSS", "MODES", "ThresholdConfig", "iqr_threshold", "exact_threshold",
     "PeakThreshold", "ExactThreshold", "P2Quantile", "P2Quantiles", "PooledP2Threshold", "FixedThresholds",
-    "make_threshold",
+    "make_threshold", "calibrated_thresholds",
 ]

@@ -33,6 +33,7 @@ from typing import Iterable, Sequence
 
 from tellnorm.errors import TellnormError
 from tellnorm.generation import LayerHooks, run_forward
+from tellnorm.norms import l2_norm
 
 SCHEMA_VERSION = 1
 DEFAULT_BINS = 40
@@ -379,7 +380,7 @@ class FeatureActivationObserver(LayerHooks):
             batch, seq = eligible.shape
             rows, cols = eligible.nonzero(as_tuple=True)
             acts = self._encode(h[rows.to(h.device), cols.to(h.device)])  # [n_eligible, F]
-            norms = torch.linalg.vector_norm(h[rows.to(h.device), cols.to(h.device)], dim=-1, dtype=torch.float32).cpu()
+            norms = l2_norm(h[rows.to(h.device), cols.to(h.device)]).cpu()
             if not torch.isfinite(acts).all() or not torch.isfinite(norms).all():
                 raise TellnormError(f"non-finite activation or SAE output at {self.hook}: check the model's and "
                                     "SAE's dtype and weights")

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from tellnorm.errors import TellnormError
 from tellnorm.generation import LayerHooks, StepInfo
 from tellnorm.interventions.selection import All, Selection, _is_number
+from tellnorm.norms import l2_norm
 
 
 @dataclass
@@ -257,7 +258,7 @@ class ClampNorm(Edit):
     def apply(self, layer, x, mask, info):
         import torch
 
-        norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32, keepdim=True)
+        norms = l2_norm(x, keepdim=True)
         if callable(self.max_norm):
             target = self.max_norm(layer, info, x)[..., None].to(norms.device)
         else:

@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from tellnorm.errors import TellnormError
+from tellnorm.norms import l2_norm
 from tellnorm.thresholds import MODES, FixedThresholds, PeakThreshold, ThresholdConfig, make_threshold
 
 
@@ -40,10 +41,10 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
-def check_fraction(value, what: str = "fraction") -> float:
-    """A fraction in (0, 1], or one clear TellnormError."""
-    if not (_is_number(value) and math.isfinite(value) and 0 < value <= 1):
-        raise TellnormError(f"{what} must be a number in (0, 1], got {value!r}")
+def check_fraction(value, what: str = "fraction", *, allow_zero: bool = False) -> float:
+    """A fraction in (0, 1] (or [0, 1] with ``allow_zero``), or one clear TellnormError."""
+    if not (_is_number(value) and math.isfinite(value) and (0 <= value if allow_zero else 0 < value) and value <= 1):
+        raise TellnormError(f"{what} must be a number in {'[' if allow_zero else '('}0, 1], got {value!r}")
     return float(value)
 
 
@@ -192,7 +193,7 @@ class AboveThreshold(Selection):
         out = torch.zeros_like(candidates)
         if not scoped.any():
             return out
-        norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).detach()
+        norms = l2_norm(x)
         if self.mode == "fixed":
             return scoped & (norms > self.fixed.values[layer])
         rows, cols = scoped.nonzero(as_tuple=True)
@@ -258,7 +259,8 @@ class RandomFraction(Selection):
         if isinstance(fraction, Mapping):
             if not fraction:
                 raise TellnormError("random selection got an empty {request: fraction} mapping")
-            self.fraction: float | dict = {rid: check_fraction(f, f"fraction for request {rid!r}")
+            # a per-request rate matches another rule's, which may be 0 for some requests
+            self.fraction: float | dict = {rid: check_fraction(f, f"fraction for request {rid!r}", allow_zero=True)
                                            for rid, f in fraction.items()}
         else:
             self.fraction = check_fraction(fraction)

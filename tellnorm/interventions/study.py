@@ -177,7 +177,7 @@ def calibrate(model, cfg: InterventionConfig, sets: dict, *, progress: bool = Tr
     from tellnorm.generation import run_forward
     from tellnorm.norms import NormTracer
     from tellnorm.studies import contrast_corpus
-    from tellnorm.thresholds import FixedThresholds, exact_threshold
+    from tellnorm.thresholds import FixedThresholds, calibrated_thresholds
 
     ctx = Context(model, cfg, sets)
     if cfg.features:
@@ -208,8 +208,8 @@ def calibrate(model, cfg: InterventionConfig, sets: dict, *, progress: bool = Tr
         pooled = frame[(frame.position.to_numpy() >= n_prompt) & thinking]
         if pooled.empty:
             raise TellnormError("the validation responses have no generated tokens to calibrate thresholds on")
-        ctx.thresholds = FixedThresholds({layer: float(exact_threshold(g.norm.to_numpy(), cfg.threshold))
-                                          for layer, g in pooled.groupby("layer")}, source="calibrated thresholds")
+        ctx.thresholds = calibrated_thresholds({layer: g.norm.to_numpy() for layer, g in pooled.groupby("layer")},
+                                               cfg.threshold)
     for layer in sets["late"]:
         diff = residual.sums.mean(layer, "thinking") - residual.sums.mean(layer, "non-thinking")
         ctx.direction[layer] = diff.float()

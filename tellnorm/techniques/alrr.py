@@ -1,0 +1,239 @@
+"""ALRR — Adaptive Layer-wise Reasoning Recursion (PAPER §6).
+
+At a target layer l the block runs once as usual (that pass writes the KV cache). A token whose output norm is in
+the band ``τ_l < ‖x‖ < BLOWUP·τ_l`` gets extra passes of the *same block* on its own output::
+
+    h⁰ = x;   h^{k+1} = block_l(h^k | the cached keys/values of the earlier tokens)
+
+An extra pass attends to the existing cache (positions before the token, plus its own new key/value) and never
+writes it, so later tokens see exactly the keys/values of the first pass. A pass is kept only if the norm still
+exceeds τ_l, grew by at least GROWTH_EPS and stays below BLOWUP·τ_l; the first rejected pass ends the recursion,
+and at most ``max_extra_iters`` passes run. ``forced_loops=K`` is the paper's loop ablation: K passes, all kept.
+
+The extra pass is HF's own decoder layer (weights shared with the model, TransformerLens hooks bypassed, so no
+observer mistakes an extra pass for a token) called with a read-only view of the cache. Decisions are recorded per
+(request, layer, position): a cache-free reference pass (``generate(..., reuse_cache=False)``) replays them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import weakref
+from dataclasses import dataclass
+
+from tellnorm.errors import TellnormError
+from tellnorm.interventions.edits import Edit
+from tellnorm.interventions.selection import AboveThreshold, _is_number
+from tellnorm.norms import l2_norm
+
+BLOWUP_RATIO = 1.5  # PAPER §6 / REFERENCE CODE: recurse only below 1.5·τ, keep only below it
+GROWTH_EPS = 0.2  # PAPER §6 / REFERENCE CODE: a pass is kept only if the norm grew by ≥ 20%
+MAX_EXTRA_ITERS = 1  # PAPER §6 / REFERENCE CODE: one extra pass (the demo uses 10)
+
+
+@dataclass(frozen=True)
+class ALRRConfig:
+    layers: tuple[int, ...] | None = None  # REFERENCE CODE: the late layers (last quarter, final layer excluded)
+    blowup_ratio: float = BLOWUP_RATIO  # PAPER §6: band τ < ‖x‖ < 1.5·τ
+    growth_eps: float = GROWTH_EPS  # PAPER §6: keep a pass only if ‖h'‖ ≥ (1 + 0.2)·‖h‖
+    max_extra_iters: int = MAX_EXTRA_ITERS  # PAPER §6: at most one extra pass
+    forced_loops: int | None = None  # PAPER §6 ablation: exactly K passes per band token, all kept
+
+    def __post_init__(self):
+        if not (_is_number(self.blowup_ratio) and math.isfinite(self.blowup_ratio) and self.blowup_ratio > 1):
+            raise TellnormError(f"ALRR blowup_ratio must be a finite number > 1, got {self.blowup_ratio!r} "
+                                "(the paper uses 1.5)")
+        if not (_is_number(self.growth_eps) and math.isfinite(self.growth_eps) and self.growth_eps >= 0):
+            raise TellnormError(f"ALRR growth_eps must be a finite number ≥ 0, got {self.growth_eps!r} (paper: 0.2)")
+        for name in ("max_extra_iters", "forced_loops"):
+            value = getattr(self, name)
+            if value is None and name == "forced_loops":
+                continue
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise TellnormError(f"ALRR {name} must be a whole number ≥ 1, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------- the block, unhooked
+
+_RAW = weakref.WeakKeyDictionary()
+
+
+def _unwrap(module):
+    """A shallow copy of ``module`` whose TransformerLens bridge children are replaced by the HF modules they wrap
+    (recursively): the same parameters, HF's own forward, no hook points."""
+    module = getattr(module, "original_component", module)
+    clone = copy.copy(module)
+    clone._modules = {name: _unwrap(child) if child is not None else None
+                      for name, child in module._modules.items()}
+    return clone
+
+
+def raw_parts(model):
+    """``(decoder layers, rotary embedding)`` of the HF model without TransformerLens hooks (cached per model)."""
+    hf = model.hf_model
+    if hf not in _RAW:
+        inner = hf.model
+        _RAW[hf] = ([_unwrap(block) for block in inner.layers], _unwrap(inner.rotary_emb))
+    return _RAW[hf]
+
+
+class _ReadOnlyPast:
+    """What HF attention calls as ``past_key_values``: returns the earlier keys/values with the new ones appended,
+    and writes nothing."""
+
+    def __init__(self, keys, values):
+        self.keys, self.values = keys, values
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        import torch
+
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def extra_block_pass(model, layer: int, hidden, rows, cols, info):
+    """One extra pass of block ``layer`` for the tokens at ``(rows, cols)`` of the current forward pass.
+
+    ``hidden`` ``[n, d_model]`` is each token's input to the extra pass. Token (r, c) attends to the cached
+    keys/values of its request's real tokens before it, then to its own new key/value; the cache is not written.
+    Returns ``[n, d_model]``."""
+    import torch
+
+    if info is None or info.cache is None:
+        raise TellnormError("ALRR needs the KV cache of the forward pass: run it through tellnorm.generation.generate")
+    cached = info.cache.layers[layer]
+    keys, values = cached.keys, cached.values  # [batch, kv_heads, past + seq, head_dim]
+    total, seq = keys.shape[-2], info.positions.shape[1]
+    device = hidden.device
+    rows, cols = rows.to(device), cols.to(device)
+    attention = (info.attention_mask if info.attention_mask is not None
+                 else torch.ones(keys.shape[0], total, dtype=torch.long, device=device)).to(device)
+    column = (total - seq) + cols  # each token's own column in the cache
+    before = torch.arange(total, device=device)[None, :] < column[:, None]
+    allowed = torch.cat([attention[rows].bool() & before, torch.ones_like(before[:, :1])], dim=1)
+    mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=device)
+    mask = mask.masked_fill(~allowed, torch.finfo(hidden.dtype).min)[:, None, None, :]
+    positions = info.positions.to(device)[rows, cols][:, None]
+    blocks, rotary = raw_parts(model)
+    states = hidden[:, None, :]
+    embeddings = rotary(states, positions)
+    out = blocks[layer](states, attention_mask=mask, position_ids=positions,
+                        past_key_values=_ReadOnlyPast(keys[rows], values[rows]), use_cache=False,
+                        position_embeddings=embeddings)
+    out = out[0] if isinstance(out, tuple) else out
+    return out[:, 0, :]
+
+
+# ------------------------------------------------------------------------------------------------- the edit
+
+class ALRR(Edit):
+    """ALRR at ``cfg.layers`` (default: the model's late layers) for the tokens ``threshold`` finds above τ_l and
+    below ``blowup_ratio``·τ_l (generated tokens by default).
+
+    ``threshold`` is an :class:`~tellnorm.interventions.selection.AboveThreshold` (calibrated/fixed, exact per
+    request, or pooled P²); ``selection`` replaces the band rule (e.g. a random matched control) while the keep
+    rule still uses τ. Per request: :meth:`report` counts band tokens, extra passes and kept passes."""
+
+    kind = "alrr"
+
+    def __init__(self, model, threshold: AboveThreshold, cfg: ALRRConfig | None = None, *, selection=None,
+                 name: str | None = None, requests=None):
+        self.cfg = cfg or ALRRConfig()
+        if not isinstance(threshold, AboveThreshold):
+            raise TellnormError("ALRR needs an AboveThreshold (the τ source): build one with "
+                                "tellnorm.techniques.threshold_for(...)")
+        self.threshold = threshold
+        self.band_rule = selection is None
+        layers = list(self.cfg.layers) if self.cfg.layers is not None else model.late_layers()
+        super().__init__(model, layers, selection=selection or threshold, name=name or self.kind,
+                         requests=requests)
+        if not self.band_rule:
+            threshold.bind(self)
+        self.extra_pass_calls = 0  # batched calls of extra_block_pass (each runs one pass for many tokens)
+        self.extra_pass_seconds = 0.0  # wall time inside extra_block_pass (what the extra passes cost)
+        self.extra_pass_cpu_seconds = 0.0  # the same in process CPU time (benchmarks on shared machines)
+
+    def new_state(self, request_id, layer):
+        return {"kept": {}, "band": 0, "extra_passes": 0, "kept_passes": 0}
+
+    def select(self, layer, x, info, candidates):
+        import torch
+
+        if not self.band_rule:
+            self.threshold.select(layer, x, info, candidates)  # records τ for the keep rule
+            return self.selection.select(layer, x, info, candidates)
+        above = self.threshold.select(layer, x, info, candidates)
+        if not above.any():
+            return above
+        norms = l2_norm(x)
+        tau = self.threshold.tau(layer, info, x).to(norms.device)
+        return above & (norms < self.cfg.blowup_ratio * tau)
+
+    def apply(self, layer, x, mask, info):
+        import torch
+
+        rows, cols = mask.nonzero(as_tuple=True)
+        positions = info.positions.to(mask.device)[rows, cols].tolist()
+        rids = [info.request_ids[r] for r in rows.tolist()]
+        tau = self.threshold.tau(layer, info, x).to(x.device)[rows, cols]
+        states = [self.state(rid, layer) for rid in rids]
+        # Tokens decided before (a cache-free reference recomputing them) replay their kept pass count.
+        replay = [st["kept"].get(p) for st, p in zip(states, positions)]
+        h = x[rows, cols]
+        passes = torch.zeros(len(rids), dtype=torch.long)
+        going = torch.ones(len(rids), dtype=torch.bool)
+        limit = self.cfg.forced_loops or self.cfg.max_extra_iters
+        for i, n in enumerate(replay):
+            if n is not None:
+                going[i] = n > 0
+        attempted = torch.zeros(len(rids), dtype=torch.long)
+        for k in range(limit):
+            index = going.nonzero().flatten()
+            if len(index) == 0:
+                break
+            start, start_cpu = time.perf_counter(), time.process_time()
+            new = extra_block_pass(self.model, layer, h[index], rows[index], cols[index], info)
+            self.extra_pass_seconds += time.perf_counter() - start
+            self.extra_pass_calls += 1
+            self.extra_pass_cpu_seconds += time.process_time() - start_cpu
+            attempted[index] += 1
+            if self.cfg.forced_loops:
+                accept = torch.ones(len(index), dtype=torch.bool)
+            else:
+                old_norm = l2_norm(h[index])
+                new_norm = l2_norm(new)
+                t = tau[index]
+                accept = ((new_norm > t) & (new_norm >= (1 + self.cfg.growth_eps) * old_norm)
+                          & (new_norm < self.cfg.blowup_ratio * t)).cpu()
+            for j, i in enumerate(index.tolist()):
+                if replay[i] is not None:
+                    accept[j] = k < replay[i]
+            kept_index = index[accept]
+            h = h.clone()
+            h[kept_index] = new[accept.to(new.device)].to(h.dtype)
+            passes[kept_index] += 1
+            going[:] = False
+            going[kept_index] = True
+            for i in kept_index.tolist():
+                if replay[i] is not None and passes[i] >= replay[i]:
+                    going[i] = False
+        for i, (st, p) in enumerate(zip(states, positions)):
+            if replay[i] is None:
+                st["kept"][p] = int(passes[i])
+                st["band"] += 1
+                st["extra_passes"] += int(attempted[i])
+                st["kept_passes"] += int(passes[i])
+        out = x.clone()
+        out[rows, cols] = h.to(x.dtype)
+        return out
+
+    def report(self):
+        """One row per (request, layer) this edit saw: band tokens, extra block passes run, passes kept."""
+        import pandas as pd
+
+        rows = [{"request_id": rid, "layer": layer, "alrr_band_tokens": st["band"],
+                 "alrr_extra_passes": st["extra_passes"], "alrr_kept_passes": st["kept_passes"]}
+                for (rid, layer), st in self._states.items()]
+        return pd.DataFrame(rows, columns=["request_id", "layer", "alrr_band_tokens", "alrr_extra_passes",
+                                           "alrr_kept_passes"])
