@@ -573,7 +573,7 @@ def sensitivity_table(frame, seed: int = 0):
         parts.append(s)
     out = pd.concat(parts, ignore_index=True)
     first = ["sweep", "setting", "method"]
-    return out[first + [c for c in out.columns if c not in first and c != "difficulty"]]
+    return out[first + [c for c in out.columns if c not in first and c not in ("difficulty", "wall_s")]]
 
 
 # ---------------------------------------------------------------------------------------------------- figures
@@ -641,7 +641,9 @@ def difficulty_figure(summary, methods: list[str], title: str, group_title: str)
         fig.add_trace(go.Scatter(x=order, y=g.accuracy, mode="lines+markers", name=method,
                                  error_y={"type": "data", "symmetric": False, "array": g.ci_high - g.accuracy,
                                           "arrayminus": g.accuracy - g.ci_low, "thickness": 1}))
-    style(fig, title=title, x_title=group_title, y_title="accuracy (95% CI)", width=860, height=460)
+    style(fig, title=title, x_title=group_title, y_title="accuracy (95% CI; equal methods overlap)", width=900,
+          height=560)
+    fig.update_layout(margin={"t": 70, "b": 170}, legend={"y": -0.18, "yanchor": "top"})
     return fig
 
 
@@ -682,12 +684,12 @@ def _pct(x) -> str:
 def markdown_table(summary) -> str:
     s = summary[summary.difficulty == "all"]
     lines = ["| method | N | n | accuracy % [95% CI] | Δ vs greedy, points [paired CI] | generated tokens | "
-             "extra block passes | block passes | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+             "extra block passes | block passes |", "|---|---|---|---|---|---|---|---|"]
     for _, r in s.iterrows():
         lines.append(f"| {r.method} | {r.n_samples} | {r.n} | {_pct(r.accuracy)} [{_pct(r.ci_low)}, "
                      f"{_pct(r.ci_high)}] | {100 * r.delta_vs_greedy:+.1f} [{100 * r.delta_ci_low:+.1f}, "
                      f"{100 * r.delta_ci_high:+.1f}] | {r.generated_tokens:.0f} | {r.extra_block_passes:.1f} | "
-                     f"{r.block_passes:.0f} | {r.wall_s:.3f} |")
+                     f"{r.block_passes:.0f} |")
     return "\n".join(lines)
 
 
@@ -742,7 +744,9 @@ def run_evaluate(model, cfg: EvaluateConfig, out: Path, *, progress: bool = True
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(summary, out / "evaluation.csv")
+    # Wall time depends on the machine: its own file (git-ignored), so a rerun elsewhere leaves the tables unchanged.
+    write_csv(summary.drop(columns="wall_s"), out / "evaluation.csv")
+    write_csv(summary[["method", "n_samples", "difficulty", "n", "wall_s"]], out / "evaluation_wall_time.csv")
     responses = pd.concat([r.responses.assign(run=r.name) for r in runs], ignore_index=True)
     responses["group"] = [st.task.items[i].group for i in responses.item]
     write_csv(responses[["run", "request_id", "group", "answer", "correct", "n_generated"]
@@ -785,7 +789,9 @@ def evaluation_markdown(st: Setup, summary, firing, sens) -> str:
              f"{len(st.task.items)} problems; greedy single-pass methods; selectors over N = {cfg.n_samples} samples "
              f"(temperature 0.7, top-p 0.8, top-k 20, repetition penalty 1.05; sampling seed {cfg.sampling_seed}); "
              f"thresholds: {cfg.threshold_mode} (k = {cfg.threshold.k:g}); late layers {st.late}, middle "
-             f"{st.middle}. Bootstrap 95% CIs over problems; Δ in absolute points, paired.", "",
+             f"{st.middle}. Bootstrap 95% CIs over problems; Δ in absolute points, paired. Compute per problem: "
+             "generated tokens and block passes (layers × (prompt + generated tokens) per sample, plus every extra "
+             "pass); wall time is in evaluation_wall_time.csv (machine-dependent).", "",
              markdown_table(summary), "", "## What fired (mean per response; share of responses where it fired)", "",
              frame_markdown(firing)]
     if sens is not None:

@@ -164,33 +164,35 @@ class Edit(LayerHooks):
         record = self.record
         batch, seq = x.shape[:2]
         positions, valid = info.positions.cpu(), info.valid.cpu()
-        decided = torch.zeros(batch, dtype=torch.long)
-        active = torch.zeros(batch, dtype=torch.bool)
+        decided, active = [0] * batch, [False] * batch
         for r in rows:
             rid = info.request_ids[r]
-            if info.phase == "prefill" and record.decided(rid, layer):
+            decided[r] = record.decided(rid, layer)
+            if info.phase == "prefill" and decided[r]:
                 raise TellnormError(f"edit {self.name!r} already edited request {rid!r}: one edit object serves one "
                                     "run; build a new one (or call reset()) to generate that request again")
-            decided[r] = record.decided(rid, layer)
             active[r] = True
             if info.n_prompt is not None:
                 record.n_prompt[rid] = info.n_prompt[r]
-        real = valid & active[:, None]
-        new = real & (positions >= decided[:, None])
+        real = valid & torch.tensor(active)[:, None]
+        new = real & (positions >= torch.tensor(decided)[:, None])
         mask = torch.zeros(batch, seq, dtype=torch.bool)
         if new.any():
             mask = (self.select(layer, x, info, new.to(x.device)).cpu() & new)
-            for r in new.any(-1).nonzero().flatten().tolist():
+            # Python lists, not per-row tensor ops: this runs at every hook call of every decode step.
+            new_rows, mask_rows, position_rows = new.tolist(), mask.tolist(), positions.tolist()
+            for r in rows:
+                cols = [c for c, is_new in enumerate(new_rows[r]) if is_new]
+                if not cols:
+                    continue
                 key = (info.request_ids[r], layer)
-                cols = new[r].nonzero().flatten()
-                pos = positions[r, cols]
-                first = int(pos[0])
+                pos = [position_rows[r][c] for c in cols]
                 if key not in record.decisions:
-                    record.start[key], record.decisions[key] = first, []
-                elif first != record.decided(*key) or bool((pos.diff() != 1).any()):
+                    record.start[key], record.decisions[key] = pos[0], []
+                elif pos[0] != record.decided(*key) or any(b - a != 1 for a, b in zip(pos, pos[1:])):
                     raise TellnormError(f"edit {self.name!r}: request {key[0]!r} skipped positions at layer {layer} "
                                         "(a pass must continue where the previous one ended)")
-                record.decisions[key].extend(mask[r, cols].tolist())
+                record.decisions[key].extend(mask_rows[r][c] for c in cols)
         old = real & ~new
         if old.any():
             for r in old.any(-1).nonzero().flatten().tolist():
