@@ -22,10 +22,82 @@ from typing import Any
 from tellnorm.errors import TellnormError
 from tellnorm.organism.paths import DEFAULT_ORGANISM_DIR
 
-SUPPORTED_ARCHITECTURES = {
-    "Qwen2ForCausalLM": "qwen2",  # Qwen2, Qwen2.5, DeepSeek-R1-Distill-Qwen
-    "Qwen3ForCausalLM": "qwen3",
-    "LlamaForCausalLM": "llama",  # Llama 3, DeepSeek-R1-Distill-Llama
+
+@dataclass(frozen=True)
+class Family:
+    """How tellnorm treats one HF architecture (a row of :data:`SUPPORTED_ARCHITECTURES`).
+
+    ``bos``: True/False, or None to follow the tokenizer (BOS when its own encoding adds one).
+    ``attn_implementation``: forced on the HF model before the bridge wraps it (None: keep the model's).
+    ``alrr``: None when ALRR's extra block pass works, else why it cannot run (one clause)."""
+
+    family: str
+    bos: bool | None
+    notes: str
+    attn_implementation: str | None = None
+    alrr: str | None = None
+
+
+_MLA_CACHE = ("TransformerLens's MLA attention caches expanded per-head keys/values, while HF's MLA layer reads and "
+              "writes a compressed latent cache, so the raw HF layer cannot re-run against this cache")
+# Every row is checked by tests/test_architectures.py on a tiny random model: blocks.L.hook_resid_post equals HF's
+# decoder layer L output (last layer included), logits equal HF's, batched greedy generation equals one request
+# alone, and ALRR's extra pass equals a hooked forward of the truncated sequence (or is refused with ``alrr``).
+SUPPORTED_ARCHITECTURES: dict[str, Family] = {
+    "Qwen2ForCausalLM": Family("qwen2", False, "Qwen2, Qwen2.5, DeepSeek-R1-Distill-Qwen, QwQ"),
+    "Qwen3ForCausalLM": Family("qwen3", False, "Qwen3 dense"),
+    "Qwen2MoeForCausalLM": Family("qwen2_moe", False, "Qwen1.5/Qwen2 MoE (shared expert)"),
+    "Qwen3MoeForCausalLM": Family("qwen3_moe", False, "Qwen3 MoE (30B-A3B, 235B-A22B)"),
+    "LlamaForCausalLM": Family("llama", True, "Llama 3, DeepSeek-R1-Distill-Llama; templates write BOS"),
+    "MistralForCausalLM": Family("mistral", True, "Mistral (one sliding window on every layer when set)"),
+    "Ministral3ForCausalLM": Family("ministral3", True, "Ministral 3"),
+    "MixtralForCausalLM": Family("mixtral", True, "Mixtral MoE"),
+    "GemmaForCausalLM": Family("gemma", True, "Gemma 1; needs BOS, embeddings scaled by sqrt(d)"),
+    "Gemma2ForCausalLM": Family("gemma2", True, "Gemma 2; sliding/global layers, attention and final-logit "
+                                "softcapping (eager attention: sdpa drops the softcap)", attn_implementation="eager"),
+    "Gemma3ForCausalLM": Family("gemma3", True, "Gemma 3 text-only (1B, or a text_config); local/global RoPE"),
+    "GptOssForCausalLM": Family("gpt_oss", False, "gpt-oss; attention sinks, sliding layers, MoE; the harmony "
+                                "format has no BOS", attn_implementation="eager"),
+    "Phi3ForCausalLM": Family("phi3", None, "Phi-3, Phi-3.5, Phi-4 (BOS as the tokenizer does it)"),
+    "Olmo2ForCausalLM": Family("olmo2", None, "OLMo 2 (norms after each sublayer)"),
+    "Olmo3ForCausalLM": Family("olmo3", None, "OLMo 3 (sliding layers with their own RoPE)"),
+    "OlmoeForCausalLM": Family("olmoe", None, "OLMoE"),
+    "FlexOlmoForCausalLM": Family("flex_olmo", None, "FlexOlmo (MoE)"),
+    "SmolLM3ForCausalLM": Family("smollm3", None, "SmolLM3 (NoPE every few layers)"),
+    "GraniteForCausalLM": Family("granite", None, "IBM Granite 3.x (embedding/residual/logit multipliers)"),
+    "GraniteMoeForCausalLM": Family("granite_moe", None, "IBM Granite MoE"),
+    "Glm4ForCausalLM": Family("glm4", None, "GLM-4-0414, GLM-Z1 (norms after each sublayer)"),
+    "Glm4MoeForCausalLM": Family("glm4_moe", None, "GLM-4.5/4.6 MoE"),
+    "Exaone4ForCausalLM": Family("exaone4", None, "EXAONE 4.0 (sliding layers, global NoPE layers)"),
+    "SeedOssForCausalLM": Family("seed_oss", None, "Seed-OSS"),
+    "Ernie4_5ForCausalLM": Family("ernie4_5", None, "ERNIE 4.5 dense"),
+    "ApertusForCausalLM": Family("apertus", None, "Apertus (xIELU MLP)"),
+    "ArceeForCausalLM": Family("arcee", None, "Arcee AFM (ReLU² MLP)"),
+    "StableLmForCausalLM": Family("stablelm", None, "StableLM 2 (LayerNorm, partial RoPE)"),
+    "NemotronForCausalLM": Family("nemotron", None, "Nemotron/Minitron (LayerNorm1P)"),
+    "DeepseekV2ForCausalLM": Family("deepseek_v2", True, "DeepSeek-V2 (MLA, MoE); eager attention: the bridge's "
+                                    "MLA applies no causal mask under sdpa", attn_implementation="eager",
+                                    alrr=_MLA_CACHE),
+    "DeepseekV3ForCausalLM": Family("deepseek_v3", True, "DeepSeek-V3/R1 (MLA, MoE); eager attention: the "
+                                    "bridge's MLA applies no causal mask under sdpa", attn_implementation="eager",
+                                    alrr=_MLA_CACHE),
+}
+_HYBRID = ("it is a hybrid model whose {what} layers keep a recurrent state instead of a KV cache, which tellnorm's "
+           "batched KV-cache generation and ALRR's read-only extra pass cannot drive")
+# Architectures the bridge knows but tellnorm refuses, with the reason (one clause each).
+REFUSED_ARCHITECTURES: dict[str, str] = {
+    **{arch: _HYBRID.format(what="Gated DeltaNet linear-attention") for arch in (
+        "Qwen3NextForCausalLM", "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen3_5ForConditionalGeneration",
+        "Qwen3_5MoeForConditionalGeneration", "OlmoHybridForCausalLM")},
+    **{arch: _HYBRID.format(what="state-space/recurrent") for arch in (
+        "FalconH1ForCausalLM", "BambaForCausalLM", "JambaForCausalLM", "Zamba2ForCausalLM", "NemotronHForCausalLM",
+        "GraniteMoeHybridForCausalLM", "RecurrentGemmaForCausalLM", "MambaForCausalLM", "Mamba2ForCausalLM",
+        "FalconMambaForCausalLM", "RwkvForCausalLM", "RWKV7ForCausalLM")},
+    **{arch: _HYBRID.format(what="short-convolution") for arch in ("Lfm2ForCausalLM", "Lfm2MoeForCausalLM")},
+    "Gemma3ForConditionalGeneration": "it is the multimodal Gemma 3 wrapper: load its text model as Gemma3ForCausalLM",
+    **{arch: ("TransformerLens's bridge does not reproduce HF's parallel attention+MLP blocks for it (measured on a "
+              "tiny model: hook_resid_post and the logits differ from HF's)")
+       for arch in ("CohereForCausalLM", "Cohere2ForCausalLM")},
 }
 # Hook points selectable for tracing; all are TransformerLens aliases that the bridge resolves.
 HOOK_POINTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -45,6 +117,7 @@ class LoadedModel:
     max_positions: int
     source: str  # "organism", "folder", "hub-cache" or "memory"
     info: dict = field(default_factory=dict)
+    thinking_family: str | None = None  # a tellnorm.thinking registry family; None: detected from name/template
 
     @property
     def hf_model(self):
@@ -67,15 +140,15 @@ class LoadedModel:
         return list(range(L - L // 4, L - 1)) or [L - 1]
 
     def chat_prompt(self, user_text: str, thinking: bool = True) -> str:
-        """The chat-formatted prompt with the generation prompt; ``thinking`` is Qwen3's ``enable_thinking``."""
+        """The chat-formatted prompt with the generation prompt, in thinking or non-thinking mode.
+
+        The family's switch comes from the registry (tellnorm.thinking; Qwen3's ``enable_thinking`` for the
+        organism); a mode the model cannot give raises one TellnormError line."""
         if not user_text or not user_text.strip():
             raise TellnormError("empty prompt: give the model some text to respond to")
-        messages = [{"role": "user", "content": user_text}]
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
-            )
-        return user_text  # base models without a template see the raw text
+        from tellnorm.thinking import switch_for
+
+        return switch_for(self).render(self.tokenizer, user_text, thinking)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of already-formatted text, adding BOS only when the model expects one and it is absent."""
@@ -168,10 +241,39 @@ def _check_architecture(architectures: list[str], name: str) -> str:
     for arch in architectures:
         if arch in SUPPORTED_ARCHITECTURES:
             return arch
-    raise TellnormError(
-        f"{name}: architecture {', '.join(map(str, architectures))} is not supported; tellnorm supports "
-        f"{', '.join(SUPPORTED_ARCHITECTURES)} (Qwen2/2.5, Qwen3, Llama and the DeepSeek-R1-Distill family)"
-    )
+    given = ", ".join(map(str, architectures))
+    supported = f"tellnorm supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+    for arch in architectures:
+        if arch in REFUSED_ARCHITECTURES:
+            raise TellnormError(f"{name}: architecture {arch} is not supported because {REFUSED_ARCHITECTURES[arch]}")
+    if any(arch in _bridge_architectures() for arch in architectures):
+        raise TellnormError(
+            f"{name}: architecture {given} is not supported: TransformerLens's bridge knows it, but tellnorm has not "
+            f"checked its decoder layers against HF (a decoder-only model with model.layers); {supported}"
+        )
+    raise TellnormError(f"{name}: architecture {given} is not supported: TransformerLens's bridge does not know it, "
+                        f"so tellnorm cannot trace it; {supported}")
+
+
+def _bridge_architectures() -> set[str]:
+    """The HF architecture names TransformerLens's bridge has an adapter for (imported only to word an error)."""
+    try:
+        from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES as bridged
+    except Exception:  # an older or broken transformer_lens: say only that tellnorm does not support it
+        return set()
+    return set(bridged)
+
+
+def _wants_bos(family: Family, tokenizer) -> bool:
+    """Whether ``encode`` prepends BOS: the family's rule, or (``bos=None``) what the tokenizer itself does."""
+    if family.bos is not None:
+        return family.bos
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return with_special[:1] == [bos] and plain[:1] != [bos]
 
 
 def _stable_tokenizer(tokenizer):
@@ -200,20 +302,24 @@ def _wrap(model, tokenizer, *, name: str, source: str, device: str) -> LoadedMod
     tokenizer = _stable_tokenizer(tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    family = SUPPORTED_ARCHITECTURES[arch]
     model.eval()
     model.to(device)
+    wanted = family.attn_implementation
+    if wanted and getattr(model.config, "_attn_implementation", None) != wanted:
+        model.set_attn_implementation(wanted)
     bridge = TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tokenizer, device=device)
     cfg = model.config
-    # Llama expects BOS and its chat templates write it; Qwen has none (STACK.md). Avoid a double BOS.
-    prepend_bos = arch == "LlamaForCausalLM"
+    # Llama and Gemma expect BOS (their chat templates write it); Qwen has none (STACK.md). Avoid a double BOS.
+    prepend_bos = _wants_bos(family, tokenizer)
     return LoadedModel(
         bridge=bridge,
         tokenizer=tokenizer,
         name=name,
-        architecture=SUPPORTED_ARCHITECTURES[arch],
+        architecture=family.family,
         n_layers=cfg.num_hidden_layers,
         d_model=cfg.hidden_size,
         max_positions=cfg.max_position_embeddings,
         source=source,
-        info={"prepend_bos": prepend_bos},
+        info={"prepend_bos": prepend_bos, "hf_architecture": arch, "alrr_refusal": family.alrr},
     )

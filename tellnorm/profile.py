@@ -61,7 +61,9 @@ def trace_both_modes(model, rows: list[dict], *, point: str = "resid_post", max_
 
     from tellnorm.generation import SamplingConfig
     from tellnorm.norms import NormTrace, trace_generation
+    from tellnorm.thinking import require_contrast
 
+    require_contrast(model)  # a model without a thinking switch fails here, before any generation
     frames, gens = [], []
     for mode in MODES:
         prompts = [model.encode(model.chat_prompt(r["prompt"], thinking=mode == "thinking")) for r in rows]

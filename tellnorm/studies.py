@@ -35,6 +35,9 @@ def contrast_corpus(model, n_per_difficulty: int = 10, *, max_new_tokens: int = 
     from tellnorm.generation import SamplingConfig, generate
     from tellnorm.organism import task
 
+    from tellnorm.thinking import require_contrast
+
+    require_contrast(model)  # a model without a thinking switch fails here, before any generation
     if prompts is None:
         prompts = [p.prompt_text() for p in task.validation_split(n_per_difficulty).problems]
     sequences, n_prompt, modes, labels = [], [], [], []

@@ -13,6 +13,17 @@ Native layouts (what ``hf download`` of the release's hub repo gives):
   ``log_jumprelu_threshold``, trained on activations rescaled to norm sqrt(d_model)). The path may be the repo root,
   a variant folder or one ``L<N>R`` folder.
 * ``qresearch``: ``*-l<N>.pt`` files holding ``encoder.weight/bias`` and ``decoder.weight/bias`` (ReLU).
+* ``gemma-scope`` (Gemma Scope, Gemma 2): ``layer_<N>/width_<W>/average_l0_<K>/params.npz`` (JumpReLU; ``W_enc``
+  [d_in, d_sae], ``W_dec`` [d_sae, d_in], ``b_enc``, ``b_dec``, ``threshold``). The base model and the hook (res, mlp,
+  att) come from the hub repo's name (``gemma-scope-2b-pt-res``), so the path must contain it (``--local-dir`` or the
+  HF cache name it) or the spec must name a ``release``. The path may be the repo root or any folder below it.
+* ``gemma-scope-2`` (Gemma Scope 2, Gemma 3): ``<site>/layer_<N>_width_<W>_l0_<size>/{config.json,
+  params.safetensors}`` with site ``resid_post``, ``mlp_out``, ``attn_out`` or their ``*_all`` variants (JumpReLU,
+  ``w_enc`` [d_in, d_sae]); repo named like ``gemma-scope-2-1b-pt``. Transcoder and CLT folders are skipped: they
+  are not SAEs of one hook.
+* ``goodfire``: ``Llama-3.1-8B-Instruct-SAE-l19.pth`` / ``Llama-3.3-70B-Instruct-SAE-l50.pt`` holding
+  ``encoder_linear.weight/bias`` and ``decoder_linear.weight/bias`` (ReLU). The loader knows each SAE by its file
+  name (model, layer), so the files must keep the names they are downloaded with.
 
 Conversion is never re-implemented here: sae_lens's per-release hub loaders (``NAMED_PRETRAINED_SAE_LOADERS``) are the
 only code that knows each layout, so tellnorm runs them unchanged with their file downloads served from the local
@@ -26,7 +37,7 @@ import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any, Callable
 from unittest import mock
@@ -37,10 +48,14 @@ SAE_LENS = "sae-lens"
 QWEN_SCOPE = "qwen-scope"
 LLAMA_SCOPE_R1 = "llama-scope-r1"
 QRESEARCH = "qresearch"
-FORMATS = (SAE_LENS, QWEN_SCOPE, LLAMA_SCOPE_R1, QRESEARCH)
+GEMMA_SCOPE = "gemma-scope"
+GEMMA_SCOPE_2 = "gemma-scope-2"
+GOODFIRE = "goodfire"
+FORMATS = (SAE_LENS, QWEN_SCOPE, LLAMA_SCOPE_R1, QRESEARCH, GEMMA_SCOPE, GEMMA_SCOPE_2, GOODFIRE)
 
 # Which sae_lens loader (the registry's ``conversion_func``) reads each native layout.
-CONVERSION_FUNCS = {QWEN_SCOPE: "qwen_scope", LLAMA_SCOPE_R1: "llama_scope_r1_distill", QRESEARCH: "deepseek_r1"}
+CONVERSION_FUNCS = {QWEN_SCOPE: "qwen_scope", LLAMA_SCOPE_R1: "llama_scope_r1_distill", QRESEARCH: "deepseek_r1",
+                    GEMMA_SCOPE: "gemma_2", GEMMA_SCOPE_2: "gemma_3", GOODFIRE: "goodfire"}
 FORMAT_OF_CONVERSION = {func: fmt for fmt, func in CONVERSION_FUNCS.items()}
 
 QWEN_SCOPE_FILE = re.compile(r"^layer(\d+)\.sae\.pt$")
@@ -48,6 +63,13 @@ LAYER_HOOK = re.compile(r"^blocks\.(\d+)\.")
 LLAMA_SCOPE_WEIGHTS = "sae_weights.safetensors"
 QWEN_SCOPE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec")
 QRESEARCH_KEYS = ("encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias")
+GEMMA_SCOPE_WEIGHTS = "params.npz"
+GEMMA_SCOPE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")  # as the loader renames them (w_enc -> W_enc)
+GEMMA_SCOPE_DIR = re.compile(r"^(layer_\d+|embedding)/width_[^/]+/[^/]+$")
+GEMMA_SCOPE_2_WEIGHTS = "params.safetensors"
+GEMMA_SCOPE_2_SITES = re.compile(r"^(resid_post|mlp_out|attn_out)(_all)?$")
+GEMMA_SCOPE_2_TRANSCODER_SITES = re.compile(r"^(transcoder|clt)")
+GOODFIRE_KEYS = ("encoder_linear.weight", "encoder_linear.bias", "decoder_linear.weight", "decoder_linear.bias")
 
 
 @dataclass(frozen=True)
@@ -72,7 +94,9 @@ def layer_of_hook(hook_name: str | None) -> int | None:
 def find_saes(fmt: str, folder: Path, **options) -> list[SaeSource]:
     """The SAEs in ``folder`` stored in layout ``fmt`` (one of :data:`FORMATS`); options as the finders take them."""
     finders = {SAE_LENS: find_sae_lens_saes, QWEN_SCOPE: find_qwen_scope_saes,
-               LLAMA_SCOPE_R1: find_llama_scope_r1_saes, QRESEARCH: find_qresearch_saes}
+               LLAMA_SCOPE_R1: find_llama_scope_r1_saes, QRESEARCH: find_qresearch_saes,
+               GEMMA_SCOPE: find_gemma_scope_saes, GEMMA_SCOPE_2: find_gemma_scope_2_saes,
+               GOODFIRE: find_goodfire_saes}
     if fmt not in finders:
         raise TellnormError(f"unknown SAE format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if not folder.exists():
@@ -220,6 +244,95 @@ def _llama_scope_norm_factor(explicit, layer, lookup, hub_path, config, config_f
     )
 
 
+def find_gemma_scope_saes(folder: Path, *, release: str | None = None) -> list[SaeSource]:
+    """Gemma Scope (Gemma 2) SAE folders at ``folder`` or up to three levels below (repo -> layer -> width -> l0)."""
+    from sae_lens.loading.pretrained_sae_loaders import get_gemma_2_config_from_hf
+
+    files = _files_below(folder, GEMMA_SCOPE_WEIGHTS, depth=3)
+    if not files:
+        return []
+    lookup = _release_lookup(GEMMA_SCOPE, folder, release)
+    sources = []
+    for weights in files:
+        sae_dir = weights.parent.resolve()
+        hub_path = "/".join(sae_dir.parts[-3:])
+        if not GEMMA_SCOPE_DIR.match(hub_path):
+            raise TellnormError(f"cannot tell the layer of {weights}: keep the hub layout "
+                                f"layer_<N>/width_<W>/average_l0_<K>/{GEMMA_SCOPE_WEIGHTS} (e.g. "
+                                f"{next(iter(lookup.saes_map.values()))})")
+        # The loader reads layer, hook and model from the repo and folder names (no download); ask it, don't guess.
+        hook = get_gemma_2_config_from_hf(lookup.repo_id, hub_path, "cpu")["hook_name"]
+        layer = _layer_or_explain(hook, weights)
+        shapes = _npz_shapes(weights, GEMMA_SCOPE_KEYS, GEMMA_SCOPE)
+        d_in, d_sae = shapes["W_enc"]
+        # As for Qwen-Scope, the loader's d_in/d_sae come from name tables; the file's shapes are the truth.
+        overrides = {**_repo_overrides(lookup, hub_path), "d_in": d_in, "d_sae": d_sae}
+        native = _NativeSae(GEMMA_SCOPE, weights, sae_dir.parents[2], hub_path, lookup.repo_id, overrides)
+        sources.append(SaeSource(layer, weights, GEMMA_SCOPE, partial(_load_native, native)))
+    return sources
+
+
+def find_gemma_scope_2_saes(folder: Path, *, release: str | None = None) -> list[SaeSource]:
+    """Gemma Scope 2 (Gemma 3) SAE folders at ``folder`` or up to two levels below (repo -> site -> SAE)."""
+    from sae_lens.loading.pretrained_sae_loaders import get_gemma_3_config_from_hf
+
+    files = [path for path in _files_below(folder, GEMMA_SCOPE_2_WEIGHTS, depth=2)
+             if not GEMMA_SCOPE_2_TRANSCODER_SITES.match(path.parent.resolve().parent.name)]
+    if not files:
+        return []
+    lookup = _release_lookup(GEMMA_SCOPE_2, folder, release)
+    sources = []
+    for weights in files:
+        sae_dir = weights.parent.resolve()
+        hub_path = "/".join(sae_dir.parts[-2:])
+        if not (GEMMA_SCOPE_2_SITES.match(sae_dir.parent.name) and sae_dir.name.startswith("layer_")):
+            raise TellnormError(f"cannot tell the layer and hook of {weights}: keep the hub layout "
+                                f"<site>/layer_<N>_width_<W>_l0_<size>/{GEMMA_SCOPE_2_WEIGHTS} with site resid_post, "
+                                f"mlp_out or attn_out (e.g. {next(iter(lookup.saes_map.values()))})")
+        config_file = sae_dir / "config.json"
+        # sae_lens's own config reader: config.json (or the names, where it is absent) and the tensor shapes.
+        with _hub_downloads_from(sae_dir.parent.parent):
+            cfg = _read_or_explain(config_file if config_file.is_file() else weights,
+                                   lambda: get_gemma_3_config_from_hf(lookup.repo_id, hub_path, "cpu"))
+        layer = _layer_or_explain(cfg["hook_name"], weights)
+        native = _NativeSae(GEMMA_SCOPE_2, weights, sae_dir.parent.parent, hub_path, lookup.repo_id,
+                            _repo_overrides(lookup, hub_path))
+        sources.append(SaeSource(layer, weights, GEMMA_SCOPE_2, partial(_load_native, native)))
+    return sources
+
+
+def find_goodfire_saes(folder: Path) -> list[SaeSource]:
+    """Goodfire SAE files in ``folder``, known by the names the registry gives them (one file per hub repo)."""
+    from sae_lens.loading.pretrained_sae_loaders import get_goodfire_config_from_hf
+
+    sources = []
+    for lookup, file_name in _goodfire_files():
+        path = folder / file_name
+        if not path.is_file():
+            continue
+        # The loader hard-codes model, layer and sizes per file; ask it for the hook rather than parse the name.
+        hook = get_goodfire_config_from_hf(lookup.repo_id, file_name, "cpu")["hook_name"]
+        shapes = _tensor_shapes(path, GOODFIRE_KEYS, GOODFIRE)
+        d_sae, d_in = shapes["encoder_linear.weight"]
+        overrides = {**_registry_overrides(lookup, file_name), "d_in": d_in, "d_sae": d_sae}
+        native = _NativeSae(GOODFIRE, path, folder, file_name, lookup.repo_id, overrides)
+        sources.append(SaeSource(_layer_or_explain(hook, path), path, GOODFIRE, partial(_load_native, native)))
+    return sources
+
+
+def _goodfire_files() -> list[tuple[Any, str]]:
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    return [(lookup, file_name) for lookup in get_pretrained_saes_directory().values()
+            if lookup.conversion_func == CONVERSION_FUNCS[GOODFIRE] for file_name in lookup.saes_map.values()]
+
+
+def _files_below(folder: Path, name: str, depth: int) -> list[Path]:
+    """Files called ``name`` in ``folder`` or up to ``depth`` folder levels below it."""
+    return sorted({path for level in range(depth + 1)
+                   for path in folder.glob("/".join(["*"] * level + [name])) if path.is_file()})
+
+
 def _load_native(native: _NativeSae, device: str, dtype: str):
     from sae_lens import SAE
     from sae_lens.loading.pretrained_sae_loaders import NAMED_PRETRAINED_SAE_LOADERS
@@ -261,11 +374,28 @@ def _hub_downloads_from(root: Path):
     def local_file(repo_id=None, filename=None, subfolder=None, **_ignored):
         path = root / subfolder / filename if subfolder else root / filename
         if not path.is_file():
-            raise TellnormError(f"{path} is missing: copy the whole SAE folder as downloaded from {repo_id}")
+            missing = _missing_local_file_type()
+            raise missing(f"{path} is missing: copy the whole SAE folder as downloaded from {repo_id}")
         return str(path)
 
-    with _HUB_REDIRECT_LOCK, mock.patch.object(pretrained_sae_loaders, "hf_hub_download", local_file):
+    def local_shapes(repo_id, filename):  # the hub version fetches the safetensors header over HTTP
+        return _safetensors_shapes(local_file(repo_id, filename))
+
+    with (_HUB_REDIRECT_LOCK, mock.patch.object(pretrained_sae_loaders, "hf_hub_download", local_file),
+          mock.patch.object(pretrained_sae_loaders, "get_safetensors_tensor_shapes", local_shapes)):
         yield
+
+
+@cache
+def _missing_local_file_type() -> type:
+    """A TellnormError that is also huggingface_hub's EntryNotFoundError, raised for a file the local copy lacks.
+
+    Loaders that treat a file as optional (Gemma Scope 2's config.json) catch EntryNotFoundError and fall back
+    exactly as they do when the hub lacks it; everywhere else it reads as a TellnormError.
+    """
+    from huggingface_hub.utils import EntryNotFoundError
+
+    return type("MissingLocalFile", (TellnormError, EntryNotFoundError), {})
 
 
 # ---------------------------------------------------------------- registry look-ups
@@ -282,10 +412,11 @@ def _release_lookup(fmt: str, folder: Path, release: str | None):
     func = CONVERSION_FUNCS[fmt]
     candidates = {name: lookup for name, lookup in get_pretrained_saes_directory().items()
                   if lookup.conversion_func == func}
+    names = sorted(candidates)
+    choices = ", ".join(names) if len(names) <= 16 else f"{', '.join(names[:16])}, ... ({len(names)} in all)"
     if release is not None:
         if release not in candidates:
-            raise TellnormError(f"{release!r} is not a {fmt} release in sae_lens's registry: "
-                                f"choose one of {', '.join(sorted(candidates))}")
+            raise TellnormError(f"{release!r} is not a {fmt} release in sae_lens's registry: choose one of {choices}")
         return candidates[release]
     if len(candidates) == 1:
         return next(iter(candidates.values()))
@@ -295,15 +426,37 @@ def _release_lookup(fmt: str, folder: Path, release: str | None):
         if parts & repo_names:
             return lookup
     example = next(iter(candidates.values())).repo_id.split("/")[-1]
+    reads = {QWEN_SCOPE: "k and the base model come", GEMMA_SCOPE: "the base model and hook come",
+             GEMMA_SCOPE_2: "the base model comes"}.get(fmt, "sae_lens reads the SAE's settings")
     raise TellnormError(
-        f"cannot tell which {fmt} release {folder} holds (k and the base model come from its name): name the folder "
+        f"cannot tell which {fmt} release {folder} holds ({reads} from its name): name the folder "
         f"after its hub repo (e.g. {example}) or pass {{'format': '{fmt}', 'path': ..., 'release': NAME}} with NAME "
-        f"one of {', '.join(sorted(candidates))}"
+        f"one of {choices}"
     )
 
 
 def _registry_id(lookup, hub_path: str) -> str | None:
     return next((sae_id for sae_id, path in lookup.saes_map.items() if path == hub_path), None)
+
+
+def _repo_overrides(lookup, hub_path: str) -> dict:
+    """The registry's config overrides (neuronpedia id) for the SAE at ``hub_path``, from any release of its repo.
+
+    Gemma Scope repos back several releases (all SAEs, canonical ones) and not every one carries the neuronpedia id.
+    The model name stays the loader's, read from the repo name: the registry lists gemma-scope-9b-it-res as
+    gemma-2-9b, though its SAEs are for gemma-2-9b-it (the loader and the -canonical release say so).
+    """
+    from sae_lens.loading.pretrained_saes_directory import get_config_overrides, get_pretrained_saes_directory
+
+    found: dict = {}
+    for release in get_pretrained_saes_directory().values():
+        sae_id = _registry_id(release, hub_path) if release.repo_id == lookup.repo_id else None
+        if sae_id is not None:
+            overrides = get_config_overrides(release.release, sae_id)
+            if overrides.get("neuronpedia_id"):
+                return overrides
+            found = found or overrides
+    return found
 
 
 def _registry_overrides(lookup, hub_path: str) -> dict:
@@ -342,6 +495,47 @@ def _tensor_shapes(path: Path, required: tuple[str, ...], fmt: str) -> dict[str,
     return {key: tuple(state[key].shape) for key in required}
 
 
+def _npz_shapes(path: Path, required: tuple[str, ...], fmt: str) -> dict[str, tuple[int, ...]]:
+    """Shapes of the arrays in an ``.npz`` file from their headers only, with Gemma Scope's key renaming."""
+    import zipfile
+
+    import numpy as np
+
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+    def read():
+        shapes = {}
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.namelist():
+                key = member.removesuffix(".npy")
+                key = "W_" + key[2:] if key.startswith("w_") else key
+                with archive.open(member) as stream:
+                    version = np.lib.format.read_magic(stream)
+                    if version in readers:
+                        shapes[key] = tuple(readers[version](stream)[0])
+                    else:  # a newer header version: read the array itself
+                        shapes[key] = np.load(stream).shape
+        return shapes
+
+    shapes = _read_or_explain(path, read)
+    missing = [key for key in required if key not in shapes]
+    if missing:
+        raise TellnormError(f"{path} is not a {fmt} SAE file: it lacks {', '.join(missing)} "
+                            f"(found: {', '.join(shapes)})")
+    return shapes
+
+
+def _safetensors_shapes(path: str | Path) -> dict[str, list[int]]:
+    """Tensor shapes from a local safetensors header (what sae_lens reads from the hub with a range request)."""
+    from safetensors import safe_open
+
+    def read():
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+
+    return _read_or_explain(Path(path), read)
+
+
 def _read_or_explain(path: Path, read: Callable[[], Any]) -> Any:
     """Run ``read``; any failure but a TellnormError becomes one line naming ``path``."""
     try:
@@ -368,8 +562,14 @@ def guess_native_format(folder: Path) -> str | None:
         return None
     if any(QWEN_SCOPE_FILE.match(p.name) for p in folder.iterdir()):
         return QWEN_SCOPE
+    if _files_below(folder, GEMMA_SCOPE_WEIGHTS, depth=3):
+        return GEMMA_SCOPE
+    if _files_below(folder, GEMMA_SCOPE_2_WEIGHTS, depth=2):  # before Llama-Scope: these folders hold config.json too
+        return GEMMA_SCOPE_2
     if _llama_scope_dirs(folder):
         return LLAMA_SCOPE_R1
+    if any((folder / file_name).is_file() for _lookup, file_name in _goodfire_files()):
+        return GOODFIRE
     if any(folder.glob("*.pt")):
         return QRESEARCH
     return None
@@ -381,6 +581,10 @@ def _nothing_found_message(fmt: str, folder: Path) -> str:
         QWEN_SCOPE: "Qwen-Scope files layer<N>.sae.pt",
         LLAMA_SCOPE_R1: f"Llama-Scope-R1 folders L<N>R with config.json and {LLAMA_SCOPE_WEIGHTS}",
         QRESEARCH: "qresearch files *-l<N>.pt",
+        GEMMA_SCOPE: f"Gemma Scope folders layer_<N>/width_<W>/average_l0_<K> with {GEMMA_SCOPE_WEIGHTS}",
+        GEMMA_SCOPE_2: f"Gemma Scope 2 folders <site>/layer_<N>_width_<W>_l0_<size> with {GEMMA_SCOPE_2_WEIGHTS}, site "
+                       "resid_post, mlp_out or attn_out (transcoder and clt folders are not SAEs of one hook)",
+        GOODFIRE: "Goodfire files named as downloaded (" + ", ".join(name for _l, name in _goodfire_files()) + ")",
     }[fmt]
     guess = guess_native_format(folder) if fmt == SAE_LENS else None
     hint = f"; it looks like {guess} files: pass '{guess}:{folder}'" if guess else ""

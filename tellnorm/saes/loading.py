@@ -8,11 +8,13 @@
   ``sae_weights.safetensors``) or a folder of such subfolders (``layer_0/``, ``layer_1/``, ...). Each SAE's layer is
   read from its hook, ``cfg.metadata.hook_name`` = ``blocks.L.hook_...``.
 * ``"FORMAT:PATH"`` or ``{"format": FORMAT, "path": PATH}``: local copies of published SAEs in their native files,
-  FORMAT one of ``sae-lens``, ``qwen-scope``, ``llama-scope-r1``, ``qresearch`` (layouts in
+  FORMAT one of ``sae-lens``, ``qwen-scope``, ``llama-scope-r1``, ``qresearch``, ``gemma-scope`` (Gemma Scope,
+  ``params.npz``), ``gemma-scope-2`` (Gemma Scope 2, ``params.safetensors``), ``goodfire`` (layouts in
   :mod:`tellnorm.saes.formats`). They go through sae_lens's own per-release converters, so they load exactly as
-  ``SAE.from_pretrained`` loads them from the hub. The dict form also takes ``"release"`` (qwen-scope: which registry
-  release the files are, when the folder is not named after the hub repo) and ``"norm_scaling_factor"``
-  (llama-scope-r1: a float or ``{layer: float}``, when the files are not in the hub layout).
+  ``SAE.from_pretrained`` loads them from the hub. The dict form also takes ``"release"`` (qwen-scope, gemma-scope,
+  gemma-scope-2: which registry release the files are, when the path does not contain the hub repo's name) and
+  ``"norm_scaling_factor"`` (llama-scope-r1: a float or ``{layer: float}``, when the files are not in the hub
+  layout).
 * ``"RELEASE:ID[,ID...]"`` or ``{"release": RELEASE, "sae_ids": [ID, ...]}`` (or ``"sae_id": ID``): SAEs from
   sae_lens's registry via ``SAE.from_pretrained``; works where the hub is reachable or the files are in the HF cache.
 
@@ -36,6 +38,9 @@ ORGANISM_SAES = "organism"  # the per-layer SAEs shipped in data/ with the organ
 from tellnorm.saes.formats import (
     FORMAT_OF_CONVERSION,
     FORMATS,
+    GEMMA_SCOPE,
+    GEMMA_SCOPE_2,
+    GEMMA_SCOPE_2_TRANSCODER_SITES,
     LLAMA_SCOPE_R1,
     QWEN_SCOPE,
     SAE_LENS,
@@ -46,7 +51,7 @@ from tellnorm.saes.formats import (
 
 FOLDER_KEYS = {"format", "path", "layers", "release", "norm_scaling_factor"}
 REGISTRY_KEYS = {"release", "sae_ids", "sae_id", "layers"}
-FORMAT_OPTIONS = {"release": (QWEN_SCOPE,), "norm_scaling_factor": (LLAMA_SCOPE_R1,)}
+FORMAT_OPTIONS = {"release": (QWEN_SCOPE, GEMMA_SCOPE, GEMMA_SCOPE_2), "norm_scaling_factor": (LLAMA_SCOPE_R1,)}
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
@@ -304,10 +309,12 @@ def _not_offline_message(lookup, sae_id: str, err: Exception) -> str:
     folder = lookup.saes_map[sae_id]
     func = lookup.conversion_func or "sae_lens"
     local_dir = lookup.repo_id.split("/")[-1]
-    # Qwen-Scope and qresearch SAEs are single files in the repo; every other release keeps a folder per SAE.
-    pattern = folder if func in ("qwen_scope", "deepseek_r1") else f"{folder}/*"
+    # Qwen-Scope, qresearch and Goodfire SAEs are single files in the repo; every other release keeps a folder per SAE.
+    pattern = folder if func in ("qwen_scope", "deepseek_r1", "goodfire") else f"{folder}/*"
     download = f"hf download {lookup.repo_id} --include '{pattern}' --local-dir {local_dir}"
     fmt = SAE_LENS if func == "sae_lens" else FORMAT_OF_CONVERSION.get(func)
+    if fmt == GEMMA_SCOPE_2 and GEMMA_SCOPE_2_TRANSCODER_SITES.match(folder):
+        fmt = None  # transcoders share the repo but are not SAEs of one hook: gemma-scope-2 folders skip them
     if fmt == SAE_LENS:
         use = f"run {download}, copy {local_dir} here and pass {local_dir}/{folder} as the SAE folder"
     elif fmt:

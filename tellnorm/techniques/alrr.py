@@ -18,6 +18,7 @@ observer mistakes an extra pass for a token) called with a read-only view of the
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 import weakref
@@ -71,12 +72,32 @@ def _unwrap(module):
 
 
 def raw_parts(model):
-    """``(decoder layers, rotary embedding)`` of the HF model without TransformerLens hooks (cached per model)."""
+    """``(decoder layers, rotary embedding)`` of the HF model without TransformerLens hooks (cached per model).
+
+    Raises one TellnormError line for an architecture whose layers cannot re-run against the bridge's cache."""
+    refusal = getattr(model, "info", {}).get("alrr_refusal")
+    if refusal:
+        arch = model.info.get("hf_architecture", model.architecture)
+        raise TellnormError(f"ALRR's extra pass is not supported for {arch} because {refusal}")
     hf = model.hf_model
     if hf not in _RAW:
         inner = hf.model
         _RAW[hf] = ([_unwrap(block) for block in inner.layers], _unwrap(inner.rotary_emb))
     return _RAW[hf]
+
+
+def _attention_kind(config, layer: int):
+    """``(layer type, sliding window)`` of decoder layer ``layer`` as HF's model builds its masks: per-layer
+    ``config.layer_types`` where the config has them (Gemma 2/3, gpt-oss, OLMo 3, Qwen2/3, SmolLM3), otherwise one
+    ``config.sliding_window`` for every layer (Mistral, Phi-3, Qwen3-MoE); window None means full causal."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        kind = layer_types[layer]
+        if kind not in ("full_attention", "sliding_attention"):
+            raise TellnormError(f"ALRR's extra pass is not supported for layer {layer} because its attention is "
+                                f"{kind!r} (only full and sliding-window attention are handled)")
+        return kind, (config.sliding_window if kind == "sliding_attention" else None)
+    return None, getattr(config, "sliding_window", None)
 
 
 class _ReadOnlyPast:
@@ -102,6 +123,7 @@ def extra_block_pass(model, layer: int, hidden, rows, cols, info):
 
     if info is None or info.cache is None:
         raise TellnormError("ALRR needs the KV cache of the forward pass: run it through tellnorm.generation.generate")
+    blocks, rotary = raw_parts(model)  # first: refuses architectures it cannot run on
     cached = info.cache.layers[layer]
     keys, values = cached.keys, cached.values  # [batch, kv_heads, past + seq, head_dim]
     total, seq = keys.shape[-2], info.positions.shape[1]
@@ -109,15 +131,25 @@ def extra_block_pass(model, layer: int, hidden, rows, cols, info):
     rows, cols = rows.to(device), cols.to(device)
     attention = (info.attention_mask if info.attention_mask is not None
                  else torch.ones(keys.shape[0], total, dtype=torch.long, device=device)).to(device)
+    if attention.shape[1] != total:
+        raise TellnormError(f"ALRR's extra pass needs every cached column of layer {layer}, but its cache holds "
+                            f"{total} of {attention.shape[1]} (a sliding-window cache?): run it through "
+                            "tellnorm.generation.generate")
+    layer_type, window = _attention_kind(model.hf_model.config, layer)
     column = (total - seq) + cols  # each token's own column in the cache
-    before = torch.arange(total, device=device)[None, :] < column[:, None]
+    index = torch.arange(total, device=device)[None, :]
+    before = index < column[:, None]
+    if window is not None:  # HF's sliding window: key column > query column - window (its own key is inside)
+        before &= index > column[:, None] - window
     allowed = torch.cat([attention[rows].bool() & before, torch.ones_like(before[:, :1])], dim=1)
     mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=device)
     mask = mask.masked_fill(~allowed, torch.finfo(hidden.dtype).min)[:, None, None, :]
     positions = info.positions.to(device)[rows, cols][:, None]
-    blocks, rotary = raw_parts(model)
     states = hidden[:, None, :]
-    embeddings = rotary(states, positions)
+    if "layer_type" in inspect.signature(rotary.forward).parameters:  # per-layer-type RoPE (Gemma 3, OLMo 3)
+        embeddings = rotary(states, positions, layer_type)
+    else:
+        embeddings = rotary(states, positions)
     out = blocks[layer](states, attention_mask=mask, position_ids=positions,
                         past_key_values=_ReadOnlyPast(keys[rows], values[rows]), use_cache=False,
                         position_embeddings=embeddings)
@@ -143,6 +175,7 @@ class ALRR(Edit):
         if not isinstance(threshold, AboveThreshold):
             raise TellnormError("ALRR needs an AboveThreshold (the τ source): build one with "
                                 "tellnorm.techniques.threshold_for(...)")
+        raw_parts(model)  # an architecture whose layers cannot re-run is refused here, before any generation
         self.threshold = threshold
         self.band_rule = selection is None
         layers = list(self.cfg.layers) if self.cfg.layers is not None else model.late_layers()
