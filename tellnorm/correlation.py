@@ -154,6 +154,22 @@ def _original(module):
     return getattr(module, "_original_component", module)
 
 
+def lens_logits(model, h):
+    """The logit lens: ``h`` through the model's own final norm, unembedding and HF's post-unembedding steps
+    (Granite's ``logits_scaling``, Gemma 2/3's final-logit soft cap), so at the last layer it is the model's output."""
+    import torch
+
+    config = model.hf_model.config
+    logits = _original(model.hf_model.lm_head)(_original(model.hf_model.model.norm)(h))
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is not None and scaling != 1:
+        logits = logits / scaling
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 class SignalObserver(LayerHooks):
     """Observer for :func:`tellnorm.generation.run_forward`: adds every signal of the selected tokens (those at or
     after ``starts[request_id]``, position 0 never) to per-problem :class:`SignalSums`."""
@@ -168,8 +184,6 @@ class SignalObserver(LayerHooks):
         self.fold = {layer: sae.W_dec.detach().norm(dim=-1)[self.reasoning[layer]].double()
                      for layer, sae in self.saes.items()}
         self.starts = dict(starts)
-        self.final_norm = _original(model.hf_model.model.norm)
-        self.unembed = _original(model.hf_model.lm_head)
         self.sums = SignalSums(list(self.layers))
         self.attention_seen = set()
         self._select = None
@@ -226,10 +240,10 @@ class SignalObserver(LayerHooks):
         return hook
 
     def logit_lens_entropy(self, h):
-        """``H(softmax(unembed(final_norm(h))))`` per row, ``ENTROPY_CHUNK`` rows at a time."""
+        """``H(softmax(lens_logits(h)))`` per row, ``ENTROPY_CHUNK`` rows at a time."""
         import torch
 
-        parts = [entropy_from_logits(self.unembed(self.final_norm(h[s : s + ENTROPY_CHUNK])))
+        parts = [entropy_from_logits(lens_logits(self.model, h[s : s + ENTROPY_CHUNK]))
                  for s in range(0, h.shape[0], ENTROPY_CHUNK)]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 

@@ -361,6 +361,19 @@ def test_alrr_is_refused_in_one_line_where_the_layer_cannot_rerun(arch, tiny):
     assert len(generate(lm, [lm.encode(PROMPT)], SamplingConfig(max_new_tokens=2))[0].generated_ids) >= 1
 
 
+@pytest.mark.parametrize("arch", list(TINY))
+def test_the_logit_lens_at_the_last_layer_is_the_models_output(arch, tiny):
+    """tellnorm.correlation's logit lens applies the family's own post-unembedding steps (soft caps, scaling)."""
+    from tellnorm.correlation import lens_logits
+
+    lm, ref = tiny(arch)
+    ids = torch.tensor([lm.encode(PROMPT)])
+    last = lm.hook_name(lm.n_layers - 1)
+    with torch.no_grad():
+        _, cache = lm.bridge.run_with_cache(ids, names_filter=lambda name: name == last)
+        assert max_diff(lens_logits(lm, cache[last]), ref(input_ids=ids).logits) <= TOL, arch
+
+
 # ---------------------------------------------------------------------------------- 4. BOS rules, loading a folder
 
 
