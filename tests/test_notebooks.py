@@ -8,7 +8,8 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 
 def test_there_are_notebooks():
-    assert {p.name for p in NOTEBOOKS} >= {"01_quickstart.ipynb", "03_feature_dashboards.ipynb"}
+    assert {p.name for p in NOTEBOOKS} >= {"01_quickstart.ipynb", "03_feature_dashboards.ipynb",
+                                          "04_test_time_techniques.ipynb"}
 
 
 @pytest.mark.slow
