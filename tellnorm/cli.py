@@ -96,13 +96,17 @@ def _features(args) -> None:
 def _dashboard(args) -> None:
     from tellnorm.models import load_model
     from tellnorm.saes import load_saes
-    from tellnorm.studies import contrast_corpus, dashboard_study, feature_scores, feature_study, parse_feature_list
+    from tellnorm.studies import (check_features, contrast_corpus, dashboard_study, feature_scores, feature_study,
+                                  parse_feature_list)
 
+    features = parse_feature_list(args.features) if args.features else None  # checked before any generation
     model = load_model(args.model)
     saes = load_saes(args.saes, model)
+    if features is not None:
+        check_features(features, saes)
     corpus = contrast_corpus(model, args.n)
-    if args.features:
-        features, scores = parse_feature_list(args.features), {}
+    if features is not None:
+        scores = {}
     else:
         import tempfile
 

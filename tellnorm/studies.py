@@ -259,6 +259,17 @@ def parse_feature_list(text: str) -> dict[int, list[int]]:
     return out
 
 
+def check_features(features: dict[int, list[int]], saes: dict) -> None:
+    """Every named feature exists in its layer's SAE, or one TellnormError line (before any generation)."""
+    for layer, feats in features.items():
+        if layer not in saes:
+            raise TellnormError(f"no SAE for layer {layer}: the SAEs cover layers {sorted(saes)}")
+        d_sae = int(saes[layer].cfg.d_sae)
+        bad = [f for f in feats if not 0 <= f < d_sae]
+        if bad:
+            raise TellnormError(f"feature(s) {bad} do not exist at layer {layer}: its SAE has features 0..{d_sae - 1}")
+
+
 def sae_suite_study(model, cfg=None, out_dir=None, *, quality_corpus: ContrastCorpus | None = None,
                     progress: bool = True):
     """Train the per-layer SAE suite on the model's own responses and measure it on held-out responses."""

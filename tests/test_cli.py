@@ -86,6 +86,19 @@ def test_bad_feature_list_and_sae_spec(capsys, tmp_path):
     _run_bad(capsys, ["features", "--saes", str(tmp_path / "nope")], "SAE spec")
 
 
+@pytest.mark.parametrize("features, match", [("6:99999", "do not exist at layer 6: its SAE has features 0..511"),
+                                             ("12:1", "no SAE for layer 12")])
+def test_dashboard_checks_its_features_before_generating(capsys, tmp_path, monkeypatch, features, match):
+    import tellnorm.studies as studies
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the contrast corpus was generated before the features were checked")
+
+    monkeypatch.setattr(studies, "contrast_corpus", no_generation)
+    _run_bad(capsys, ["dashboard", "--features", features, "--out", str(tmp_path / "d.html")], match)
+    assert not (tmp_path / "d.html").exists()
+
+
 def test_non_positive_threshold_k():
     from tellnorm.thresholds import ThresholdConfig
 
@@ -94,7 +107,8 @@ def test_non_positive_threshold_k():
 
 
 @pytest.mark.parametrize("command", [["profile"], ["features"], ["bounds"], ["correlate"], ["intervene"],
-                                     ["reproduce"], ["sae", "train"], ["organism", "train"], ["bench", "norms"]])
+                                     ["reproduce"], ["sae", "train"], ["organism", "train"], ["bench", "norms"],
+                                     ["evaluate"], ["bench", "techniques"]])
 def test_an_output_folder_that_is_a_file_is_refused_before_any_work(capsys, tmp_path, command):
     target = tmp_path / "results.csv"
     target.write_text("keep me")
