@@ -118,6 +118,38 @@ def _dashboard(args) -> None:
     print(f"wrote {path}")
 
 
+def _explore(args) -> None:
+    """Check every argument (layers, feature, SAEs against the model) before generating the corpus."""
+    from tellnorm.errors import TellnormError
+    from tellnorm.explorer import build_explorer, check_feature, check_saes
+    from tellnorm.models import load_model
+    from tellnorm.saes import load_saes
+
+    if args.n < 1:
+        raise TellnormError(f"--n must be ≥ 1 (problems per difficulty), got {args.n}: the corpus would be empty")
+    try:
+        layers = [int(x) for x in args.layers.split(",") if x.strip()] if args.layers else None
+        feature = tuple(int(x) for x in args.feature.split(":")) if args.feature else None
+    except ValueError:
+        raise TellnormError("cannot read --layers L1,L2 or --feature LAYER:ID (e.g. --layers 6,7 --feature 6:12)") from None
+    if feature is not None and len(feature) != 2:
+        raise TellnormError(f"cannot read --feature {args.feature!r}: write LAYER:ID, e.g. 6:12")
+    model = load_model(args.model)
+    saes = load_saes(args.saes, model)
+    check_saes(model, saes)
+    if layers is not None:
+        missing = [l for l in layers if l not in saes]
+        if missing or not layers:
+            raise TellnormError(f"no SAE for layer(s) {missing or layers}: the SAEs cover layers {sorted(saes)}")
+        saes = {l: saes[l] for l in layers}
+    if feature is not None:
+        check_feature(saes, *feature)
+    index = build_explorer(model, saes, Path(args.out), n_per_difficulty=args.n, progress=True)
+    print(f"wrote {index}")
+    if feature is not None:
+        print(f"feature page: {index.resolve().as_uri()}#/feature/{feature[0]}/{feature[1]}")
+
+
 def _intervene(args) -> None:
     from tellnorm.interventions.study import InterventionConfig, format_suppression, run_intervene
     from tellnorm.models import load_model
@@ -285,6 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=10)
     p.add_argument("--out", default="figures/dashboard.html")
     p.set_defaults(func=_dashboard)
+
+    p = sub.add_parser("explore", help="offline explorer site: every feature of every layer, and the norms on tokens")
+    p.add_argument("--model", default="organism")
+    p.add_argument("--saes", default="organism", help="'organism', a folder, FORMAT:PATH or RELEASE:ID")
+    p.add_argument("--n", type=int, default=5, help="validation problems per difficulty (default: 5)")
+    p.add_argument("--layers", default=None, help="L1,L2 ... (default: every layer with an SAE)")
+    p.add_argument("--feature", default=None, help="LAYER:ID: check it exists and print its page's address")
+    p.add_argument("--out", default="figures/explorer", help="output folder (index.html, assets/, data/)")
+    p.set_defaults(func=_explore)
 
     for name, func, help_text in (
             ("bounds", _bounds, "check the norm-bounds-feature-activation theorem per layer: exact bound, paired "

@@ -1,0 +1,78 @@
+"""The explorer's static site: page code (HTML/JS/CSS) and data (JSON) in separate files, no network.
+
+Layout of ``write_site(docs, out)``::
+
+    out/index.html                 the single page (routes: #/ index, #/feature/<layer>/<id>, #/norms/<layer>)
+    out/assets/explorer.js, .css   page code
+    out/assets/plotly.min.js       plotly.js, local (no CDN)
+    out/data/<name>.json           the data (meta, corpus, norms, index_L<l>, features_L<l>)
+    out/data/<name>.js             the same JSON wrapped in one call, so the page can load it lazily from
+                                   ``file://`` too (browsers refuse fetch() of local files)
+
+Per-layer files are loaded only when a view needs them, so a large SAE suite is never loaded at once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tellnorm.errors import TellnormError
+from tellnorm.explorer.page import CSS, JS
+
+
+def _write(path: Path, text: str) -> None:
+    from tellnorm.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_site(docs: dict[str, dict], out: str | Path, *, title: str | None = None) -> Path:
+    """Write the site for ``docs`` (from :func:`tellnorm.explorer.data.build_explorer_data`); return index.html."""
+    from plotly.offline import get_plotlyjs
+
+    from tellnorm.io import check_output_dir
+
+    out = check_output_dir(out)
+    if "meta" not in docs:
+        raise TellnormError("not explorer data: no 'meta' document (build it with build_explorer_data)")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, doc in docs.items():
+        text = json.dumps(doc, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        _write(out / "data" / f"{name}.json", text + "\n")
+        wrapped = text.replace("</", "<\\/")
+        _write(out / "data" / f"{name}.js", f"tnData({json.dumps(name)},{wrapped});\n")
+    _write(out / "assets" / "plotly.min.js", get_plotlyjs())
+    _write(out / "assets" / "explorer.js", JS)
+    _write(out / "assets" / "explorer.css", CSS)
+    import html
+
+    title = title or f"tellnorm explorer: {docs['meta'].get('model', '')}"
+    page = INDEX.replace("__TITLE__", html.escape(title))
+    _write(out / "index.html", page)
+    return out / "index.html"
+
+
+INDEX = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>__TITLE__</title>
+<link rel="stylesheet" href="assets/explorer.css">
+<script>window.PlotlyConfig = {MathJaxConfig: 'local'};</script>
+<script src="assets/plotly.min.js"></script>
+</head>
+<body>
+<header class="tn-top">
+  <a class="tn-brand" href="#/">__TITLE__</a>
+  <nav><a href="#/" data-route="index">Features</a><a href="#/norms" data-route="norms">Norm view</a></nav>
+  <span class="tn-meta" id="tn-meta"></span>
+</header>
+<main id="tn-app"><p class="tn-empty">Loading…</p></main>
+<script src="assets/explorer.js"></script>
+<script src="data/meta.js"></script>
+</body>
+</html>
+"""
