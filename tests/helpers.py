@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
+from tellnorm.generation import LayerHooks
+
 
 def tiny_organism_like(n_layers: int = 3, d_model: int = 64, seed: int = 0):
     """A random-init Qwen3 with the organism's tokenizer, wrapped by tellnorm's backend."""
@@ -53,3 +57,64 @@ def hf_layer_norms_float64(model, batch):
         for h in handles:
             h.remove()
     return torch.stack([outputs[i].double().norm(dim=-1) for i in range(len(outputs))])
+
+
+def cache_snapshot(cache) -> list:
+    """Copies of every initialised layer's keys and values."""
+    return [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers
+            if getattr(layer, "keys", None) is not None]
+
+
+class ExtraPassProbe(LayerHooks):
+    """An observer for ``generate``: at ``layers``' resid_post in the passes ``steps``, runs ALRR's
+    ``extra_block_pass`` for the first, middle and last real token of every row, on a perturbed input y and on the
+    token's own layer input (captured at resid_pre), with cache snapshots around each call.
+
+    ``calls``: (layer, request_id, position, y, out, normal_out, post); ``cache_checks``: (before, after)."""
+
+    def __init__(self, model, layers, steps, seed: int = 0):
+        import torch
+
+        super().__init__(model, layers)
+        self.steps = set(steps)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.calls: list = []
+        self.cache_checks: list = []
+        self._pre: dict = {}
+
+    def hooks(self, model=None):
+        def pre(layer):
+            def hook(x, hook):
+                self._pre[layer] = x.detach().clone()
+                return x
+            return hook
+
+        return [(self.model.hook_name(L, "resid_pre"), pre(L)) for L in self.layers] + super().hooks(model)
+
+    def hook_for(self, layer):
+        import torch
+
+        from tellnorm.techniques.alrr import extra_block_pass
+
+        def hook(x, hook):
+            info = self.info
+            if info.step not in self.steps:
+                return x
+            picked = []
+            for r in range(x.shape[0]):
+                cols = info.valid[r].nonzero().flatten().tolist()
+                picked += [(r, c) for c in sorted({cols[0], cols[len(cols) // 2], cols[-1]})]
+            rows, cols = torch.tensor([r for r, _ in picked]), torch.tensor([c for _, c in picked])
+            post = x[rows, cols]
+            noise = torch.randn(post.shape, generator=self.gen, dtype=torch.float64).to(post.dtype)
+            y = 1.3 * post + 0.3 * noise * post.norm(dim=-1, keepdim=True) / math.sqrt(post.shape[-1])
+            before = cache_snapshot(info.cache)
+            out = extra_block_pass(self.model, layer, y, rows, cols, info)
+            normal = extra_block_pass(self.model, layer, self._pre[layer][rows, cols], rows, cols, info)
+            self.cache_checks.append((before, cache_snapshot(info.cache)))
+            for i, (r, c) in enumerate(picked):
+                self.calls.append((layer, info.request_ids[r], int(info.positions[r, c]), y[i].clone(),
+                                   out[i].clone(), normal[i].clone(), post[i].clone()))
+            return x
+
+        return hook

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -28,11 +27,10 @@ import torch
 
 from conftest import (BOS, LLAMA_CHAT_TEMPLATE, PAD, QWEN_CHAT_TEMPLATE, SPECIAL, TINY_INIT_RANGE, WORDS,
                       build_tiny_tokenizer)
-from helpers import active_hook_count
+from helpers import ExtraPassProbe, active_hook_count, cache_snapshot
 from tellnorm.errors import TellnormError
-from tellnorm.generation import LayerHooks, SamplingConfig, generate
+from tellnorm.generation import SamplingConfig, generate
 from tellnorm.models import HOOK_POINTS, REFUSED_ARCHITECTURES, SUPPORTED_ARCHITECTURES, load_model
-from tellnorm.techniques.alrr import extra_block_pass
 
 TOL = 1e-5
 VOCAB = {tok: i for i, tok in enumerate(SPECIAL + WORDS)}
@@ -245,56 +243,6 @@ def test_a_request_generates_the_same_alone_and_in_a_left_padded_batch(arch, tin
 # ------------------------------------------------------------------------------------------- 3. ALRR's extra pass
 
 
-class ExtraPasses(LayerHooks):
-    """At ``layers``' resid_post in the passes ``steps``: ``extra_block_pass`` for the first, middle and last real
-    token of every row, on a perturbed input y and on the token's own layer input; cache copies around each call."""
-
-    def __init__(self, model, layers, steps):
-        super().__init__(model, layers)
-        self.steps = set(steps)
-        self.gen = torch.Generator().manual_seed(0)
-        self.calls: list = []  # (layer, request_id, position, y, out, normal_out, post)
-        self.cache_checks: list = []
-        self._pre: dict = {}
-
-    def hooks(self, model=None):
-        def pre(layer):
-            def hook(x, hook):
-                self._pre[layer] = x.detach().clone()
-                return x
-            return hook
-
-        return [(self.model.hook_name(L, "resid_pre"), pre(L)) for L in self.layers] + super().hooks(model)
-
-    def hook_for(self, layer):
-        def hook(x, hook):
-            info = self.info
-            if info.step not in self.steps:
-                return x
-            picked = []
-            for r in range(x.shape[0]):
-                cols = info.valid[r].nonzero().flatten().tolist()
-                picked += [(r, c) for c in sorted({cols[0], cols[len(cols) // 2], cols[-1]})]
-            rows, cols = torch.tensor([r for r, _ in picked]), torch.tensor([c for _, c in picked])
-            post = x[rows, cols]
-            noise = torch.randn(post.shape, generator=self.gen)
-            y = 1.3 * post + 0.3 * noise * post.norm(dim=-1, keepdim=True) / math.sqrt(post.shape[-1])
-            before = cache_copy(info.cache)
-            out = extra_block_pass(self.model, layer, y, rows, cols, info)
-            normal = extra_block_pass(self.model, layer, self._pre[layer][rows, cols], rows, cols, info)
-            self.cache_checks.append((before, cache_copy(info.cache)))
-            for i, (r, c) in enumerate(picked):
-                self.calls.append((layer, info.request_ids[r], int(info.positions[r, c]), y[i], out[i], normal[i],
-                                   post[i]))
-            return x
-
-        return hook
-
-
-def cache_copy(cache) -> list:
-    return [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers if layer.keys is not None]
-
-
 def truncated_forward(model, layer: int, ids, position: int, y):
     """Reference: decoder layer ``layer``'s output at ``position`` when ``ids[:position + 1]`` runs alone (no padding,
     no cache) with its layer input at ``position`` replaced by ``y``."""
@@ -330,7 +278,7 @@ ALRR_REFUSED = [a for a in TINY if SUPPORTED_ARCHITECTURES[a].alrr is not None]
 def test_alrr_extra_pass_equals_a_hooked_forward_of_the_truncated_sequence(arch, tiny):
     lm, _ = tiny(arch)
     prompts = [lm.encode(p) for p in GEN_PROMPTS]
-    probe = ExtraPasses(lm, alrr_layers(lm), steps=(0, 5))  # prefill (many tokens a row) and a late decode step
+    probe = ExtraPassProbe(lm, alrr_layers(lm), steps=(0, 5))  # prefill (many tokens a row) and a late decode step
     gens = generate(lm, prompts, SamplingConfig(max_new_tokens=6, ignore_eos=True), observers=[probe])
     assert len(probe.calls) >= 2 * len(probe.layers) * len(prompts)
     for layer, rid, position, y, out, normal, post in probe.calls:
@@ -347,7 +295,7 @@ def test_alrr_extra_pass_equals_a_hooked_forward_of_the_truncated_sequence(arch,
 @pytest.mark.parametrize("arch", slow_unless_main(ALRR_REFUSED))
 def test_alrr_is_refused_in_one_line_where_the_layer_cannot_rerun(arch, tiny):
     lm, _ = tiny(arch)
-    probe = ExtraPasses(lm, [1], steps=(1,))
+    probe = ExtraPassProbe(lm, [1], steps=(1,))
     with pytest.raises(TellnormError, match=f"ALRR's extra pass is not supported for {arch} because") as err:
         generate(lm, [lm.encode(PROMPT)], SamplingConfig(max_new_tokens=3, ignore_eos=True), observers=[probe])
     assert_one_line(err)

@@ -13,14 +13,13 @@ float noise between two numerically different but equivalent paths cannot flip a
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from helpers import active_hook_count, organism_prompts
+from helpers import ExtraPassProbe, active_hook_count, cache_snapshot, organism_prompts
 from tellnorm.errors import TellnormError
 from tellnorm.generation import LayerHooks, SamplingConfig, StepInfo, generate
 from tellnorm.interventions.selection import RandomFraction, token_uniforms
@@ -157,16 +156,6 @@ def reference_block(model, layer: int, ids, position: int, y):
     return out["x"]
 
 
-def cache_snapshot(cache) -> list:
-    """Copies of every initialised layer's keys and values."""
-    snap = []
-    for layer in cache.layers:
-        keys = getattr(layer, "keys", None)
-        if keys is not None:
-            snap.append((keys.clone(), layer.values.clone()))
-    return snap
-
-
 def assert_same_cache(a, b):
     assert len(a) == len(b)
     for (ka, va), (kb, vb) in zip(a, b):
@@ -299,55 +288,6 @@ def test_erss_and_combinations_cached_equal_the_cache_free_reference(organism, n
 
 # ------------------------------------------------------- 2. extra_block_pass against a TL-hooked truncated forward
 
-class ExtraPassProbe(LayerHooks):
-    """During a plain generation, at ``layer``'s resid_post of the passes in ``steps``: runs ``extra_block_pass`` on
-    some real tokens with a perturbed input y, and with the token's normal layer input (captured at resid_pre);
-    keeps the cache before and after every call."""
-
-    def __init__(self, model, layer: int, steps, seed: int = 0):
-        super().__init__(model, [layer])
-        self.steps = set(steps)
-        self.gen = torch.Generator().manual_seed(seed)
-        self.calls: list = []  # (request_id, position, y, out, normal_out, post)
-        self.cache_checks: list = []  # (before, after) snapshots around each call
-        self._pre = None
-
-    def hooks(self, model=None):
-        layer = self.layers[0]
-
-        def pre(x, hook):
-            self._pre = x.detach().clone()
-            return x
-
-        return [(self.model.hook_name(layer, "resid_pre"), pre), (self.hook_names[0], self.hook_for(layer))]
-
-    def hook_for(self, layer):
-        def hook(x, hook):
-            info = self.info
-            if info.step not in self.steps:
-                return x
-            picked = []
-            for r in range(x.shape[0]):
-                cols = info.valid[r].nonzero().flatten().tolist()
-                chosen = sorted({cols[0], cols[len(cols) // 2], cols[-1]})  # first, middle and last real token
-                picked += [(r, c) for c in chosen]
-            rows = torch.tensor([r for r, _ in picked])
-            cols = torch.tensor([c for _, c in picked])
-            base = x[rows, cols]
-            noise = torch.randn(base.shape, generator=self.gen, dtype=torch.float64).to(base.dtype)
-            y = 1.3 * base + 0.3 * noise * base.norm(dim=-1, keepdim=True) / math.sqrt(base.shape[-1])
-            before = cache_snapshot(info.cache)
-            out = extra_block_pass(self.model, layer, y, rows, cols, info)
-            normal = extra_block_pass(self.model, layer, self._pre[rows, cols], rows, cols, info)
-            self.cache_checks.append((before, cache_snapshot(info.cache)))
-            for i, (r, c) in enumerate(picked):
-                self.calls.append((info.request_ids[r], int(info.positions[r, c]), y[i].clone(), out[i].clone(),
-                                   normal[i].clone(), base[i].clone()))
-            return x
-
-        return hook
-
-
 @pytest.mark.parametrize("name, dtype, padded", [
     ("organism", "float32", True), ("organism", "float64", False),
 
@@ -359,13 +299,13 @@ def test_extra_block_pass_equals_a_hooked_forward_of_the_truncated_sequence(load
     if not padded:
         prompts = [p[:min(map(len, prompts))] for p in prompts]
     assert (len({len(p) for p in prompts}) > 1) == padded
-    probe = ExtraPassProbe(model, layer, steps=(0, 1, 3))  # prefill (many tokens per row) and decode steps
+    probe = ExtraPassProbe(model, [layer], steps=(0, 1, 3))  # prefill (many tokens per row) and decode steps
     gens = generate(model, prompts, SamplingConfig(max_new_tokens=5), observers=[probe])
     assert len(probe.calls) >= 3 * 3 and len(probe.cache_checks) == 3
     # float64: HF's eager attention takes its softmax in float32, so two equivalent float64 paths agree to ~3e-8
     # relative (one float32 ulp of an attention weight), not to 1e-15.
     tol = 1e-6 if dtype == "float64" else 1e-5
-    for rid, position, y, out, normal, post in probe.calls:
+    for _, rid, position, y, out, normal, post in probe.calls:
         ids = gens[rid].ids
         ref = reference_block(model, layer, ids, position, y)
         assert (out - ref).norm() <= tol * ref.norm(), (rid, position, float((out - ref).norm() / ref.norm()))
