@@ -106,10 +106,18 @@ def build_model(config: str = "qwen3-0.6b", n_layers: int | None = None, seed: i
 
     Both shapes use the organism's tokenizer: a benchmark feeds token ids, and the bridge only needs a tokenizer.
     """
+    from tellnorm.models import load_model
+
+    model = load_model(build_hf_model(config, n_layers, seed))
+    model.name = f"random-init {config}" + (f" ({n_layers} layers)" if n_layers is not None else "")
+    return model
+
+
+def build_hf_model(config: str = "qwen3-0.6b", n_layers: int | None = None, seed: int = 0):
+    """``(hf_model, tokenizer)`` behind :func:`build_model`, unwrapped (so it can be saved for vLLM)."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from tellnorm.models import load_model
     from tellnorm.organism.tokenizer import build_tokenizer
     from tellnorm.organism.train import OrganismModelConfig
 
@@ -128,10 +136,7 @@ def build_model(config: str = "qwen3-0.6b", n_layers: int | None = None, seed: i
     else:
         raise TellnormError(f"unknown bench config {config!r}: choose one of {', '.join(CONFIGS)}")
     torch.manual_seed(seed)
-    hf_model = Qwen3ForCausalLM(hf_config).to(torch.float32).eval()
-    model = load_model((hf_model, tok))
-    model.name = f"random-init {config}" + (f" ({n_layers} layers)" if n_layers is not None else "")
-    return model
+    return Qwen3ForCausalLM(hf_config).to(torch.float32).eval(), tok
 
 
 def make_sequences(model, batch: int, seq: int, seed: int = 0) -> list[list[int]]:

@@ -64,6 +64,7 @@ class StepInfo:
     attention_mask: Any = None  # [batch, past + seq] 0/1 over every cached and current column (None: all real)
     fresh: Any = None  # [batch, seq] tokens this run sees for the first time (None: every valid token); a
     #                    cache-free reference recomputes old tokens, which observers that record must skip
+    backend: Any = None  # the backend's per-step context for techniques that re-run layers (vLLM: the Session)
 
     @property
     def new_tokens(self):
@@ -167,9 +168,13 @@ def generate(
         if len(ids) >= model.max_positions:
             raise TellnormError(f"request {rid!r}: its prompt has {len(ids)} tokens, which leaves no room in the "
                                 f"context of {model.max_positions}; shorten the prompt")
+    observers = list(observers)
+    if model.backend != "hf":  # vLLM schedules its own batches (batch_size does not apply)
+        gens = model.generate(prompts, sampling, request_ids=request_ids, observers=observers, progress=progress,
+                              token_stats=token_stats, reuse_cache=reuse_cache, desc=desc)
+        return _decode_texts(model, gens)
     from tqdm.auto import tqdm
 
-    observers = list(observers)
     results: dict = {}
     # Similar lengths share a batch (less padding); results do not depend on the grouping.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -183,7 +188,10 @@ def generate(
                 results[gen.request_id] = gen
             bar.update(len(chunk))
     bar.close()
-    gens = [results[rid] for rid in request_ids]
+    return _decode_texts(model, [results[rid] for rid in request_ids])
+
+
+def _decode_texts(model, gens: list[Generation]) -> list[Generation]:
     for g in gens:
         g.text = model.tokenizer.decode(g.generated_ids, skip_special_tokens=False)
     return gens
@@ -316,6 +324,11 @@ def run_forward(model, sequences: Sequence[Sequence[int]], *, request_ids: Seque
             raise TellnormError(f"request {rid!r} is empty")
         if len(ids) > model.max_positions:
             raise TellnormError(f"request {rid!r} has {len(ids)} tokens, over the context of {model.max_positions}")
+    if model.backend != "hf":
+        if return_logits:
+            raise TellnormError("return_logits is available on the HF backend only")
+        model.run_forward(sequences, request_ids=request_ids, observers=observers, n_prompt=n_prompt)
+        return None
     logits = {}
     with model.bridge.hooks(fwd_hooks=[h for obs in observers for h in obs.hooks(model)]), torch.no_grad():
         for start in range(0, len(sequences), batch_size):

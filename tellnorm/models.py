@@ -104,28 +104,15 @@ HOOK_POINTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 ORGANISM = "organism"
 
 
-@dataclass
-class LoadedModel:
-    """A bridge plus what analyses need: tokenizer, chat formatting with the thinking switch, shape."""
+class ModelAPI:
+    """What analyses need from a loaded model whatever runs it (the HF bridge here, vLLM in
+    :mod:`tellnorm.backends.vllm`): shape, hook names, chat formatting with the thinking switch, encoding."""
 
-    bridge: Any  # transformer_lens.model_bridge.TransformerBridge
-    tokenizer: Any
-    name: str
-    architecture: str
+    backend = "hf"
     n_layers: int
-    d_model: int
-    max_positions: int
-    source: str  # "organism", "folder", "hub-cache" or "memory"
-    info: dict = field(default_factory=dict)
-    thinking_family: str | None = None  # a tellnorm.thinking registry family; None: detected from name/template
-
-    @property
-    def hf_model(self):
-        return self.bridge.original_model
-
-    @property
-    def device(self):
-        return next(self.hf_model.parameters()).device
+    name: str
+    tokenizer: Any
+    info: dict
 
     def hook_name(self, layer: int, point: str = "resid_post") -> str:
         if point not in HOOK_POINTS:
@@ -168,13 +155,52 @@ class LoadedModel:
         return self.tokenizer.convert_ids_to_tokens([int(i) for i in ids])
 
 
-def load_model(spec: Any = ORGANISM, *, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
-    """Load ``spec`` as a :class:`LoadedModel` (see module docstring for what ``spec`` can be)."""
+@dataclass
+class LoadedModel(ModelAPI):
+    """A bridge plus what analyses need: tokenizer, chat formatting with the thinking switch, shape."""
+
+    bridge: Any  # transformer_lens.model_bridge.TransformerBridge
+    tokenizer: Any
+    name: str
+    architecture: str
+    n_layers: int
+    d_model: int
+    max_positions: int
+    source: str  # "organism", "folder", "hub-cache" or "memory"
+    info: dict = field(default_factory=dict)
+    thinking_family: str | None = None  # a tellnorm.thinking registry family; None: detected from name/template
+
+    @property
+    def hf_model(self):
+        return self.bridge.original_model
+
+    @property
+    def device(self):
+        return next(self.hf_model.parameters()).device
+
+
+BACKENDS = ("hf", "vllm")
+
+
+def load_model(spec: Any = ORGANISM, *, device: str = "cpu", dtype: str = "float32", backend: str = "hf",
+               **engine_options) -> ModelAPI:
+    """Load ``spec`` as a :class:`LoadedModel` (see module docstring for what ``spec`` can be).
+
+    ``backend="vllm"`` runs it in vLLM instead (:func:`tellnorm.backends.vllm.load_vllm_model`; ``engine_options``
+    go there): generation, tracing, edits and techniques take the same calls on either backend."""
+    if isinstance(spec, ModelAPI):
+        return spec
+    if backend not in BACKENDS:
+        raise TellnormError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "vllm":
+        from tellnorm.backends.vllm import load_vllm_model
+
+        return load_vllm_model(spec, dtype=dtype, **engine_options)
+    if engine_options:
+        raise TellnormError(f"engine options {sorted(engine_options)} apply to backend='vllm' only")
     import torch
 
     torch_dtype = getattr(torch, dtype)
-    if isinstance(spec, LoadedModel):
-        return spec
     if isinstance(spec, tuple) and len(spec) == 2:
         model, tokenizer = spec
         return _wrap(model, tokenizer, name=getattr(model.config, "_name_or_path", "") or "in-memory model",

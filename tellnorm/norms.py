@@ -71,7 +71,8 @@ class NormTracer(LayerHooks):
         for layer, request_ids, positions, valid, norms in self._records:
             rows, cols = valid.nonzero(as_tuple=True)
             parts.append(pd.DataFrame({
-                "request_id": np.asarray(request_ids, dtype=object)[rows.numpy()],
+                # a Series keeps tuple ids (a vLLM request's children are (id, k)) as single values
+                "request_id": pd.Series(request_ids, dtype=object).to_numpy()[rows.numpy()],
                 "position": positions[rows, cols].numpy().astype(np.int64),
                 "layer": np.int16(layer),
                 "norm": norms[rows, cols].numpy(),

@@ -121,6 +121,8 @@ def extra_block_pass(model, layer: int, hidden, rows, cols, info):
     Returns ``[n, d_model]``."""
     import torch
 
+    if info is not None and info.backend is not None:  # the backend re-runs its own layer (vLLM: paged cache)
+        return info.backend.extra_block_pass(layer, hidden, rows, cols)
     if info is None or info.cache is None:
         raise TellnormError("ALRR needs the KV cache of the forward pass: run it through tellnorm.generation.generate")
     blocks, rotary = raw_parts(model)  # first: refuses architectures it cannot run on
@@ -175,7 +177,8 @@ class ALRR(Edit):
         if not isinstance(threshold, AboveThreshold):
             raise TellnormError("ALRR needs an AboveThreshold (the τ source): build one with "
                                 "tellnorm.techniques.threshold_for(...)")
-        raw_parts(model)  # an architecture whose layers cannot re-run is refused here, before any generation
+        if model.backend == "hf":
+            raw_parts(model)  # an architecture whose layers cannot re-run is refused here, before any generation
         self.threshold = threshold
         self.band_rule = selection is None
         layers = list(self.cfg.layers) if self.cfg.layers is not None else model.late_layers()

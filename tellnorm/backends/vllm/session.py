@@ -1,0 +1,221 @@
+"""Observers, edits and techniques inside vLLM's forward passes, attributed per request.
+
+vLLM runs one flattened batch per step: the scheduled tokens of every running request back to back (prefill
+chunks and single decode tokens mixed), in the order of the runner's ``input_batch``; ``query_start_loc`` says
+where each request's rows start. A :class:`Session` turns that into what the HF backend's observers already
+understand — a :class:`~tellnorm.generation.StepInfo` over a ``[request, token]`` grid (right-padded, ``valid``
+marks real tokens) — and runs each observer's ``blocks.L.hook_resid_post`` hook on the stream after decoder
+layer L, gathered into that grid:
+
+* The stream: vLLM's decoder layers return ``(hidden, residual)`` and leave the add to the next layer's fused norm,
+  so the state after layer L is ``hidden + residual`` — HF's decoder-layer output, the same float32 sum.
+* An edit's new state goes back as ``(state', 0)``: the next fused norm adds zero, an exact no-op.
+* Requests are named by the id tellnorm tags them with (``SamplingParams.extra_args``) or, untagged, by vLLM's
+  request id; the ``k``-th child of an ``n > 1`` request is ``(id, k)``. Nothing is keyed by batch slot: vLLM
+  reuses slots and moves requests between them.
+* Tokens a request shows again (vLLM recomputes a preempted request's prefix) are marked not ``fresh``; recording
+  observers skip them and edits replay their recorded decisions, as in the HF backend's cache-free reference.
+
+ALRR's extra pass (:meth:`Session.extra_block_pass`) runs the same vLLM layer again, inside the step's forward
+context. It must match the HF backend: a token attends to the cached keys/values of its request's earlier tokens
+(written by their first pass) and to its own new key/value — and the cache must end as the first pass left it.
+vLLM writes the current tokens' K/V into the paged cache at the step's slot mapping before attending, so the
+extra pass is run with the normal slot mapping (its own fresh K/V land in the token's slot and are attended to)
+and every cache block the step touched is restored afterwards. Tokens not being recursed take their first-pass
+input, so they rewrite identical K/V; only the selected tokens' outputs are used.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+
+from tellnorm.errors import TellnormError
+from tellnorm.generation import StepInfo
+
+TAG = "tellnorm_request"  # SamplingParams.extra_args key carrying tellnorm's request index
+_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
+_CHILD = re.compile(r"^(\d+)_(.+-[0-9a-f]+)$")  # vLLM names the k-th child of request R "k_R" (parallel_sampling.py)
+
+
+def request_grid(starts, positions):
+    """``(index, valid, grid_positions)`` ``[requests, longest]`` for a flattened batch whose request i owns rows
+    ``starts[i]:starts[i+1]``: index is each cell's row in the flat batch (0 on padding)."""
+    import torch
+
+    n = len(starts) - 1
+    if starts[-1] == n:  # decode only: one token per request, the grid is the flat batch as a column
+        # a copy: the runner reuses its positions buffer, and observers keep what they are given
+        return torch.arange(n)[:, None], torch.ones(n, 1, dtype=torch.bool), positions[:n, None].cpu().clone()
+    starts = torch.as_tensor(starts, dtype=torch.long)
+    lengths = starts[1:] - starts[:-1]
+    width = int(lengths.max()) if len(lengths) else 0
+    offsets = torch.arange(width)[None, :]
+    valid = offsets < lengths[:, None]
+    index = torch.where(valid, starts[:-1, None] + offsets, torch.zeros_like(offsets))
+    return index, valid, torch.where(valid, positions.cpu()[index], torch.zeros_like(index))
+
+
+class Session:
+    """The observers of one run, attached to a vLLM model runner's tapped model (:meth:`attach`/:meth:`detach`).
+
+    ``request_ids[i]`` is the id observers see for the request tagged ``i``; ``n_prompt`` optionally overrides a
+    request's prompt length (teacher-forced passes whose whole sequence is the prompt)."""
+
+    def __init__(self, observers, request_ids=None, n_prompt=None):
+        from tellnorm.techniques.alrr import ALRR
+
+        self.observers = list(observers)
+        self.request_ids = request_ids
+        self.n_prompt = n_prompt or {}
+        self.layer_hooks: dict[int, list] = {}
+        for observer in self.observers:
+            for name, fn in observer.hooks():
+                match = _HOOK.match(name)
+                if match is None:
+                    raise TellnormError(f"hook {name!r} is not available on the vLLM backend: it observes the stream "
+                                        "after each decoder layer (resid_post); use backend='hf' for other points")
+                self.layer_hooks.setdefault(int(match.group(1)), []).append(fn)
+        # ALRR re-runs its layers from their inputs: only those layers keep a copy of the input.
+        self.input_layers = sorted({layer for obs in self.observers if isinstance(obs, ALRR) for layer in obs.layers})
+        self.handles: list = []
+        self.runner = None
+        self.seen: dict = {}  # request id -> tokens observed so far
+        self.step = 0
+        # An exception must not leave vLLM's forward: the engine would be stuck mid-step. The hooks keep the first
+        # one here and stand down; the caller aborts the run's requests and re-raises it.
+        self.error: BaseException | None = None
+
+    # -- attaching ---------------------------------------------------------------------------------------------
+    def attach(self, runner) -> None:
+        from tellnorm.backends.vllm.models import TellnormTaps
+
+        model = runner.model
+        if not isinstance(model, TellnormTaps):
+            raise TellnormError(f"the engine runs vLLM's {type(model).__name__}, not a tellnorm model: load it with "
+                                "tellnorm.models.load_model(..., backend='vllm')")
+        if self.handles:
+            raise TellnormError("this session is attached already: one run at a time")
+        self.runner, self.model = runner, model
+        self.layers = model.tellnorm_layers()
+        try:
+            self.handles.append(model.register_forward_pre_hook(self._begin_step, with_kwargs=True))
+            for layer in self.input_layers:
+                self.handles.append(self.layers[layer].register_forward_pre_hook(partial(self._keep_input, layer)))
+            for layer in self.layer_hooks:
+                self.handles.append(self.layers[layer].register_forward_hook(partial(self._after_layer, layer)))
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.runner = None
+        self.block_inputs, self.grid = {}, None
+        for observer in self.observers:
+            observer.info = None
+
+    # -- the hooks ---------------------------------------------------------------------------------------------
+    def _request_id(self, internal_id: str):
+        tag = (self.runner.requests[internal_id].sampling_params.extra_args or {}).get(TAG)
+        child = _CHILD.match(internal_id)
+        if tag is not None:
+            base = self.request_ids[tag] if self.request_ids is not None else tag
+        else:  # the caller's id: vLLM appends "-<random suffix>" (and prefixes "k_" for a child)
+            base = (child.group(2) if child else internal_id).rsplit("-", 1)[0]
+        return (base, int(child.group(1))) if child else base
+
+    def _guarded(hook):
+        def run(self, *args):
+            if self.error is not None:
+                return None
+            try:
+                return hook(self, *args)
+            except BaseException as err:  # KeyboardInterrupt too: the step must finish for the engine to go on
+                self.error = err
+                return None
+
+        return run
+
+    @_guarded
+    def _begin_step(self, module, args, kwargs):
+        import torch
+
+        positions = kwargs["positions"] if "positions" in kwargs else args[1]
+        runner = self.runner
+        n = runner.input_batch.num_reqs
+        internal = list(runner.input_batch.req_ids[:n])
+        starts = runner.query_start_loc.cpu[: n + 1].tolist()
+        index, valid, grid_positions = request_grid(starts, positions)
+        rids = [self._request_id(i) for i in internal]
+        seen_before = [self.seen.get(rid, 0) for rid in rids]
+        seen = torch.tensor(seen_before)
+        fresh = valid & (grid_positions >= seen[:, None])
+        prefill = not any(seen_before) and not grid_positions[:, 0].any()
+        n_prompt = [self.n_prompt.get(rid, len(runner.requests[i].prompt_token_ids)) for rid, i in zip(rids, internal)]
+        ends = (grid_positions.masked_fill(~valid, -1).amax(1) + 1).tolist()
+        for rid, before, end in zip(rids, seen_before, ends):
+            self.seen[rid] = max(before, end)
+        self.grid = (index, valid)
+        self.flat_valid = index[valid]
+        self.positions = positions
+        self.block_inputs = {}
+        info = StepInfo(rids, grid_positions, valid, "prefill" if prefill else "decode", self.step, n_prompt,
+                        fresh=fresh, backend=self)
+        self.step += 1
+        for observer in self.observers:
+            observer.on_step(info)
+
+    @_guarded
+    def _keep_input(self, layer, module, args):
+        _, hidden, residual = args[:3]
+        self.block_inputs[layer] = hidden.clone() if residual is None else hidden + residual
+
+    @_guarded
+    def _after_layer(self, layer, module, args, output):
+        import torch
+
+        hidden, residual = output
+        state = hidden if residual is None else hidden + residual
+        index, valid = self.grid
+        original = state[index]
+        x = original
+        for fn in self.layer_hooks[layer]:
+            out = fn(x, None)
+            if out is not None:
+                x = out
+        if x is original:
+            return None
+        state = state.clone() if residual is None else state
+        state[self.flat_valid] = x[valid].to(state.dtype)
+        return state, torch.zeros_like(state)
+
+    # -- ALRR --------------------------------------------------------------------------------------------------
+    def extra_block_pass(self, layer: int, hidden, rows, cols):
+        """One extra pass of decoder layer ``layer`` for grid tokens ``(rows, cols)`` with inputs ``hidden``
+        ``[n, d_model]``; returns their outputs ``[n, d_model]`` and leaves the KV cache as it was."""
+        import torch
+        from vllm.forward_context import get_forward_context
+
+        if len(set(rows.tolist())) != len(rows):
+            raise TellnormError("the vLLM backend's ALRR recurses one token per request per step (a generated "
+                                "token); this selection picked several tokens of one request's prefill chunk")
+        index, _ = self.grid
+        flat = index[rows.cpu(), cols.cpu()].to(hidden.device)
+        block = self.layers[layer]
+        inputs = self.block_inputs[layer].clone()
+        inputs[flat] = hidden.to(inputs.dtype)
+        attention = self.model.tellnorm_attention(block)
+        cache = attention.kv_cache
+        slots = get_forward_context().slot_mapping[attention.layer_name]
+        slots = slots[slots >= 0]
+        # The CPU layout is [blocks, kv_heads, block_size, 2·head_size]: restore whole blocks, no layout arithmetic.
+        touched = torch.unique(torch.div(slots, cache.shape[2], rounding_mode="floor"))
+        saved = cache[touched].clone()
+        try:
+            out_hidden, out_residual = block.forward(self.positions, inputs, None)  # forward(): no hooks re-enter
+        finally:
+            cache[touched] = saved
+        return (out_hidden + out_residual)[flat]
