@@ -363,3 +363,33 @@ def test_the_request_grid_maps_every_flat_row_once(lengths):
     assert [int(index[r, c]) for r, c in cells] == list(range(starts[-1]))
     assert [int(grid_positions[r, c]) for r, c in cells] == list(range(100, 100 + starts[-1]))
     assert valid.sum(1).tolist() == lengths
+
+
+def test_a_float32_comparison_refuses_bfloat16_in_one_line(engines):
+    from types import SimpleNamespace
+
+    from tellnorm.bench_backends import BackendBenchConfig, compare_backends
+    from tellnorm.generation import SamplingConfig
+
+    bf16 = SimpleNamespace(backend="vllm", dtype="bfloat16")
+    with pytest.raises(TellnormError) as err:
+        compare_backends(engines[1], bf16, [[1, 2]], SamplingConfig(max_new_tokens=2))
+    assert "a float32 comparison was asked but the vllm model runs bfloat16" in one_line(err)
+    with pytest.raises(TellnormError) as err:
+        BackendBenchConfig(dtype="bfloat16")
+    assert "compares the backends in float32" in one_line(err)
+
+
+def test_bench_backends_runs_end_to_end_and_reports_every_variant(tmp_path, capsys):
+    """A tiny run of the CLI: it must agree across backends and write its table (no timing is asserted)."""
+    import json
+
+    from tellnorm.bench_backends import VARIANTS
+    from tellnorm.cli import main
+
+    main(["bench", "backends", "--prompts", "2", "--max-new-tokens", "8", "--repeats", "1", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "bench_backends.json").read_text())
+    assert summary["agreement"]["agree"] and summary["agreement"]["requests_same_tokens"] == 2
+    assert set(summary["variants"]) == set(VARIANTS)
+    assert summary["checks"]["vllm+trace"]["same_tokens_as_vllm"]
+    assert "vllm+alrr" in capsys.readouterr().out
