@@ -393,3 +393,41 @@ def test_bench_backends_runs_end_to_end_and_reports_every_variant(tmp_path, caps
     assert set(summary["variants"]) == set(VARIANTS)
     assert summary["checks"]["vllm+trace"]["same_tokens_as_vllm"]
     assert "vllm+alrr" in capsys.readouterr().out
+
+
+def test_chunked_prefill_is_attributed_across_chunks(engines, prompts, tau):
+    """Prompts split into 16-token chunks (mixed with other requests' decode rows): norms, tokens and ALRR's
+    decisions still equal the HF backend's."""
+    import torch
+
+    from tellnorm.generation import SamplingConfig
+    from tellnorm.models import load_model
+
+    chunked = load_model("organism", backend="vllm", max_num_seqs=2, kv_cache_gib=0.0625,
+                         max_num_batched_tokens=16, enable_chunked_prefill=True)
+    assert max(map(len, prompts)) > 16
+    sampling = SamplingConfig(max_new_tokens=40)
+
+    class Widths:  # what each vLLM step held: the widest request chunk, and chunks that continue a prompt
+        def __init__(self):
+            self.widths, self.continued = [], 0
+
+        def hooks(self, model=None):
+            return []
+
+        def on_step(self, info):
+            self.widths.append(int(info.valid.sum(1).max()))
+            first = info.positions[:, 0]
+            self.continued += int(((first > 0) & (first < torch.tensor(info.n_prompt))).sum())
+
+    widths = Widths()
+    runs = []
+    for model in (chunked, engines[1]):
+        edits = technique_edits(model, ["alrr"], tau)
+        extra = [widths] if model is chunked else []
+        gens, frame = traced(model, prompts, sampling, observers=edits + extra)
+        runs.append((gens, frame, edits[0].record.frame().sort_values(["request_id", "layer", "position"])))
+    assert [g.generated_ids for g in runs[0][0]] == [g.generated_ids for g in runs[1][0]]
+    assert_norms_match(runs[0][1], runs[1][1])
+    assert runs[0][2].reset_index(drop=True).equals(runs[1][2].reset_index(drop=True))
+    assert max(widths.widths) <= 16 and widths.continued > 0  # prompts really were split
