@@ -198,7 +198,7 @@ class CacheWatch:
 
     def cache(self):
         session = self.before.info.backend
-        return session.model.tellnorm_attention(session.layers[self.layer]).kv_cache
+        return session.engine_model.tellnorm_attention(session.layers[self.layer]).kv_cache
 
 
 def test_alrr_extra_passes_leave_the_paged_kv_cache_unchanged(engines, prompts, tau):

@@ -98,7 +98,7 @@ class VLLMModel(ModelAPI):
         others by their vLLM request id."""
         from tellnorm.backends.vllm.session import Session
 
-        session = Session(observers, request_ids, n_prompt)
+        session = Session(self, observers, request_ids, n_prompt)
         self.llm.collective_rpc("tellnorm_attach", args=(session,))
         try:
             yield session

@@ -57,12 +57,13 @@ def request_grid(starts, positions):
 
 
 class Session:
-    """The observers of one run, attached to a vLLM model runner's tapped model (:meth:`attach`/:meth:`detach`).
+    """The observers of one run on ``model`` (a VLLMModel), attached to the engine's tapped model
+    (:meth:`attach`/:meth:`detach`).
 
     ``request_ids[i]`` is the id observers see for the request tagged ``i``; ``n_prompt`` optionally overrides a
     request's prompt length (teacher-forced passes whose whole sequence is the prompt)."""
 
-    def __init__(self, observers, request_ids=None, n_prompt=None):
+    def __init__(self, model, observers, request_ids=None, n_prompt=None):
         from tellnorm.techniques.alrr import ALRR
 
         self.observers = list(observers)
@@ -70,7 +71,7 @@ class Session:
         self.n_prompt = n_prompt or {}
         self.layer_hooks: dict[int, list] = {}
         for observer in self.observers:
-            for name, fn in observer.hooks():
+            for name, fn in observer.hooks(model):
                 match = _HOOK.match(name)
                 if match is None:
                     raise TellnormError(f"hook {name!r} is not available on the vLLM backend: it observes the stream "
@@ -96,7 +97,7 @@ class Session:
                                 "tellnorm.models.load_model(..., backend='vllm')")
         if self.handles:
             raise TellnormError("this session is attached already: one run at a time")
-        self.runner, self.model = runner, model
+        self.runner, self.engine_model = runner, model
         self.layers = model.tellnorm_layers()
         try:
             self.handles.append(model.register_forward_pre_hook(self._begin_step, with_kwargs=True))
@@ -114,8 +115,9 @@ class Session:
         self.handles = []
         self.runner = None
         self.block_inputs, self.grid = {}, None
-        for observer in self.observers:
-            observer.info = None
+        for observer in self.observers:  # a StepInfo holds this session (and its tensors): let both go
+            if getattr(observer, "info", None) is not None:
+                observer.info = None
 
     # -- the hooks ---------------------------------------------------------------------------------------------
     def _request_id(self, internal_id: str):
@@ -207,7 +209,7 @@ class Session:
         block = self.layers[layer]
         inputs = self.block_inputs[layer].clone()
         inputs[flat] = hidden.to(inputs.dtype)
-        attention = self.model.tellnorm_attention(block)
+        attention = self.engine_model.tellnorm_attention(block)
         cache = attention.kv_cache
         slots = get_forward_context().slot_mapping[attention.layer_name]
         slots = slots[slots >= 0]
