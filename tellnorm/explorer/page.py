@@ -56,6 +56,20 @@ table.tn-table { border-collapse:collapse; width:100%; background:#fff; border:1
 .tn-resp-head { color:var(--muted); font-size:12.5px; margin-bottom:4px; }
 .tn-resp-head b { color:var(--text); }
 .tn-legend { color:var(--muted); font-size:12.5px; margin:0 0 12px; max-width:1000px; }
+.tn-tech-legend { color:var(--text); background:#fff; border:1px solid var(--border); border-radius:8px; padding:8px 12px; }
+.tn-swatches { display:flex; flex-wrap:wrap; gap:6px 18px; margin-top:6px; }
+.tn-sw { white-space:nowrap; }
+.tn-sw .tn-tok { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; display:inline-block; }
+.tn-tech { margin:6px 0 0; padding:2px 0 0 10px; border-left:3px solid #dee2e6; }
+.tn-tech-alrr { border-left-color:#e8590c; } .tn-tech-erss { border-left-color:#2b8a3e; } .tn-tech-suppression { border-left-color:#7048e8; }
+.tn-tech-head { color:var(--muted); font-size:12px; }
+.tn-tech-head b { color:var(--text); }
+.tn-tech .tn-strip { line-height:1.8; }
+.tn-m-kept { background:#e8590c; color:#fff; font-weight:700; }
+.tn-m-tried { box-shadow:inset 0 0 0 2px #e8590c; background:#fff4e6; }
+.tn-m-injected { background:#2b8a3e; color:#fff; font-weight:700; }
+.tn-m-scaled { background:#7048e8; color:#fff; font-weight:700; }
+.tn-diff { text-decoration:underline dotted #495057; text-underline-offset:3px; }
 .tn-empty { color:var(--muted); font-style:italic; }
 .tn-error { color:var(--red); }
 @media (max-width:900px) { .tn-grid { grid-template-columns:1fr; } }
@@ -66,7 +80,7 @@ JS = r"""
   "use strict";
   var store = {}, waiting = {}, app = document.getElementById("tn-app");
   var META = null;
-  var state = {layer: "all", q: "", sort: "reason_score", desc: true, shown: 200, normLayer: null};
+  var state = {layer: "all", q: "", sort: "reason_score", desc: true, shown: 200, normLayer: null, techRows: "all"};
   var COLS = [
     ["layer", "layer", 0], ["id", "feature", 0], ["density", "density", 1], ["mean", "mean act", 1],
     ["delta", "Δ", 1], ["relative_delta", "relative Δ", 1], ["reason_score", "ReasonScore", 1],
@@ -213,8 +227,9 @@ JS = r"""
       app.innerHTML = '<p class="tn-error">no feature ' + esc(id) + ' at layer ' + esc(layer) + '</p>'; return;
     }
     app.innerHTML = '<p class="tn-empty">Loading layer ' + layer + '…</p>';
-    load(["index_L" + layer, "features_L" + layer, "corpus", "norms"], function (d) {
-      var f = d["features_L" + layer].features[id], ix = d["index_L" + layer].features, corpus = d.corpus;
+    var shardName = "features_L" + layer + "_" + Math.floor(id / (META.shard || 1e9));
+    load(["index_L" + layer, shardName, "corpus"], function (d) {
+      var sh = d[shardName], f = sh.features[id - sh.start], ix = d["index_L" + layer].features, corpus = d.corpus;
       var scale = f.examples.length ? f.examples[0].act : 0;
       var badge = function (k, v) { return '<span class="tn-badge">' + k + ' <b>' + v + '</b></span>'; };
       var html = '<div class="tn-card"><h2>Layer ' + layer + ' · feature ' + id + '</h2><div class="tn-badges">' +
@@ -269,21 +284,74 @@ JS = r"""
   }
 
   // ------------------------------------------------------------------ norm view
+  var TECH_KINDS = {kept: "extra pass kept", tried: "extra pass run, rejected", injected: "injection (x ← x + β·(v* − x))",
+    scaled: "scaled ×"};
+  function techRow(t, run, T) {
+    var head = '<b>' + esc(t.label) + '</b> · ' + t.layers.map(function (l) {
+      return "L" + l + " (τ " + fmt(T.thresholds[String(l)], 4) + ")"; }).join(", ");
+    if (t.error) return '<div class="tn-tech" data-tech="' + esc(t.key) + '"><div class="tn-tech-head">' + head +
+      ' · <span class="tn-error">not run: ' + esc(t.error) + '</span></div></div>';
+    if (!run) return "";
+    var at = {}, counts = {};
+    run.marks.forEach(function (m) { (at[m[0]] = at[m[0]] || []).push(m); counts[m[2]] = (counts[m[2]] || 0) + 1; });
+    var what = Object.keys(counts).length ? Object.keys(counts).map(function (k) {
+      return counts[k] + " " + (k === "scaled" ? "scaled ×" + fmt(t.settings.factor) : TECH_KINDS[k]); }).join(", ") :
+      "acted on no token" + (t.key === "erss" ? " (it needs " + t.settings.low_k + " tokens in a row below " + fmt(t.settings.gamma) + "·τ after a banked peak)" : "");
+    var same = run.same ? "same tokens as the plain response" :
+      'own response differs from the plain one from position ' + run.first_diff + ' on (dotted)';
+    var strip = run.tokens.map(function (tok, j) {
+      var p = run.n_prompt + j, ms = at[p], cls = "tn-tok", title = JSON.stringify(tok) + " · pos " + p, extra = "";
+      if (!run.same && run.first_diff !== null && p >= run.first_diff) cls += " tn-diff";
+      if (ms) {
+        var kind = ms.some(function (m) { return m[2] === "kept"; }) ? "kept" : ms[0][2];
+        cls += " tn-mark tn-m-" + kind;
+        extra = ' data-kind="' + kind + '" data-pos="' + p + '"';
+        title += ms.map(function (m) { return " · " + t.label + " at L" + m[1] + ": " +
+          (m[2] === "scaled" ? "scaled ×" + fmt(t.settings.factor) : TECH_KINDS[m[2]] + (m[2] === "kept" ? " (" + m[3] + ")" : "")); }).join("");
+      }
+      return '<span class="' + cls + '"' + extra + ' title="' + esc(title) + '">' + tokHtml(tok) + '</span>';
+    }).join("");
+    return '<div class="tn-tech tn-tech-' + esc(t.key) + '" data-tech="' + esc(t.key) + '"><div class="tn-tech-head" title="' +
+      esc(JSON.stringify(t.settings || {})) + '">' + head + ' · ' + what + ' · ' + same + '</div><div class="tn-strip">' + strip + '</div></div>';
+  }
+  function techLegend(T) {
+    if (!T.techniques.length) return "";
+    var has = function (k) { return T.techniques.some(function (t) { return t.key === k && !t.error; }); };
+    var supp = T.techniques.filter(function (t) { return t.key === "suppression"; })[0];
+    var sw = function (cls, text) { return '<span class="tn-sw"><span class="tn-tok ' + cls + '">ab</span> ' + text + '</span>'; };
+    return '<div class="tn-legend tn-tech-legend"><b>Where the techniques acted.</b> Under each response, one row per technique: ' +
+      'the same prompt decoded again (' + esc(T.decoding) + ', at most ' + T.max_new_tokens + ' new tokens) with the technique on, at its layers, ' +
+      'with the same τ as the peaks above. A technique changes the residual stream, so its response can differ from the plain one: ' +
+      'each row shows <i>the technique\'s own generated tokens</i>, and marks the tokens whose residual vector it acted on (the decisions ' +
+      'its edit recorded). Tokens from the first difference on are underlined with dots.<div class="tn-swatches">' +
+      (has("alrr") ? sw("tn-m-kept", "ALRR: extra pass of the block kept") + sw("tn-m-tried", "ALRR: extra pass run, rejected (norm did not grow enough or left the band)") : "") +
+      (has("erss") ? sw("tn-m-injected", "ERSS: injection towards a banked high-norm state") : "") +
+      (has("suppression") ? sw("tn-m-scaled", "high-norm suppression: x′ = " + fmt(supp.settings.factor) + "·x on a token above τ") : "") +
+      sw("tn-diff", "differs from the plain response") + '</div></div>';
+  }
   function normView(layer) {
-    if (layer === null || layers().indexOf(layer) < 0) layer = state.normLayer !== null ? state.normLayer : layers()[layers().length - 1];
-    state.normLayer = layer;
-    load(["norms", "corpus"], function (d) {
-      var n = d.norms, corpus = d.corpus, tau = n.thresholds[String(layer)], all = [];
+    if (layer === null || isNaN(layer)) layer = state.normLayer;
+    load(["norms", "corpus", "techniques"], function (d) {
+      var n = d.norms, corpus = d.corpus, T = d.techniques;
+      if (layer === null || n.layers.indexOf(layer) < 0) layer = n.layers[n.layers.length - 1];
+      state.normLayer = layer;
+      var tau = n.thresholds[String(layer)], all = [];
       n.responses.forEach(function (r) { r.norms[String(layer)].forEach(function (v, p) {
         if (v !== null && p > 0) all.push(v); }); });
       all.sort(function (a, b) { return a - b; });
       var lo = all.length ? all[Math.floor(0.05 * (all.length - 1))] : 0, hi = all.length ? all[Math.floor(0.99 * (all.length - 1))] : 0;
       var opts = n.layers.map(function (l) { return '<option value="' + l + '"' + (l === layer ? " selected" : "") + '>layer ' + l + '</option>'; }).join("");
+      var topts = [["all", "all techniques"], ["none", "no techniques"]].concat(T.techniques.map(function (t) { return [t.key, t.label + " only"]; }))
+        .map(function (o) { return '<option value="' + o[0] + '"' + (o[0] === state.techRows ? " selected" : "") + '>' + esc(o[1]) + '</option>'; }).join("");
       var html = '<div id="tn-normview"><div class="tn-controls"><label>Layer <select id="tn-norm-layer">' + opts + '</select></label>' +
+        (T.techniques.length ? '<label>Rows <select id="tn-tech-rows">' + topts + '</select></label>' : '') +
         '<span class="tn-count">threshold τ = ' + fmt(tau) + ' (Q3 + k·IQR of the corpus\'s generated-token norms)</span></div>' +
         '<p class="tn-legend">Each token\'s background is ‖h‖₂ at the chosen layer (white = 5th percentile or below, dark blue = 99th percentile or above, over these responses); ' +
         'a red outline marks a peak above τ; hover a token for its norm' + (META.organism ? " and its ground-truth label" : "") +
-        '. Prompt tokens are faded; position 0 (massive activation) is excluded.</p>';
+        '. Prompt tokens are faded; position 0 (massive activation) is excluded.</p>' + techLegend(T);
+      var runs = {};
+      T.techniques.forEach(function (t) { runs[t.key] = {}; t.runs.forEach(function (r) { runs[t.key][r.seq] = r; }); });
+      var shown = T.techniques.filter(function (t) { return state.techRows === "all" || state.techRows === t.key; });
       n.responses.forEach(function (r) {
         var toks = corpus.tokens[r.seq], norms = r.norms[String(layer)], peaks = 0;
         var strip = toks.map(function (t, p) {
@@ -295,12 +363,14 @@ JS = r"""
             '" style="background:rgba(28,126,214,' + (0.85 * a).toFixed(3) + ')' + (a > 0.6 ? ';color:#fff' : '') + '" title="' +
             esc(JSON.stringify(t) + " · pos " + p + " · ‖h‖ " + fmt(v, 4) + (label ? " · " + label : "")) + '">' + tokHtml(t) + '</span>';
         }).join("");
-        html += '<div class="tn-resp" data-mode="' + esc(r.mode) + '"><div class="tn-resp-head"><b>' + esc(r.mode) + '</b> · difficulty ' +
+        html += '<div class="tn-resp" data-mode="' + esc(r.mode) + '" data-seq="' + r.seq + '"><div class="tn-resp-head"><b>' + esc(r.mode) + '</b> · difficulty ' +
           fmt(r.difficulty) + ' · response #' + r.seq + ' · ' + peaks + ' peak' + (peaks === 1 ? "" : "s") + ' above τ</div>' +
-          '<div class="tn-strip">' + strip + '</div></div>';
+          '<div class="tn-strip">' + strip + '</div>' + shown.map(function (t) { return techRow(t, runs[t.key][r.seq], T); }).join("") + '</div>';
       });
       app.innerHTML = html + '</div>';
       document.getElementById("tn-norm-layer").addEventListener("change", function (e) { location.hash = "#/norms/" + e.target.value; });
+      var rowSel = document.getElementById("tn-tech-rows");
+      if (rowSel) rowSel.addEventListener("change", function (e) { state.techRows = e.target.value; normView(layer); });
     });
   }
 })();
