@@ -431,3 +431,22 @@ def test_chunked_prefill_is_attributed_across_chunks(engines, prompts, tau):
     assert_norms_match(runs[0][1], runs[1][1])
     assert runs[0][2].reset_index(drop=True).equals(runs[1][2].reset_index(drop=True))
     assert max(widths.widths) <= 16 and widths.continued > 0  # prompts really were split
+
+
+def test_lm_eval_on_the_vllm_backend_scores_what_the_hf_backend_scores(engines):
+    """``--model tellnorm`` with backend=vllm (here the loaded engine): the same per-problem results as on HF."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from tellnorm.harness import TASK_DIR
+    from tellnorm.harness.model import TellnormLM
+
+    manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
+    results = []
+    for model in engines:
+        lm = TellnormLM(pretrained=model, thresholds="off", batch_size=16)
+        out = lm_eval.simple_evaluate(model=lm, tasks=["tellnorm_organism"], task_manager=manager, limit=10,
+                                      bootstrap_iters=0, log_samples=True)
+        samples = sorted(out["samples"]["tellnorm_organism"], key=lambda s: s["doc_id"])
+        results.append([(s["acc"], s["resps"][0][0]) for s in samples])
+    assert results[0] == results[1] and len(results[0]) == 10
