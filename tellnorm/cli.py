@@ -58,6 +58,14 @@ def _bench_techniques(args) -> None:
         seed=args.seed, stop_at_eos=args.stop_at_eos, out=args.out))
 
 
+def _bench_backends(args) -> None:
+    from tellnorm.bench_backends import BackendBenchConfig, bench_backends
+
+    bench_backends(BackendBenchConfig(config=args.config, n_layers=args.layers, prompts=args.prompts,
+                                      max_new_tokens=args.max_new_tokens, repeats=args.repeats, dtype=args.dtype,
+                                      out=args.out))
+
+
 def _sae_train(args) -> None:
     from tellnorm.models import load_model
     from tellnorm.saes.training import SAETrainConfig
@@ -242,11 +250,12 @@ def _correlate(args) -> None:
 def _reproduce(args) -> None:
     from tellnorm.reproduce import ReproduceConfig, reproduce
 
-    reproduce(ReproduceConfig(out=args.out, per_difficulty=args.n, quick=args.quick))
+    reproduce(ReproduceConfig(out=args.out, per_difficulty=args.n, quick=args.quick), force=args.force)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from tellnorm.organism.task import MAX_DIFFICULTY, MIN_DIFFICULTY
+    from tellnorm.reproduce import STAGE_NAMES
 
     parser = argparse.ArgumentParser(prog="tellnorm", description="The ℓ2 norm of hidden states as a signal for "
                                      "reasoning dynamics: tracing, SAEs, reasoning features, test-time techniques.")
@@ -255,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="the main job: evaluate the organism, trace norms, write figures and tables")
     p.add_argument("--out", default="figures", help="output folder (default: figures)")
     p.add_argument("--n", type=int, default=100, help="test problems per difficulty and mode (default: 100)")
-    p.add_argument("--quick", action="store_true", help="a small run for smoke tests")
+    p.add_argument("--quick", action="store_true", help="every stage at small sizes (a smoke test, < 3 min)")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="rerun STAGE (and the stages that read its outputs) even if its inputs are unchanged; "
+                   f"repeatable; 'all' for every stage. Stages: {', '.join(STAGE_NAMES)}")
     p.set_defaults(func=_reproduce)
 
     organism = sub.add_parser("organism", help="the embedded model organism: train or evaluate it")
@@ -387,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="figures/evaluation")
     p.set_defaults(func=_evaluate)
 
+    sub.add_parser("harness", help="lm-eval with --model tellnorm: every argument is lm-eval's "
+                   "(tellnorm harness --model tellnorm --model_args pretrained=organism,technique=alrr --tasks ...)")
+
     bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")
     bsub = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
     p = bsub.add_parser("norms", help="overhead of norm tracing vs a plain forward and run_with_cache")
@@ -411,6 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="figures/bench")
     p.set_defaults(func=_bench_techniques)
+    p = bsub.add_parser("backends", help="tokens/s of plain vLLM, vLLM + tracing / each technique, and HF")
+    p.add_argument("--config", default="organism", help="organism (trained) or qwen3-0.6b (random init)")
+    p.add_argument("--layers", type=int, default=None, help="override the number of layers (random-init weights)")
+    p.add_argument("--prompts", type=int, default=10, help="organism test prompts, one per difficulty in turn")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="tokens generated per request (EOS ignored)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", default="float32", help="float32 only: the bench compares the backends' outputs")
+    p.add_argument("--out", default="figures/bench")
+    p.set_defaults(func=_bench_backends)
     return parser
 
 
@@ -420,6 +444,11 @@ FILE_OUTPUTS = {_dashboard}  # commands whose --out names a file, not a folder
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no machine tellnorm runs on can download weights
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["harness"]:  # lm-eval's own arguments pass through untouched
+        from tellnorm.harness.cli import main as harness_main
+
+        return harness_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from tellnorm.errors import TellnormError

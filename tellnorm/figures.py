@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from tellnorm.io import atomic_path
@@ -66,7 +68,64 @@ def write_figure(fig, stem: str | Path, *, png: bool = True) -> list[Path]:
         else:
             os.environ.setdefault("BROWSER_PATH", browser)  # kaleido looks here for its browser
             with atomic_path(stem.with_suffix(".png")) as tmp:
-                fig.write_image(str(tmp), format="png", scale=PNG_SCALE)
+                _write_png(fig, tmp)
             written.append(stem.with_suffix(".png"))
     return written
 
+
+PNG_ATTEMPTS = 3
+
+
+def _write_png(fig, path: Path) -> None:
+    for attempt in range(PNG_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():  # plotly passes kaleido options a running png_session() ignores
+                warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+                fig.write_image(str(path), format="png", scale=PNG_SCALE)
+            return
+        except Exception as err:
+            # kaleido can call into its page before the page's script has loaded when the CPU is busy
+            # ("kaleido_scopes is not defined"); the tab is reloaded after a failure, so a retry renders
+            if "kaleido_scopes is not defined" not in str(err) or attempt == PNG_ATTEMPTS - 1:
+                raise
+
+
+PNG_SESSION_START_S = 60  # a cold browser start on a busy machine takes seconds
+
+
+@contextmanager
+def png_session():
+    """Keep one browser open for every PNG written inside the block (otherwise kaleido starts one per figure,
+    about 2 s each); nothing happens without a browser."""
+    browser = chromium_path()
+    if browser is None:
+        yield
+        return
+    import kaleido
+
+    os.environ.setdefault("BROWSER_PATH", browser)
+    kaleido.start_sync_server(silence_warnings=True)
+    try:
+        if not _png_server_answers(kaleido):
+            # kaleido's server thread dies quietly when its browser fails to start, and every later call would wait
+            # forever: go back to a browser per figure, which raises the browser's error instead
+            kaleido.stop_sync_server(silence_warnings=True)
+        yield
+    finally:
+        kaleido.stop_sync_server(silence_warnings=True)
+
+
+def _png_server_answers(kaleido) -> bool:
+    answered = []
+
+    def probe():
+        try:
+            kaleido.calc_fig_sync({"data": [], "layout": {}}, opts={"format": "png", "width": 10, "height": 10})
+            answered.append(True)
+        except Exception:
+            answered.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)  # daemon: a probe of a dead server never returns
+    thread.start()
+    thread.join(PNG_SESSION_START_S)
+    return answered == [True]

@@ -1,16 +1,31 @@
 """``tellnorm reproduce``: the whole study on the organism, stage by stage, into one folder with a report.
 
-Stages: organism accuracy → norm profile (thinking vs non-thinking) → do norm peaks mark the steps (ground
-truth) → SAE quality → reasoning features (contrast, ReasonScore, controls) with the trend figure → the bound →
-correlation → interventions → the test-time techniques against compute-matched baselines → dashboards.
+Stages (:data:`STAGES`): organism accuracy → norm profile (thinking vs non-thinking) → do norm peaks mark the steps
+(ground truth) → SAE quality and reasoning features (contrast, ReasonScore, controls) with the trend figure → the
+bound → correlation → interventions → the test-time techniques against compute-matched baselines → dashboards.
 Each stage writes its tables and figures and a section of ``REPORT.md`` with the numbers it measured.
+
+Stages are cached: a stage is skipped when the hash of its inputs (model and SAE files, the config fields it reads,
+tellnorm's source, library versions, upstream stages' hashes) matches the record it left in ``OUT/.stages/`` and
+every file it wrote still exists; its report section comes back from that record. ``force`` reruns stages; a stage
+that reran makes every stage reading its outputs rerun. ``OUT/manifest.json`` records versions, config, seeds,
+paper constants, git revision and the stage hashes (deterministic, so it can live in git); wall times go to the
+git-ignored ``OUT/stage_times.csv``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import subprocess
 import time
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Callable
+
+from tellnorm.errors import TellnormError
 
 
 @dataclass
@@ -24,12 +39,23 @@ class ReproduceConfig:
     intervention_per_difficulty: int = 10  # test problems per level for the suppression study (≈ 3.5 min)
     evaluation_per_difficulty: int = 20  # test problems per level for ALRR/ERSS/LRS vs baselines
     top_k: int = 20  # PAPER §2: K below 40 [inferred K ≈ 10–20]
-    quick: bool = False  # small sizes for smoke tests
+    quick: bool = False  # small sizes for smoke tests (every stage runs; under 3 min on 2 cores)
 
     def __post_init__(self):
         if self.quick:
             self.per_difficulty, self.profile_per_difficulty, self.features_per_difficulty = 4, 2, 2
             self.intervention_per_difficulty = self.evaluation_per_difficulty = 1
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the study and what its cache key is made of (every stage also reads the model and the code)."""
+
+    name: str
+    run: Callable[["Context"], None]
+    config: tuple[str, ...] = ()  # the ReproduceConfig fields it reads
+    upstream: tuple[str, ...] = ()  # stages whose outputs it reads: it reruns whenever they rerun
+    saes: bool = False  # it reads the SAE files
 
 
 @dataclass
@@ -67,42 +93,369 @@ def report_html(markdown_text: str) -> str:
             f"<style>{REPORT_CSS}</style></head>\n<body>\n{body}</body></html>\n")
 
 
+STAGE_DIR = ".stages"  # cache records (git-ignored): OUT/.stages/<stage>.json
+CORPUS_FILE = f"{STAGE_DIR}/contrast_corpus.json"  # the features stage's corpus, read by bounds/correlation/dashboards
+TIMES_FILE = "stage_times.csv"  # wall times: machine-dependent, so git-ignored and kept out of the manifest
+
+
 @dataclass
 class Context:
-    model: object
+    """What stages share. The model, SAEs and corpus load on first use: a fully cached run loads nothing."""
+
     cfg: ReproduceConfig
     out: Path
+    report: Report = field(default_factory=Report)
+    state: dict = field(default_factory=dict)  # small JSON values stages pass on (kept in their records)
+    _model: object = None
+    _saes: dict | None = None
+    _corpus: object = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            from tellnorm.models import load_model
+
+            self._model = load_model(self.cfg.model)
+        return self._model
+
+    @property
+    def saes(self) -> dict:
+        if self._saes is None:
+            from tellnorm.saes import load_saes
+
+            self._saes = load_saes(self.cfg.saes, self.model)
+        return self._saes
+
+    @property
+    def corpus(self):
+        if self._corpus is None:
+            from tellnorm.studies import ContrastCorpus
+
+            self._corpus = ContrastCorpus(**json.loads((self.out / CORPUS_FILE).read_text()))
+        return self._corpus
+
+    def keep(self, key: str, value) -> None:
+        """Pass ``value`` to later stages through JSON, as a cached run gets it, so both runs see the same thing."""
+        self.state[key] = json.loads(json.dumps(value, default=_json_default))
+
+
+@dataclass
+class StageRun:
+    hash: str
+    status: str  # "ran" or "cached"
+    seconds: float
+
+
+@dataclass
+class ReproduceResult:
     report: Report
-    state: dict = field(default_factory=dict)
+    stages: dict  # name -> StageRun
 
 
-def reproduce(cfg: ReproduceConfig) -> Report:
-    from tellnorm.models import load_model
+def reproduce(cfg: ReproduceConfig, force=()) -> ReproduceResult:
+    """Run every stage whose inputs changed (or in ``force``; ``"all"`` for every one) and write the report."""
+    from tellnorm.figures import png_session
+    from tellnorm.io import check_output_dir
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(load_model(cfg.model), cfg, out, Report())
-    for stage in (stage_accuracy, stage_norm_profile, stage_peaks, stage_features, stage_bounds, stage_correlation,
-                  stage_interventions, stage_evaluation, stage_dashboards):
-        start = time.perf_counter()
-        print(f"[{stage.__name__}] ...", flush=True)
-        stage(ctx)
-        print(f"[{stage.__name__}] done in {time.perf_counter() - start:.0f} s", flush=True)
+    forced = forced_stages(force)  # a bad name fails before any work
+    out = check_output_dir(cfg.out)
+    inputs = stage_inputs(cfg)
+    hashes = stage_hashes(cfg, inputs)
+    ctx = Context(cfg, out)
+    runs: dict[str, StageRun] = {}
+    with ExitStack() as browser:
+        for stage in STAGES:
+            start = time.perf_counter()
+            record = _read_record(out, stage.name)
+            stale = (stage.name in forced or any(runs[u].status == "ran" for u in stage.upstream)
+                     or not _still_valid(record, hashes[stage.name], out))
+            if stale:
+                print(f"[{stage.name}] running", flush=True)
+                if not any(run.status == "ran" for run in runs.values()):  # one browser for every PNG, if any
+                    browser.enter_context(png_session())
+                record = _run_stage(stage, ctx, hashes[stage.name])
+            else:
+                ctx.report.sections += record["report"]
+                ctx.state.update(record["state"])
+            runs[stage.name] = StageRun(hashes[stage.name], "ran" if stale else "cached", time.perf_counter() - start)
+            print(f"[{stage.name}] {runs[stage.name].seconds:.1f} s{'' if stale else ' cached'}", flush=True)
     ctx.report.write(out / "REPORT.md")
-    print(f"wrote {out / 'REPORT.md'}")
-    return ctx.report
+    _write_json(manifest(cfg, inputs, hashes, out), out / "manifest.json")
+    _write_times(runs, out / TIMES_FILE)
+    print(f"wrote {out / 'REPORT.md'}, report.html, manifest.json, {TIMES_FILE}")
+    return ReproduceResult(ctx.report, runs)
 
+
+def _still_valid(record: dict | None, stage_hash: str, out: Path) -> bool:
+    return (record is not None and record.get("hash") == stage_hash
+            and all((out / name).is_file() for name in record.get("outputs", [])))
+
+
+def _run_stage(stage: Stage, ctx: Context, stage_hash: str) -> dict:
+    """Run ``stage`` and save its record: its outputs are the files it created or replaced under OUT."""
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    before = _snapshot(ctx.out)
+    n_sections, n_state = len(ctx.report.sections), set(ctx.state)
+    stage.run(ctx)
+    after = _snapshot(ctx.out)
+    record = {"stage": stage.name, "hash": stage_hash,
+              "outputs": sorted(name for name, stat in after.items() if before.get(name) != stat),
+              "report": ctx.report.sections[n_sections:],
+              "state": {key: value for key, value in ctx.state.items() if key not in n_state}}
+    _write_json(record, ctx.out / STAGE_DIR / f"{stage.name}.json")
+    return record
+
+
+def _snapshot(out: Path) -> dict:
+    # files are written by rename (tellnorm.io.atomic_path), so a rewritten file has a new inode even if unchanged
+    snapshot = {}
+    for path in out.rglob("*"):
+        if path.is_file():
+            stat = path.stat()
+            snapshot[path.relative_to(out).as_posix()] = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    return snapshot
+
+
+def _read_record(out: Path, name: str) -> dict | None:
+    try:
+        return json.loads((out / STAGE_DIR / f"{name}.json").read_text())
+    except (OSError, ValueError):  # missing or damaged: the stage just runs
+        return None
+
+
+def _write_json(obj, path: Path) -> None:
+    from tellnorm.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _write_times(runs: dict, path: Path) -> None:
+    from tellnorm.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text("stage,status,seconds\n"
+                       + "".join(f"{name},{r.status},{r.seconds:.1f}\n" for name, r in runs.items()))
+
+
+def forced_stages(names) -> set:
+    """The stage names ``--force`` gave (``all``: every stage); an unknown name is one TellnormError line."""
+    unknown = [name for name in names if name not in STAGE_NAMES and name != "all"]
+    if unknown:
+        raise TellnormError(f"unknown stage {unknown[0]!r} for --force: choose from {', '.join(STAGE_NAMES)} or all")
+    return set(STAGE_NAMES) if "all" in names else set(names)
+
+
+# --- cache keys ----------------------------------------------------------------------------------------------------
+
+def _json_default(obj):
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return asdict(obj)
+    return str(obj)
+
+
+def _sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
+
+
+def files_hash(folder: Path) -> str:
+    """Hash of every file's relative path and contents under ``folder`` (byte caches excluded)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        file_digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                file_digest.update(chunk)
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + file_digest.digest())
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def code_hash() -> str:
+    """tellnorm's own source: any change to it may change a number, so every stage reruns. Hashed once per process:
+    the code a process runs is the code it imported, whatever is edited on disk meanwhile."""
+    return files_hash(Path(__file__).resolve().parent)
+
+
+def library_versions() -> dict:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from tellnorm import __version__
+
+    found = {"python": platform.python_version(), "tellnorm": __version__}
+    for package in ("torch", "transformers", "transformer_lens", "sae_lens"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def model_fingerprint(spec) -> dict:
+    """The model's files (a folder, the organism, or a hub name's cached snapshot), or an in-memory model's weights."""
+    from tellnorm.organism.paths import DEFAULT_ORGANISM_DIR
+
+    if isinstance(spec, (str, Path)):
+        path = DEFAULT_ORGANISM_DIR if str(spec) == "organism" else Path(spec).expanduser()
+        if not path.is_dir():
+            path = _hub_snapshot(str(spec))
+        # the spec itself too: it becomes the model's name, which figures and dashboards show
+        return {"spec": str(spec), "files": files_hash(path) if path is not None else None}
+    import torch
+
+    module = spec.hf_model if hasattr(spec, "hf_model") else spec[0]
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {"spec": _spec_text(spec), "weights": digest.hexdigest()}
+
+
+def _hub_snapshot(name: str) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not a hub name or not cached: load_model says so in its own words when the model loads
+        return None
+
+
+def sae_fingerprint(spec) -> dict:
+    """The SAE folder's files, or the registry release and ids (a bad spec is one TellnormError line, now)."""
+    from tellnorm.saes.loading import parse_sae_spec
+
+    parsed = parse_sae_spec(spec)
+    if parsed.path is None:
+        return {"release": parsed.release, "sae_ids": list(parsed.sae_ids), "layers": parsed.layers}
+    return {"format": parsed.format, "files": files_hash(parsed.path), "layers": parsed.layers,
+            "options": parsed.options}
+
+
+def _spec_text(spec) -> str:
+    return str(spec) if isinstance(spec, (str, Path, dict)) else f"in-memory {getattr(spec, 'name', type(spec).__name__)}"
+
+
+def stage_inputs(cfg: ReproduceConfig) -> dict:
+    """What every stage's key shares: code, library versions, model files, SAE files."""
+    return {"code": code_hash(), "versions": library_versions(), "model": model_fingerprint(cfg.model),
+            "saes": sae_fingerprint(cfg.saes)}
+
+
+def stage_hashes(cfg: ReproduceConfig, inputs: dict | None = None) -> dict:
+    """{stage: hash of its inputs, config fields and upstream stages' hashes}, in stage order."""
+    inputs = inputs or stage_inputs(cfg)
+    hashes: dict[str, str] = {}
+    for stage in STAGES:
+        hashes[stage.name] = _sha256({
+            "stage": stage.name, "code": inputs["code"], "versions": inputs["versions"], "model": inputs["model"],
+            "saes": inputs["saes"] if stage.saes else None,
+            "config": {name: getattr(cfg, name) for name in stage.config},
+            "upstream": {name: hashes[name] for name in stage.upstream}})
+    return hashes
+
+
+# --- manifest ------------------------------------------------------------------------------------------------------
+
+# Module-level constants and default configs the paper fixes, read from where they are defined.
+PAPER_CONSTANTS = ("tellnorm.features:REASON_SCORE_ALPHA", "tellnorm.features:WINDOW_LEFT",
+                   "tellnorm.features:WINDOW_RIGHT", "tellnorm.features:DEFAULT_TOP_K", "tellnorm.features:RELATIVE_EPS",
+                   "tellnorm.thresholds:ThresholdConfig", "tellnorm.techniques.alrr:BLOWUP_RATIO",
+                   "tellnorm.techniques.alrr:GROWTH_EPS", "tellnorm.techniques.alrr:MAX_EXTRA_ITERS",
+                   "tellnorm.techniques.erss:ERSSConfig", "tellnorm.techniques.lrs:LRSConfig",
+                   "tellnorm.evaluation:SENSITIVITY_K", "tellnorm.evaluation:SENSITIVITY_LOOPS",
+                   "tellnorm.correlation:PAPER_SPEARMAN_X100")
+
+
+def paper_constants() -> dict:
+    from importlib import import_module
+
+    found = {}
+    for ref in PAPER_CONSTANTS:
+        module, name = ref.split(":")
+        value = getattr(import_module(module), name)
+        found[ref] = asdict(value()) if isinstance(value, type) else value  # a config class: its defaults
+    return found
+
+
+def stage_settings(cfg: ReproduceConfig) -> dict:
+    """The library configs the stages run with (their seeds and constants go into the manifest)."""
+    from inspect import signature
+
+    from tellnorm.correlation import correlation_study
+    from tellnorm.studies import feature_study
+
+    return {"accuracy": accuracy_config(cfg), "interventions": intervention_config(cfg),
+            "evaluation": evaluation_config(cfg),
+            "features": {"seed": signature(feature_study).parameters["seed"].default, "top_k": cfg.top_k},
+            "correlation": {"seed": signature(correlation_study).parameters["seed"].default, "top_k": cfg.top_k}}
+
+
+def _seeds(settings: dict) -> dict:
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield from walk(f"{prefix}.{key}", item)
+        elif "seed" in prefix.rsplit(".", 1)[-1]:
+            yield prefix, value
+
+    plain = json.loads(json.dumps(settings, default=_json_default))
+    return dict(item for name, value in plain.items() for item in walk(name, value))
+
+
+def git_state(out: Path) -> dict:
+    """HEAD of the repository tellnorm runs from, and whether anything but the output folder differs from it."""
+    from tellnorm.organism.paths import REPO_ROOT
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=60)
+
+    try:
+        head = git("rev-parse", "--show-toplevel", "HEAD")
+        lines = head.stdout.split()
+        if head.returncode or len(lines) != 2 or Path(lines[0]).resolve() != REPO_ROOT:
+            return {"revision": None, "dirty": None}  # an installed copy, not a checkout
+        # the previous run's figures are not the code: leave the output folder out of "dirty"
+        out = out.resolve()
+        exclude = [f":(exclude){out.relative_to(REPO_ROOT).as_posix()}"] if out.is_relative_to(REPO_ROOT) else []
+        status = git("status", "--porcelain", "--", ".", *exclude)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"revision": None, "dirty": None}
+    return {"revision": lines[1], "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
+
+
+def manifest(cfg: ReproduceConfig, inputs: dict, hashes: dict, out: Path) -> dict:
+    """Everything that determines the outputs, and nothing machine- or time-dependent. It names the git revision
+    the run came from, so it cannot be part of that revision: ``figures/manifest.json`` is git-ignored."""
+    settings = stage_settings(cfg)
+    config = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    config.update(model=_spec_text(cfg.model), saes=_spec_text(cfg.saes))
+    return {"tellnorm": inputs["versions"]["tellnorm"], "versions": inputs["versions"], "git": git_state(out),
+            "config": config, "seeds": _seeds(settings), "paper_constants": paper_constants(),
+            "stage_settings": settings, "inputs": {"code": inputs["code"], "model": inputs["model"],
+                                                   "saes": inputs["saes"]},
+            "stages": {stage.name: {"hash": hashes[stage.name], "upstream": list(stage.upstream)} for stage in STAGES}}
+
+
+# --- stages --------------------------------------------------------------------------------------------------------
 
 def _code(text: str) -> str:
     return "```\n" + text + "\n```"
 
 
+def accuracy_config(cfg: ReproduceConfig):
+    from tellnorm.organism.evaluate import EvalConfig
+
+    return EvalConfig(per_difficulty=cfg.per_difficulty)
+
+
 def stage_accuracy(ctx: Context) -> None:
     from tellnorm.figures import write_figure
     from tellnorm.io import write_csv
-    from tellnorm.organism.evaluate import EvalConfig, accuracy_figure, evaluate, format_summary
+    from tellnorm.organism.evaluate import accuracy_figure, evaluate, format_summary
 
-    _, summary = evaluate(ctx.model, EvalConfig(per_difficulty=ctx.cfg.per_difficulty))
+    _, summary = evaluate(ctx.model, accuracy_config(ctx.cfg))
     write_csv(summary, ctx.out / "organism_accuracy.csv")
     write_figure(accuracy_figure(summary), ctx.out / "organism_accuracy")
     print(format_summary(summary))
@@ -113,9 +466,8 @@ def stage_accuracy(ctx: Context) -> None:
 def stage_norm_profile(ctx: Context) -> None:
     from tellnorm.profile import organism_prompt_rows, profile_study
 
-    trace, profile, matched = profile_study(ctx.model, organism_prompt_rows(ctx.cfg.profile_per_difficulty), ctx.out)
-    ctx.state.update(trace=trace, profile=profile)
-    table = profile.pivot(index="layer", columns="mode", values="mean_norm")
+    _, profile, matched = profile_study(ctx.model, organism_prompt_rows(ctx.cfg.profile_per_difficulty), ctx.out)
+    table = profile.pivot(index="layer", columns="mode", values="mean_norm").astype(float)  # float32 prints noise
     table["thinking / non-thinking"] = table["thinking"] / table["non-thinking"]
     n = int(profile["n_requests"].min())
     body = (f"Mean ‖h‖₂ of `blocks.L.hook_resid_post` per layer; CIs resample responses (n = {n} per mode).\n\n"
@@ -138,12 +490,15 @@ def format_matched(matched) -> str:
 
 
 def stage_peaks(ctx: Context) -> None:
+    import pandas as pd
+
     from tellnorm.figures import write_figure
     from tellnorm.groundtruth import peak_composition, peak_figure, peak_table
     from tellnorm.io import write_csv
 
-    table = peak_table(ctx.state["trace"].frame)
-    composition = peak_composition(ctx.state["trace"].frame)
+    frame = pd.read_parquet(ctx.out / "norms_per_token.parquet")  # the norm-profile stage's per-token table
+    table = peak_table(frame)
+    composition = peak_composition(frame)
     write_csv(table, ctx.out / "norm_peaks_vs_steps.csv")
     write_csv(composition, ctx.out / "norm_peak_composition.csv")
     write_figure(peak_figure(table), ctx.out / "norm_peaks_vs_steps")
@@ -157,20 +512,27 @@ def stage_peaks(ctx: Context) -> None:
 
 
 def stage_features(ctx: Context) -> None:
-    from tellnorm.figures import write_figure
-    from tellnorm.io import write_csv
-    from tellnorm.saes import load_saes
-    from tellnorm.saes.quality import sae_quality
-    from tellnorm.studies import contrast_corpus, feature_study, trend_figure
+    import pandas as pd
 
-    saes = load_saes(ctx.cfg.saes, ctx.model)
+    from tellnorm.figures import write_figure
+    from tellnorm.io import atomic_path, write_csv
+    from tellnorm.saes.quality import sae_quality
+    from tellnorm.studies import contrast_corpus, feature_scores, feature_study, trend_figure
+
     corpus = contrast_corpus(ctx.model, ctx.cfg.features_per_difficulty)
-    quality = sae_quality(ctx.model, saes, corpus.sequences, n_prompt=corpus.n_prompt)
+    with atomic_path(ctx.out / CORPUS_FILE) as tmp:  # bounds, correlation and dashboards read it, also when cached
+        tmp.write_text(json.dumps(asdict(corpus)))
+    ctx._corpus = corpus
+    quality = sae_quality(ctx.model, ctx.saes, corpus.sequences, n_prompt=corpus.n_prompt)
     write_csv(quality, ctx.out / "sae_quality.csv")
-    result = feature_study(ctx.model, saes, corpus, ctx.out, top_k=ctx.cfg.top_k)
-    write_figure(trend_figure(ctx.state["profile"], result["trend"], ctx.cfg.top_k, result.get("matched_trend")),
+    result = feature_study(ctx.model, ctx.saes, corpus, ctx.out, top_k=ctx.cfg.top_k)
+    profile = pd.read_csv(ctx.out / "norm_profile.csv")  # the norm-profile stage's table
+    write_figure(trend_figure(profile, result["trend"], ctx.cfg.top_k, result.get("matched_trend")),
                  ctx.out / "feature_trend")
-    ctx.state.update(saes=saes, corpus=corpus, features=result)
+    scores = feature_scores(result)
+    ctx.keep("dashboard", {"features": result["top_reason"],
+                           "scores": [[layer, f, scores.get((layer, f), {})]
+                                      for layer, feats in result["top_reason"].items() for f in feats]})
     trend = result["trend"].assign(ratio=lambda t: t["thinking"] / t["non-thinking"])
     body = ["SAE quality on held-out responses (validation problems, both modes):",
             _code(quality.drop(columns=["d_sae"]).round(4).to_string(index=False)),
@@ -197,7 +559,7 @@ def stage_features(ctx: Context) -> None:
 def stage_bounds(ctx: Context) -> None:
     from tellnorm.bounds import bounds_study
 
-    result = bounds_study(ctx.model, ctx.state["saes"], ctx.state["corpus"], ctx.out, top_k=ctx.cfg.top_k)
+    result = bounds_study(ctx.model, ctx.saes, ctx.corpus, ctx.out, top_k=ctx.cfg.top_k)
     bounds = result["bounds"][["layer", "n_checked", "violations", "median_tightness", "p99_tightness",
                                "max_tightness", "sum_violations", "sum_max_tightness", "norm_line_max_tightness"]]
     verdicts = result["assumptions"][["layer", "a1_mean_cos", "a1_verdict", "a2_rel_error", "a2_fvu", "a2_verdict",
@@ -222,7 +584,7 @@ def stage_bounds(ctx: Context) -> None:
 def stage_correlation(ctx: Context) -> None:
     from tellnorm.correlation import correlation_study
 
-    result = correlation_study(ctx.model, ctx.state["saes"], ctx.state["corpus"], ctx.out, top_k=ctx.cfg.top_k)
+    result = correlation_study(ctx.model, ctx.saes, ctx.corpus, ctx.out, top_k=ctx.cfg.top_k)
     ctx.report.add("Correlation: norm profile vs reasoning-feature profile across layers", "\n\n".join([
         f"Spearman ×100 across the {ctx.model.n_layers} layers (a coarse rank statistic with so few layers: the "
         "per-layer values it is computed from follow), bootstrap 95% CI over problems; the paper's values beside:",
@@ -230,13 +592,19 @@ def stage_correlation(ctx: Context) -> None:
         _code(result["layers"].round(4).to_string(index=False)), "![alignment](correlation_alignment.png)"]))
 
 
-def stage_interventions(ctx: Context) -> None:
-    from tellnorm.interventions.study import InterventionConfig, format_suppression, run_intervene
+def intervention_config(cfg: ReproduceConfig):
+    from tellnorm.interventions.study import InterventionConfig
 
-    quick = ctx.cfg.quick
-    cfg = InterventionConfig(per_difficulty=ctx.cfg.intervention_per_difficulty,
-                             calibration_per_difficulty=2 if quick else 10,
-                             random_seeds=(0,) if quick else (0, 1, 2), feature_seeds=(0,) if quick else (0, 1))
+    # quick: one factor and seed per control, two steering scales (generation time is the number of batches)
+    quick = dict(calibration_per_difficulty=2, factors=(0.1,), amplify=(), steering_scales=(-1.0, 1.0),
+                 random_seeds=(0,), feature_seeds=(0,)) if cfg.quick else {}
+    return InterventionConfig(per_difficulty=cfg.intervention_per_difficulty, saes=cfg.saes, **quick)
+
+
+def stage_interventions(ctx: Context) -> None:
+    from tellnorm.interventions.study import format_suppression, run_intervene
+
+    cfg = intervention_config(ctx.cfg)
     result = run_intervene(ctx.model, cfg, ctx.out, progress=True)
     hits = result["hits"][result["hits"]["edit"] == "clean"]
     body = ["After each layer of a set, on generated tokens, thinking mode: scale high-norm states (‖h‖ > τ, τ = "
@@ -255,12 +623,19 @@ def stage_interventions(ctx: Context) -> None:
     ctx.report.add("Interventions: does suppressing high-norm states hurt reasoning?", "\n\n".join(body))
 
 
-def stage_evaluation(ctx: Context) -> None:
-    from tellnorm.evaluation import EvaluateConfig, run_evaluate
+def evaluation_config(cfg: ReproduceConfig):
+    from tellnorm.evaluation import EvaluateConfig
 
-    quick = ctx.cfg.quick
-    cfg = EvaluateConfig(per_difficulty=ctx.cfg.evaluation_per_difficulty, calibration_per_difficulty=2 if quick else 10,
-                         **(dict(n_samples=4, sample_sizes=(2, 4), sensitivity=False) if quick else {}))
+    # quick: every method but the recursion controls (3 more decodes of the whole set), the smallest N sweep
+    quick = dict(calibration_per_difficulty=2, n_samples=4, sample_sizes=(2, 4), sensitivity=False,
+                 controls=False) if cfg.quick else {}
+    return EvaluateConfig(per_difficulty=cfg.evaluation_per_difficulty, **quick)
+
+
+def stage_evaluation(ctx: Context) -> None:
+    from tellnorm.evaluation import run_evaluate
+
+    cfg = evaluation_config(ctx.cfg)
     result = run_evaluate(ctx.model, cfg, ctx.out, progress=True)
     ctx.report.add("Test-time techniques: ALRR, ERSS, LRS against compute-matched baselines",
                    result["markdown"].split("\n", 2)[2] + "\n![evaluation](evaluation.png)\n\n"
@@ -269,10 +644,26 @@ def stage_evaluation(ctx: Context) -> None:
 
 
 def stage_dashboards(ctx: Context) -> None:
-    from tellnorm.studies import dashboard_study, feature_scores
+    from tellnorm.studies import dashboard_study
 
-    result = ctx.state["features"]
-    path = dashboard_study(ctx.model, ctx.state["saes"], ctx.state["corpus"], result["top_reason"],
-                           feature_scores(result), ctx.out / "dashboard.html")
+    kept = ctx.state["dashboard"]  # the features stage's choice (JSON: layers are strings)
+    features = {int(layer): feats for layer, feats in kept["features"].items()}
+    scores = {(layer, f): score for layer, f, score in kept["scores"]}
+    path = dashboard_study(ctx.model, ctx.saes, ctx.corpus, features, scores, ctx.out / "dashboard.html")
     ctx.report.add("Feature dashboards", f"Offline page: [{path.name}]({path.name}) (top-5 ReasonScore features of "
                    "each late layer).")
+
+
+PROFILE, FEATURES = "norm_profile", "features"
+STAGES = (
+    Stage("accuracy", stage_accuracy, ("per_difficulty",)),
+    Stage(PROFILE, stage_norm_profile, ("profile_per_difficulty",)),
+    Stage("peaks", stage_peaks, upstream=(PROFILE,)),
+    Stage(FEATURES, stage_features, ("features_per_difficulty", "top_k"), upstream=(PROFILE,), saes=True),
+    Stage("bounds", stage_bounds, ("top_k",), upstream=(FEATURES,), saes=True),
+    Stage("correlation", stage_correlation, ("top_k",), upstream=(FEATURES,), saes=True),
+    Stage("interventions", stage_interventions, ("intervention_per_difficulty", "quick"), saes=True),
+    Stage("evaluation", stage_evaluation, ("evaluation_per_difficulty", "quick")),
+    Stage("dashboards", stage_dashboards, upstream=(FEATURES,), saes=True),
+)
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
