@@ -38,13 +38,14 @@ class ReproduceConfig:
     features_per_difficulty: int = 15  # validation problems per level for the feature contrast
     intervention_per_difficulty: int = 10  # test problems per level for the suppression study (≈ 3.5 min)
     evaluation_per_difficulty: int = 20  # test problems per level for ALRR/ERSS/LRS vs baselines
+    explorer_per_difficulty: int = 5  # validation problems per level and mode in the feature explorer
     top_k: int = 20  # PAPER §2: K below 40 [inferred K ≈ 10–20]
     quick: bool = False  # small sizes for smoke tests (every stage runs; under 3 min on 2 cores)
 
     def __post_init__(self):
         if self.quick:
             self.per_difficulty, self.profile_per_difficulty, self.features_per_difficulty = 4, 2, 2
-            self.intervention_per_difficulty = self.evaluation_per_difficulty = 1
+            self.intervention_per_difficulty = self.evaluation_per_difficulty = self.explorer_per_difficulty = 1
 
 
 @dataclass(frozen=True)
@@ -654,6 +655,16 @@ def stage_dashboards(ctx: Context) -> None:
                    "each late layer).")
 
 
+def stage_explorer(ctx: Context) -> None:
+    from tellnorm.explorer import build_explorer
+
+    index = build_explorer(ctx.model, ctx.saes, ctx.out / "explorer", n_per_difficulty=ctx.cfg.explorer_per_difficulty)
+    ctx.report.add("Feature explorer", f"Offline site (not in git: {sum(1 for _ in index.parent.rglob('*'))} files): "
+                   f"[explorer/index.html](explorer/index.html) — every feature of every layer, a page per feature, "
+                   f"and the norm view with where ALRR, ERSS and high-norm suppression acted "
+                   f"({ctx.cfg.explorer_per_difficulty} validation problems per difficulty, both modes).")
+
+
 PROFILE, FEATURES = "norm_profile", "features"
 STAGES = (
     Stage("accuracy", stage_accuracy, ("per_difficulty",)),
@@ -665,5 +676,6 @@ STAGES = (
     Stage("interventions", stage_interventions, ("intervention_per_difficulty", "quick"), saes=True),
     Stage("evaluation", stage_evaluation, ("evaluation_per_difficulty", "quick")),
     Stage("dashboards", stage_dashboards, upstream=(FEATURES,), saes=True),
+    Stage("explorer", stage_explorer, ("explorer_per_difficulty",), saes=True),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)

@@ -69,7 +69,7 @@ def test_a_changed_model_file_changes_every_hash_and_a_changed_sae_file_the_sae_
     assert all(after_model[name] != base[name] for name in STAGE_NAMES)
     (saes / "layer_0" / "sae_weights.safetensors").write_bytes(b"\1" * 64)
     changed = {name for name, h in _hashes(model, saes).items() if h != after_model[name]}
-    assert changed == FEATURE_DEPENDENTS | {"interventions"}
+    assert changed == FEATURE_DEPENDENTS | {"interventions", "explorer"}
 
 
 def test_the_model_spec_is_part_of_the_key(inputs, tmp_path):
@@ -107,7 +107,7 @@ EXPECTED = ["organism_accuracy.csv", "organism_accuracy.html", "norm_profile.csv
             "features_token_injection.csv", "dashboard.html", "REPORT.md", "norm_profile_matched.csv",
             "feature_trend_matched.csv", "bounds.csv", "bounds_assumptions.csv", "bounds_pairs.csv",
             "correlation.csv", "suppression.csv", "suppression.html", "evaluation.csv", "evaluation.md",
-            "evaluation_responses.csv", "evaluation.html", "report.html", "manifest.json", "stage_times.csv",
+            "evaluation_responses.csv", "evaluation.html", "report.html", "manifest.json", "stage_times.csv", "explorer/index.html",
             ".stages/contrast_corpus.json"] + [f".stages/{name}.json" for name in STAGE_NAMES]
 
 
@@ -186,7 +186,8 @@ def test_reproduce_quick_end_to_end(tmp_path, private_temp):
     assert not list(out.rglob(".*partial*"))  # no half-written file left behind
     report = (out / "REPORT.md").read_text()
     for section in ("Organism accuracy", "L2 norm by layer", "norm peaks", "SAEs and reasoning features",
-                    "The theorem, checked", "Correlation", "Interventions", "Test-time techniques", "dashboards"):
+                    "The theorem, checked", "Correlation", "Interventions", "Test-time techniques", "dashboards",
+                    "Feature explorer"):
         assert section in report
     html = (out / "report.html").read_text()
     assert "<h2>Test-time techniques" in html and html.count("<table>") >= report.count("\n|---") > 0
