@@ -35,11 +35,34 @@ def _organism_eval(args) -> None:
         print(f"wrote {args.csv}")
 
 
+def _sharded(args) -> bool:
+    """Whether ``--ray``/``--workers`` ask for Ray (checked before any work; without them Ray is never imported)."""
+    from tellnorm.errors import TellnormError
+
+    if args.workers < 1:
+        raise TellnormError(f"--workers must be ≥ 1, got {args.workers}")
+    if args.workers > 1 and args.ray is None:
+        raise TellnormError("--workers needs --ray ADDRESS (local, auto, HOST:PORT or ray://HOST:PORT)")
+    return args.ray is not None
+
+
+def _shard_pool(args):
+    from tellnorm.distributed import ShardPool
+
+    return ShardPool(args.model, ray_address=args.ray, workers=args.workers)
+
+
 def _profile(args) -> None:
     from tellnorm.profile import ProfileConfig, run_profile
 
-    run_profile(ProfileConfig(model=args.model, prompts=args.prompts, n_per_difficulty=args.n, out=args.out,
-                              point=args.point, max_new_tokens=args.max_new_tokens))
+    cfg = ProfileConfig(model=args.model, prompts=args.prompts, n_per_difficulty=args.n, out=args.out,
+                        point=args.point, max_new_tokens=args.max_new_tokens)
+    if _sharded(args):
+        from tellnorm.distributed import run_profile_sharded
+
+        run_profile_sharded(cfg, ray_address=args.ray, workers=args.workers)
+    else:
+        run_profile(cfg)
 
 
 def _bench_norms(args) -> None:
@@ -87,11 +110,20 @@ def _features(args) -> None:
     from tellnorm.saes import load_saes
     from tellnorm.studies import contrast_corpus, feature_study, trend_figure
 
+    sharded = _sharded(args)
     model = load_model(args.model)
     saes = load_saes(args.saes, model)
-    corpus = contrast_corpus(model, args.n)
     out = Path(args.out)
-    result = feature_study(model, saes, corpus, out, top_k=args.top_k)
+    if sharded:
+        from tellnorm.distributed import contrast_corpus_sharded, feature_collector
+
+        with _shard_pool(args) as pool:
+            corpus = contrast_corpus_sharded(pool, args.n)
+            result = feature_study(model, saes, corpus, out, top_k=args.top_k,
+                                   collect=feature_collector(pool, args.saes))
+    else:
+        corpus = contrast_corpus(model, args.n)
+        result = feature_study(model, saes, corpus, out, top_k=args.top_k)
     trace = trace_forward(model, corpus.sequences, n_prompt=corpus.n_prompt,
                           request_ids=list(range(len(corpus.sequences))))
     frame = trace.frame.assign(mode=trace.frame.request_id.map(dict(enumerate(corpus.modes))))
@@ -201,8 +233,15 @@ def _evaluate(args) -> None:
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     cfg = EvaluateConfig(**{**options, **quick})  # validates before any work
+    sharded = _sharded(args)
     model = load_model(args.model)
-    result = run_evaluate(model, cfg, Path(args.out))
+    if sharded:
+        from tellnorm.distributed import sharded_decoder
+
+        with _shard_pool(args) as pool:
+            result = run_evaluate(model, cfg, Path(args.out), decoder=sharded_decoder(pool, cfg))
+    else:
+        result = run_evaluate(model, cfg, Path(args.out))
     print(result["markdown"])
     print(f"wrote {args.out}/evaluation.csv, evaluation.md, evaluation_*.csv and the figures")
 
@@ -295,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--point", default="resid_post", help="hook point: resid_pre, resid_mid, resid_post, attn_out, mlp_out")
     p.add_argument("--max-new-tokens", type=int, default=240)
     p.add_argument("--out", default="figures/profile")
+    p.add_argument("--ray", default=None, metavar="ADDRESS", help="shard the prompts over Ray: local, auto, "
+                   "HOST:PORT or ray://HOST:PORT (one model replica per worker)")
+    p.add_argument("--workers", type=int, default=1, help="model replicas with --ray (default 1)")
     p.set_defaults(func=_profile)
 
     sae = sub.add_parser("sae", help="per-layer SAEs (sae_lens): train the suite and report its quality")
@@ -320,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=10, help="validation problems per difficulty (default: 10)")
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--out", default="figures/features")
+    p.add_argument("--ray", default=None, metavar="ADDRESS", help="shard the prompts over Ray: local, auto, "
+                   "HOST:PORT or ray://HOST:PORT (one model replica per worker)")
+    p.add_argument("--workers", type=int, default=1, help="model replicas with --ray (default 1)")
     p.set_defaults(func=_features)
 
     p = sub.add_parser("dashboard", help="offline HTML dashboards of features (default: top ReasonScore features)")
@@ -397,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a minute-long smoke run (2 problems per difficulty, N=4)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--out", default="figures/evaluation")
+    p.add_argument("--ray", default=None, metavar="ADDRESS", help="shard the prompts over Ray: local, auto, "
+                   "HOST:PORT or ray://HOST:PORT (one model replica per worker)")
+    p.add_argument("--workers", type=int, default=1, help="model replicas with --ray (default 1)")
     p.set_defaults(func=_evaluate)
 
     sub.add_parser("harness", help="lm-eval with --model tellnorm: every argument is lm-eval's "

@@ -256,6 +256,7 @@ class Setup:
     calibration: dict  # layer -> calibration norms (for recalibrating with another k); empty in mode "fixed"
     late: list[int]
     middle: list[int]
+    decoder: Callable | None = None  # runs decode() elsewhere (tellnorm.distributed); None: in this process
 
 
 def middle_layers(model, late: list[int]) -> list[int]:
@@ -291,18 +292,26 @@ def setup(model, cfg: EvaluateConfig, *, progress: bool = True) -> Setup:
 
 def decode(st: Setup, name: str, *, techniques: tuple[str, ...] = (), n_samples: int = 1,
            edits: Callable | None = None, trace: bool = False, thresholds=None, alrr: ALRRConfig | None = None,
-           erss: ERSSConfig | None = None, progress: bool = True) -> Run:
+           erss: ERSSConfig | None = None, progress: bool = True, item_indices=None) -> Run:
     """Decode every item ``n_samples`` times (greedy when 1, else the paper's sampling) with the techniques'
-    edits (or ``edits(request_ids)`` → list of edits), tracing norms after the edits when ``trace``."""
+    edits (or ``edits(request_ids)`` → list of edits), tracing norms after the edits when ``trace``.
+
+    ``item_indices``: only these items (a shard; ids and rows keep the items' own indices). With ``st.decoder``
+    set, the call goes there instead (e.g. sharded over Ray workers)."""
     import pandas as pd
+
+    if st.decoder is not None:
+        return st.decoder(st, name, techniques=techniques, n_samples=n_samples, edits=edits, trace=trace,
+                          thresholds=thresholds, alrr=alrr, erss=erss, progress=progress)
 
     from tellnorm.generation import generate
     from tellnorm.norms import NormTracer
     from tellnorm.techniques import build_edits, firing_report
 
     cfg, model, items = st.cfg, st.model, st.task.items
-    request_ids = [f"{i}#{s}" for i in range(len(items)) for s in range(n_samples)]
-    prompts = [items[i].prompt_ids for i in range(len(items)) for _ in range(n_samples)]
+    chosen = list(range(len(items))) if item_indices is None else list(item_indices)
+    request_ids = [f"{i}#{s}" for i in chosen for s in range(n_samples)]
+    prompts = [items[i].prompt_ids for i in chosen for _ in range(n_samples)]
     if edits is not None:
         observers = edits(request_ids)
     else:
@@ -320,8 +329,8 @@ def decode(st: Setup, name: str, *, techniques: tuple[str, ...] = (), n_samples:
     answers = [st.task.extract(model, g) for g in gens]
     responses = pd.DataFrame({
         "request_id": request_ids,
-        "item": [i for i in range(len(items)) for _ in range(n_samples)],
-        "sample": [s for _ in range(len(items)) for s in range(n_samples)],
+        "item": [i for i in chosen for _ in range(n_samples)],
+        "sample": [s for _ in chosen for s in range(n_samples)],
         "answer": answers,
         "correct": [answers_match(a, items[int(r.split("#")[0])].answer) for a, r in zip(answers, request_ids)],
         "n_generated": [len(g.generated_ids) for g in gens],
@@ -362,6 +371,7 @@ def control_edits(st: Setup, alrr_run: Run, kind: str):
         selection = RandomFraction({rid: per_request.get(rid, 0.0) for rid in request_ids}, seed=cfg.seed)
         return [ALRR(st.model, threshold, replace(cfg.alrr, layers=tuple(layers)), selection=selection)]
 
+    build.control = (kind, alrr_run)  # lets a sharded decoder rebuild these edits on its workers
     return build
 
 
@@ -699,14 +709,17 @@ KEY_METHODS = ("greedy", "alrr", "erss", "sample", "majority@{n}", "lrs-D@late@{
                "deepconf-lowest-filter10@{n}", "pass@{n}")
 
 
-def run_evaluate(model, cfg: EvaluateConfig, out: Path, *, progress: bool = True) -> dict:
-    """Everything ``tellnorm evaluate`` does; writes tables, figures and ``evaluation.md`` to ``out``."""
+def run_evaluate(model, cfg: EvaluateConfig, out: Path, *, progress: bool = True, decoder=None) -> dict:
+    """Everything ``tellnorm evaluate`` does; writes tables, figures and ``evaluation.md`` to ``out``.
+
+    ``decoder``: where every decoding runs (e.g. :func:`tellnorm.distributed.sharded_decoder`); None: here."""
     import pandas as pd
 
     from tellnorm.figures import write_figure
     from tellnorm.io import write_csv, write_json
 
     st = setup(model, cfg, progress=progress)
+    st.decoder = decoder
     n = cfg.n_samples
     runs: list[Run] = []
     items = []

@@ -55,8 +55,10 @@ def organism_prompt_rows(n_per_difficulty: int) -> list[dict]:
 
 
 def trace_both_modes(model, rows: list[dict], *, point: str = "resid_post", max_new_tokens: int = 240,
-                     batch_size: int = 40, layers=None, progress: bool = True):
-    """Generate every prompt in thinking and non-thinking mode and trace all layers; one NormTrace."""
+                     batch_size: int = 40, layers=None, progress: bool = True, indices=None):
+    """Generate every prompt in thinking and non-thinking mode and trace all layers; one NormTrace.
+
+    ``indices[i]`` (optional) is row i's index in the full prompt list (a shard's rows keep their ids)."""
     import pandas as pd
 
     from tellnorm.generation import SamplingConfig
@@ -67,8 +69,8 @@ def trace_both_modes(model, rows: list[dict], *, point: str = "resid_post", max_
     frames, gens = [], []
     for mode in MODES:
         prompts = [model.encode(model.chat_prompt(r["prompt"], thinking=mode == "thinking")) for r in rows]
-        ids = [f"{mode}/{i}" for i in range(len(rows))]
-        extra = {"mode": dict.fromkeys(ids, mode), "prompt_index": {rid: i for i, rid in enumerate(ids)}}
+        ids = [f"{mode}/{i}" for i in (range(len(rows)) if indices is None else indices)]
+        extra = {"mode": dict.fromkeys(ids, mode), "prompt_index": {rid: int(rid.split("/")[1]) for rid in ids}}
         if "difficulty" in rows[0]:
             extra["difficulty"] = {rid: r["difficulty"] for rid, r in zip(ids, rows)}
         trace = trace_generation(model, prompts, SamplingConfig(max_new_tokens=max_new_tokens), request_ids=ids,
@@ -187,8 +189,9 @@ def heatmap_figure(frame, request_id, *, title: str | None = None, max_tokens: i
 
 
 def profile_study(model, rows: list[dict], out: Path, *, point: str = "resid_post", max_new_tokens: int = 240,
-                  batch_size: int = 40):
-    """Trace ``rows`` in both modes and write the per-token table, the profile and the figures to ``out``.
+                  batch_size: int = 40, trace=None):
+    """Trace ``rows`` in both modes and write the per-token table, the profile and the figures to ``out``
+    (``trace``: an already merged trace of ``rows``, e.g. from :mod:`tellnorm.distributed`; then no generation).
 
     Returns ``(trace, profile, matched)``; ``matched`` (the like-with-like comparison of
     :func:`matched_comparison`) is None for models whose responses have no shared closing to match."""
@@ -196,7 +199,8 @@ def profile_study(model, rows: list[dict], out: Path, *, point: str = "resid_pos
     from tellnorm.io import write_csv, write_parquet
     from tellnorm.norms import layer_profile
 
-    trace = trace_both_modes(model, rows, point=point, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if trace is None:
+        trace = trace_both_modes(model, rows, point=point, max_new_tokens=max_new_tokens, batch_size=batch_size)
     profile = layer_profile(trace.statistics_rows(), by=["mode"])
     write_parquet(trace.frame, out / "norms_per_token.parquet")
     write_csv(profile, out / "norm_profile.csv")

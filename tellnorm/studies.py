@@ -56,8 +56,11 @@ def contrast_corpus(model, n_per_difficulty: int = 10, *, max_new_tokens: int = 
 
 
 def feature_study(model, saes: dict, corpus: ContrastCorpus, out: Path, *, top_k: int = 20,
-                  groups=None, seed: int = 0) -> dict:
-    """The paper's contrast and ReasonScore for every layer, the trend figure, and the two controls."""
+                  groups=None, seed: int = 0, collect=None) -> dict:
+    """The paper's contrast and ReasonScore for every layer, the trend figure, and the two controls.
+
+    ``collect``: a stand-in for :func:`tellnorm.features.collect_feature_sums` (same call) for the contrast and
+    injection sums, e.g. :func:`tellnorm.distributed.feature_collector` to shard them over Ray workers."""
     from tellnorm import features as F
     from tellnorm.io import write_csv
 
@@ -75,7 +78,7 @@ def feature_study(model, saes: dict, corpus: ContrastCorpus, out: Path, *, top_k
     if matched is not None:
         for i, buckets in F.matched_contrast_masks(matched, [len(s) for s in corpus.sequences], corpus.modes).items():
             masks[i].update(buckets)
-    sums = F.collect_feature_sums(model, saes, corpus.sequences, masks, fold_decoder_norm=True)
+    sums = (collect or F.collect_feature_sums)(model, saes, corpus.sequences, masks, fold_decoder_norm=True)
     contrast_tab = F.contrast_table(sums, layers)
     reason_tab = F.reason_score_table(sums, layers, list(vocab))
     trend = F.top_k_scores(contrast_tab, k=top_k)
@@ -85,7 +88,7 @@ def feature_study(model, saes: dict, corpus: ContrastCorpus, out: Path, *, top_k
     late = model.late_layers()
     top_reason = {layer: reason_tab[(reason_tab.layer == layer) & (reason_tab["rank"] <= 5)].feature.tolist()
                   for layer in late}
-    injection = token_injection_control(model, saes, corpus, vocab, top_reason, seed=seed)
+    injection = token_injection_control(model, saes, corpus, vocab, top_reason, seed=seed, collect=collect)
     write_csv(injection, out / "features_token_injection.csv")
     result = {"contrast": contrast_tab, "reason": reason_tab, "trend": trend, "injection": injection,
               "top_reason": top_reason}
@@ -155,7 +158,7 @@ def matched_feature_trend(sums, contrast_tab, layers, top_k: int, modes, *, seed
 
 
 def token_injection_control(model, saes, corpus: ContrastCorpus, vocab, features: dict, *, seed: int = 0,
-                            every: int = 4):
+                            every: int = 4, collect=None):
     """Do top ReasonScore features fire on reasoning words pasted into non-reasoning text (the user prompts)?
 
     Per feature: mean activation (decoder-norm folded) on windows around *injected* words, on windows around the
@@ -187,7 +190,7 @@ def token_injection_control(model, saes, corpus: ContrastCorpus, vocab, features
     seqs = injected_seqs + [corpus.sequences[i] for i in thinking]
     ids = [("injected", j) for j in range(len(thinking))] + [("genuine", j) for j in range(len(thinking))]
     chosen = {layer: saes[layer] for layer in features}
-    sums = F.collect_feature_sums(model, chosen, seqs, masks, request_ids=ids, fold_decoder_norm=True)
+    sums = (collect or F.collect_feature_sums)(model, chosen, seqs, masks, request_ids=ids, fold_decoder_norm=True)
     rows = []
     for layer, feats in features.items():
         for f in feats:

@@ -328,6 +328,15 @@ def test_select_vote_without_answers_returns_the_top_scoring_response():
     assert select(["a", "b", "b"], records, "deepconf-mean-filter90") == ("b", 1)  # keeps 1, 2: b weighs 5
 
 
+def test_select_reads_nan_answers_as_no_answer():
+    """Answers from a pandas column: a response without an answer is NaN there, and must count as None."""
+    records = [{"topk_mean_logprob": np.full(4, -c)} for c in (1.0, 3.0, 2.0)]
+    nan = float("nan")
+    assert select([nan, nan, 7.0], None, "majority") == (7.0, 2)  # a missing answer casts no vote
+    assert select([nan, nan, 7.0], records, "deepconf-mean") == (7.0, 2)
+    assert select([nan, nan, 7.0], records, "deepconf-mean-filter10") == (None, 1)
+
+
 def test_select_representative_is_the_first_of_the_top_scoring_winners():
     records = [{"topk_mean_logprob": np.full(3, -c)} for c in (1.0, 2.0, 5.0, 2.0, 5.0)]
     assert select(["b", "a", "a", "b", "a"], records, "deepconf-mean") == ("a", 2)

@@ -253,6 +253,7 @@ def select(answers: Sequence[Hashable | None], per_token: Sequence[Mapping] | No
     has an answer, the vote returns None with the top-scoring (first, for "majority") response.
     """
     cfg = cfg or ConfidenceConfig()
+    answers = [None if _missing(a) else a for a in answers]  # a pandas column of answers holds NaN, not None
     _check_answers(answers)
     valid = method_names(cfg)
     if method not in valid:
@@ -283,6 +284,11 @@ def select(answers: Sequence[Hashable | None], per_token: Sequence[Mapping] | No
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
+
+
+def _missing(answer) -> bool:
+    """No answer: None, or the NaN pandas turns None into in a column of numbers."""
+    return answer is None or (isinstance(answer, float) and answer != answer)
 
 
 def _representative(answers, answer, scores) -> int:
