@@ -280,6 +280,16 @@ def _ratio_stats(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def write_results(summary: dict, stem: Path, frame, table: str) -> None:
+    """A benchmark's JSON summary and CSV table (``stem.json``, ``stem.csv``), and its table printed."""
+    from tellnorm.io import write_csv, write_json
+
+    write_json(summary, stem.with_suffix(".json"))
+    write_csv(frame, stem.with_suffix(".csv"))
+    print(table)
+    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.csv')}")
+
+
 def machine_info(threads_set: int | None) -> dict:
     import torch
     import transformers
@@ -318,8 +328,6 @@ def bench_norms(cfg: BenchConfig) -> dict:
     """
     import torch
     from tqdm.auto import tqdm
-
-    from tellnorm.io import write_csv, write_json
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -428,12 +436,7 @@ def bench_norms(cfg: BenchConfig) -> dict:
         "targets": targets,
         "rounds": rounds,
     }
-    out = Path(cfg.out)
-    write_json(summary, out / "bench_norms.json")
-    table = summary_frame(summary)
-    write_csv(table, out / "bench_norms.csv")
-    print(format_table(summary))
-    print(f"wrote {out / 'bench_norms.json'} and {out / 'bench_norms.csv'}")
+    write_results(summary, Path(cfg.out) / "bench_norms", summary_frame(summary), format_table(summary))
     return summary
 
 

@@ -153,10 +153,9 @@ def bench_backends(cfg: BackendBenchConfig) -> dict:
     """Run the benchmark, write ``bench_backends.json`` / ``.csv`` into ``cfg.out``, print the table."""
     from tqdm.auto import tqdm
 
-    from tellnorm.bench import machine_info
+    from tellnorm.bench import machine_info, write_results
     from tellnorm.bench_techniques import Setup, bench_prompts, calibrate
     from tellnorm.generation import SamplingConfig
-    from tellnorm.io import write_csv, write_json
 
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -212,10 +211,7 @@ def bench_backends(cfg: BackendBenchConfig) -> dict:
         "rounds": [{v: {"seconds": row[v]["seconds"], "extra_pass_s": row[v]["extra_pass_s"]} for v in row}
                    for row in rounds],
     }
-    write_json(summary, out / "bench_backends.json")
-    write_csv(summary_frame(summary), out / "bench_backends.csv")
-    print(format_table(summary))
-    print(f"wrote {out / 'bench_backends.json'} and {out / 'bench_backends.csv'}")
+    write_results(summary, out / "bench_backends", summary_frame(summary), format_table(summary))
     return summary
 
 

@@ -285,9 +285,8 @@ def bench_techniques(cfg: TechniqueBenchConfig) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from tellnorm.bench import machine_info
+    from tellnorm.bench import machine_info, write_results
     from tellnorm.generation import SamplingConfig
-    from tellnorm.io import write_csv, write_json
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -382,11 +381,7 @@ def bench_techniques(cfg: TechniqueBenchConfig) -> dict:
         "targets": _targets(variants),
         "rounds": rounds,
     }
-    out = Path(cfg.out)
-    write_json(summary, out / "bench_techniques.json")
-    write_csv(summary_frame(summary), out / "bench_techniques.csv")
-    print(format_table(summary))
-    print(f"wrote {out / 'bench_techniques.json'} and {out / 'bench_techniques.csv'}")
+    write_results(summary, Path(cfg.out) / "bench_techniques", summary_frame(summary), format_table(summary))
     return summary
 
 

