@@ -180,11 +180,21 @@ def reproduce(cfg: ReproduceConfig, force=()) -> ReproduceResult:
                 ctx.state.update(record["state"])
             runs[stage.name] = StageRun(hashes[stage.name], "ran" if stale else "cached", time.perf_counter() - start)
             print(f"[{stage.name}] {runs[stage.name].seconds:.1f} s{'' if stale else ' cached'}", flush=True)
+    ctx.report.add("The paper's claims, judged", claims_section(out))
     ctx.report.write(out / "REPORT.md")
     _write_json(manifest(cfg, inputs, hashes, out), out / "manifest.json")
     _write_times(runs, out / TIMES_FILE)
     print(f"wrote {out / 'REPORT.md'}, report.html, manifest.json, {TIMES_FILE}")
     return ReproduceResult(ctx.report, runs)
+
+
+def claims_section(out: Path) -> str:
+    """Each paper claim with the numbers it was judged on and the verdict (rules in :mod:`tellnorm.claims`),
+    rebuilt from the tables on every run, cached stages included."""
+    from tellnorm.claims import claims_markdown, judge_all
+
+    return ("Each verdict follows a rule written next to the claim in `tellnorm/claims.py`, applied to the tables "
+            "above; section numbers are the paper's.\n\n" + claims_markdown(judge_all(out)))
 
 
 def _still_valid(record: dict | None, stage_hash: str, out: Path) -> bool:
