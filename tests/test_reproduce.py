@@ -187,7 +187,7 @@ def test_reproduce_quick_end_to_end(tmp_path, private_temp):
     report = (out / "REPORT.md").read_text()
     for section in ("Organism accuracy", "L2 norm by layer", "norm peaks", "SAEs and reasoning features",
                     "The theorem, checked", "Correlation", "Interventions", "Test-time techniques", "dashboards",
-                    "Feature explorer"):
+                    "Feature explorer", "The paper's claims, judged"):
         assert section in report
     html = (out / "report.html").read_text()
     assert "<h2>Test-time techniques" in html and html.count("<table>") >= report.count("\n|---") > 0
