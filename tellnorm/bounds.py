@@ -823,15 +823,18 @@ def check_corpus(corpus) -> None:
 
 
 def reasoning_features(model, saes: Mapping[int, Any], corpus, *, top_k: int = DEFAULT_TOP_K,
-                       scope: str = "generated", batch_size: int = 16):
+                       scope: str = "generated", batch_size: int = 16, collect=None):
     """R per layer: the top-K features by the paper's contrast Δ (decoder-norm folded, exactly as
     :func:`tellnorm.studies.feature_study` and :func:`tellnorm.features.top_k_scores` choose them).
 
-    Returns ``({layer: [feature, ...]}, contrast table)``."""
+    ``collect``: a stand-in for :func:`tellnorm.features.collect_feature_sums` (e.g.
+    :func:`tellnorm.distributed.feature_collector`, sharded over Ray). Returns ``({layer: [feature, ...]}, contrast
+    table)``."""
     from tellnorm import features as F
 
     masks = F.contrast_masks(corpus.sequences, corpus.n_prompt, corpus.modes, scope=scope)
-    sums = F.collect_feature_sums(model, saes, corpus.sequences, masks, fold_decoder_norm=True, batch_size=batch_size)
+    collect = collect or F.collect_feature_sums
+    sums = collect(model, saes, corpus.sequences, masks, fold_decoder_norm=True, batch_size=batch_size)
     table = F.contrast_table(sums, sorted(saes))
     chosen = {int(layer): g.nlargest(top_k, "delta")["feature"].astype(int).tolist()
               for layer, g in table.groupby("layer")}
@@ -852,17 +855,22 @@ def bounds_study(model, saes: Mapping[int, Any], corpus, out, *, top_k: int = DE
                  layers: Sequence[int] | None = None, markers: Sequence[Marker] = ORGANISM_MARKERS,
                  scope: str = "generated", band: BandConfig = BandConfig(),
                  thresholds: AssumptionThresholds = AssumptionThresholds(), figures: bool = True,
-                 batch_size: int = 16) -> dict:
+                 batch_size: int = 16, collect=None, collect_features=None) -> dict:
     """The bounds check, the paired two-sided relation and the assumptions, per layer; writes
     ``bounds.csv``, ``bounds_assumptions.csv``, ``bounds_pairs.csv``, ``bounds_pair_points.csv`` and the figures
-    ``bounds_norm_vs_reasoning`` and ``bounds_pairs`` into ``out``."""
+    ``bounds_norm_vs_reasoning`` and ``bounds_pairs`` into ``out``.
+
+    ``collect`` / ``collect_features``: stand-ins for :func:`collect_bounds` and
+    :func:`tellnorm.features.collect_feature_sums` (e.g. :func:`tellnorm.distributed.bounds_collector` and
+    :func:`tellnorm.distributed.feature_collector`: the same sums, sharded by sequence over Ray)."""
     from tellnorm import features as F
     from tellnorm.io import write_csv
 
     out = check_output_dir(out)
     saes = select_saes(model, saes, top_k=top_k, layers=layers, bounds=True)
     check_corpus(corpus)
-    reasoning, _ = reasoning_features(model, saes, corpus, top_k=top_k, scope=scope, batch_size=batch_size)
+    reasoning, _ = reasoning_features(model, saes, corpus, top_k=top_k, scope=scope, batch_size=batch_size,
+                                      collect=collect_features)
     masks = F.contrast_masks(corpus.sequences, corpus.n_prompt, corpus.modes, scope=scope)
     pairs, capture = [], {}
     for problem, (it, inn) in enumerate(problem_pairs(corpus.modes)):
@@ -875,7 +883,8 @@ def bounds_study(model, saes: Mapping[int, Any], corpus, out, *, top_k: int = DE
     if not pairs:
         warnings.warn(f"no marker ({', '.join(m.name for m in markers)}) was found in both responses of any problem: "
                       "the two-sided relation is not measured", stacklevel=2)
-    sums = collect_bounds(model, saes, corpus.sequences, masks, reasoning, capture=capture, batch_size=batch_size)
+    sums = (collect or collect_bounds)(model, saes, corpus.sequences, masks, reasoning, capture=capture,
+                                       batch_size=batch_size)
     geometry = {layer: sae_geometry(sae) for layer, sae in saes.items()}
     layer_list = sorted(saes)
     table = bounds_table(sums, geometry)

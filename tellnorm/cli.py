@@ -52,6 +52,12 @@ def _shard_pool(args):
     return ShardPool(args.model, ray_address=args.ray, workers=args.workers)
 
 
+def _add_ray_flags(p) -> None:
+    p.add_argument("--ray", default=None, metavar="ADDRESS", help="shard the prompts over Ray: local, auto, "
+                   "HOST:PORT or ray://HOST:PORT (one model replica per worker)")
+    p.add_argument("--workers", type=int, default=1, help="model replicas with --ray (default 1)")
+
+
 def _profile(args) -> None:
     from tellnorm.profile import ProfileConfig, run_profile
 
@@ -201,7 +207,15 @@ def _intervene(args) -> None:
         amplify=tuple(args.amplify), random_seeds=tuple(args.seeds), threshold_mode=args.threshold_mode,
         thresholds_file=args.thresholds, threshold=threshold, steering=not args.no_steering,
         features=not args.no_features, saes=args.saes, batch_size=args.batch_size)
-    result = run_intervene(load_model(args.model), cfg, Path(args.out))
+    if _sharded(args):
+        from tellnorm.distributed import check_intervention_shardable, sharded_intervention
+
+        check_intervention_shardable(cfg)  # before any work
+        model = load_model(args.model)
+        with _shard_pool(args) as pool:
+            result = run_intervene(model, cfg, Path(args.out), runner=sharded_intervention(pool, cfg))
+    else:
+        result = run_intervene(load_model(args.model), cfg, Path(args.out))
     print(format_suppression(result["suppression"]))
     print(f"wrote {args.out}/suppression.csv, suppression_hits.csv, suppression_top_tokens.csv, suppression.(html|png)"
           f"{', steering.csv' if cfg.steering else ''}{', feature_ablation.csv' if cfg.features else ''} "
@@ -265,12 +279,26 @@ def _analysis_setup(args, *, bounds: bool):
     return model, saes, out
 
 
-def _bounds(args) -> None:
-    from tellnorm.bounds import bounds_study
+def _contrast_study(args, study, *, bounds: bool, collector: str):
+    """``study`` (bounds or correlation) on the contrast corpus, sharded over Ray when ``--ray`` asks for it."""
     from tellnorm.studies import contrast_corpus
 
-    model, saes, out = _analysis_setup(args, bounds=True)
-    result = bounds_study(model, saes, contrast_corpus(model, args.n), out, top_k=args.top_k)
+    sharded = _sharded(args)
+    model, saes, out = _analysis_setup(args, bounds=bounds)
+    if not sharded:
+        return study(model, saes, contrast_corpus(model, args.n), out, top_k=args.top_k), out
+    from tellnorm import distributed
+
+    with _shard_pool(args) as pool:
+        return study(model, saes, distributed.contrast_corpus_sharded(pool, args.n), out, top_k=args.top_k,
+                     collect=getattr(distributed, collector)(pool, args.saes),
+                     collect_features=distributed.feature_collector(pool, args.saes)), out
+
+
+def _bounds(args) -> None:
+    from tellnorm.bounds import bounds_study
+
+    result, out = _contrast_study(args, bounds_study, bounds=True, collector="bounds_collector")
     for name in ("bounds", "assumptions", "pairs"):
         print(result[name].to_string(index=False, float_format="{:.4g}".format))
     print(f"wrote {out}/bounds*.csv, bounds_norm_vs_reasoning.(html|png), bounds_pairs.(html|png)")
@@ -278,10 +306,8 @@ def _bounds(args) -> None:
 
 def _correlate(args) -> None:
     from tellnorm.correlation import correlation_study
-    from tellnorm.studies import contrast_corpus
 
-    model, saes, out = _analysis_setup(args, bounds=False)
-    result = correlation_study(model, saes, contrast_corpus(model, args.n), out, top_k=args.top_k)
+    result, out = _contrast_study(args, correlation_study, bounds=False, collector="signal_collector")
     print(result["table"].to_string(index=False, float_format="{:.1f}".format))
     print(f"wrote {out}/correlation*.csv, correlation_alignment.(html|png)")
 
@@ -396,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-k", type=int, default=20, help="reasoning features per layer (default: 20)")
         p.add_argument("--layers", type=int, nargs="+", default=None, help="layers to analyse (default: every SAE's)")
         p.add_argument("--out", default=f"figures/{name}")
+        _add_ray_flags(p)
         p.set_defaults(func=func)
 
     p = sub.add_parser("intervene", help="causal tests: suppress high-norm vs random tokens, steer, ablate features")
@@ -416,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-features", action="store_true", help="skip the reasoning-feature ablation")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--out", default="figures/interventions")
+    _add_ray_flags(p)
     p.set_defaults(func=_intervene)
 
     p = sub.add_parser("evaluate", help="ALRR, ERSS, LRS and combinations vs compute-matched baselines")

@@ -347,9 +347,13 @@ def _ci_text(lo: float, hi: float) -> str:
 
 def correlation_study(model, saes: Mapping[int, Any], corpus, out, *, top_k: int = DEFAULT_TOP_K,
                       layers: Sequence[int] | None = None, seed: int = 0, figures: bool = True,
-                      batch_size: int = 16) -> dict:
+                      batch_size: int = 16, collect=None, collect_features=None) -> dict:
     """Write ``correlation.csv``, ``correlation_table.csv``, ``correlation_layers.csv`` and the figure
-    ``correlation_alignment`` into ``out``."""
+    ``correlation_alignment`` into ``out``.
+
+    ``collect`` / ``collect_features``: stand-ins for :func:`collect_signals` (anything with its result's ``sums``,
+    ``attention_seen`` and ``layers``) and :func:`tellnorm.features.collect_feature_sums`, e.g.
+    :func:`tellnorm.distributed.signal_collector` and :func:`tellnorm.distributed.feature_collector` (sharded)."""
     from tellnorm.bounds import check_corpus, reasoning_features, select_saes
     from tellnorm.io import check_output_dir
     from tellnorm.io import write_csv
@@ -357,9 +361,10 @@ def correlation_study(model, saes: Mapping[int, Any], corpus, out, *, top_k: int
     out = check_output_dir(out)
     saes = select_saes(model, saes, top_k=top_k, layers=layers, min_layers=MIN_LAYERS)
     check_corpus(corpus)
-    reasoning, contrast = reasoning_features(model, saes, corpus, top_k=top_k, batch_size=batch_size)
+    reasoning, contrast = reasoning_features(model, saes, corpus, top_k=top_k, batch_size=batch_size,
+                                             collect=collect_features)
     thinking = [i for i, m in enumerate(corpus.modes) if m == "thinking"]
-    observer = collect_signals(model, saes, reasoning, [corpus.sequences[i] for i in thinking],
+    observer = (collect or collect_signals)(model, saes, reasoning, [corpus.sequences[i] for i in thinking],
                                {i: corpus.n_prompt[i] for i in thinking}, request_ids=thinking, batch_size=batch_size)
     attention_layers = sorted(observer.attention_seen)
     table = correlation_table(observer.sums, attention_layers=attention_layers, seed=seed)

@@ -18,8 +18,12 @@ study writers (:mod:`tellnorm.io`) write to a temporary file and rename it, so a
 
 Wired studies: norm profiles (:func:`trace_both_modes_sharded`, :func:`run_profile_sharded`), the contrast corpus
 and feature sums (:func:`contrast_corpus_sharded`, :func:`collect_feature_sums_sharded`,
-:func:`feature_collector` for :func:`tellnorm.studies.feature_study`), and the technique evaluation's decoding
-(:func:`sharded_decoder` for :func:`tellnorm.evaluation.run_evaluate`).
+:func:`feature_collector` for :func:`tellnorm.studies.feature_study`), the technique evaluation's decoding
+(:func:`sharded_decoder` for :func:`tellnorm.evaluation.run_evaluate`), the bounds and assumption statistics
+(:func:`collect_bounds_sharded`, :func:`bounds_collector` for :func:`tellnorm.bounds.bounds_study`), the
+correlation signals (:func:`signal_collector` for :func:`tellnorm.correlation.correlation_study`) and the
+suppression study's generations and log-probs (:func:`sharded_intervention` for
+:func:`tellnorm.interventions.study.run_intervene`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import Any, Callable, Sequence
 
 from tellnorm.errors import TellnormError
 
+RAYLET_START_WAIT_S = 120  # seconds a local cluster's raylet may take to start (Ray's default is 10)
 LOCAL = "local"
 STRATEGIES = ("contiguous", "round-robin")
 INSTALL_HINT = "pip install -e '.[ray]' (or pip install 'ray==2.60.0')"
@@ -284,9 +289,16 @@ class ShardPool:
             # Ray keeps its session (sockets, logs) under /tmp/ray unless told otherwise: a folder of ours instead,
             # removed when the pool closes.
             self._ray_temp = tempfile.mkdtemp(prefix="tellnorm-ray-")
-            ray.init(num_cpus=max(1, math.ceil(self.workers * self.num_cpus_per_worker)),
-                     num_gpus=gpus or None, include_dashboard=False,
-                     runtime_env=self.runtime_env, _temp_dir=self._ray_temp)
+            # Ray gives its raylet 10 s to start; a loaded shared machine needs longer (measured: a failed start).
+            os.environ.setdefault("RAY_raylet_start_wait_time_s", str(RAYLET_START_WAIT_S))
+            try:
+                ray.init(num_cpus=max(1, math.ceil(self.workers * self.num_cpus_per_worker)),
+                         num_gpus=gpus or None, include_dashboard=False,
+                         runtime_env=self.runtime_env, _temp_dir=self._ray_temp)
+            except BaseException:
+                shutil.rmtree(self._ray_temp, ignore_errors=True)
+                self._ray_temp = None
+                raise
         else:
             check_reachable(address, self.connect_timeout_s)
             ray.init(address=address, runtime_env=self.runtime_env)
@@ -696,10 +708,226 @@ def sharded_decoder(pool: ShardPool, cfg=None, *, strategy: str = "contiguous") 
     return decoder
 
 
+# ------------------------------------------------------------------------------------------------------ bounds
+
+def bounds_shard(replica: Replica, shard: Shard, items: list, *, saes, layers=None, reasoning, input_scale=1.0,
+                 batch_size: int = 16):
+    """:func:`tellnorm.bounds.collect_bounds` of one shard's ``(request_id, sequence, masks, capture)`` items."""
+    from tellnorm.bounds import collect_bounds
+
+    capture = {rid: positions for rid, _, _, positions in items if positions}
+    return collect_bounds(replica.model, replica.saes(saes, layers), [seq for _, seq, _, _ in items],
+                          {rid: masks for rid, _, masks, _ in items}, reasoning, capture=capture,
+                          request_ids=[rid for rid, _, _, _ in items], input_scale=input_scale, batch_size=batch_size)
+
+
+def collect_bounds_sharded(pool: ShardPool, saes, sequences, masks, reasoning, *, capture=None, request_ids=None,
+                           layers=None, input_scale: float = 1.0, batch_size: int = 16, strategy: str = "contiguous"):
+    """:func:`tellnorm.bounds.collect_bounds` sharded by sequence, merged with ``BoundsSums.merge``.
+
+    Counts (tokens, checked and active pairs, violations of the three bounds, histogram bins, fire counts) are
+    those of one process whenever every sequence's activations are (always at batch size 1; otherwise they can
+    differ by float32 batch padding, ~1e-6 relative); float64 sums differ only by the order of additions; the
+    scatter sample is chosen by a per-token hash and the paired states are keyed by request, so both are the same.
+    ``saes``: an SAE spec each worker loads once; ``layers``: the subset to check."""
+    request_ids = list(request_ids) if request_ids is not None else list(range(len(sequences)))
+    capture = capture or {}
+    items = [(rid, list(seq), masks.get(rid, {}), set(capture.get(rid, ())))
+             for rid, seq in zip(request_ids, sequences)]
+    return pool.map(bounds_shard, items, merge=merge_accumulators, strategy=strategy, saes=saes, layers=layers,
+                    reasoning={layer: list(map(int, r)) for layer, r in reasoning.items()}, input_scale=input_scale,
+                    batch_size=batch_size)
+
+
+def bounds_collector(pool: ShardPool, saes_spec, *, strategy: str = "contiguous") -> Callable:
+    """A stand-in for :func:`tellnorm.bounds.collect_bounds` (``bounds_study(..., collect=...)``) that shards the
+    sums; the driver's SAE dict only says which layers (the workers load ``saes_spec`` themselves)."""
+
+    def collect(model, saes, sequences, masks, reasoning, *, capture=None, request_ids=None, input_scale=1.0,
+                batch_size=16):
+        return collect_bounds_sharded(pool, saes_spec, sequences, masks, reasoning, capture=capture,
+                                      request_ids=request_ids, layers=sorted(saes), input_scale=input_scale,
+                                      batch_size=batch_size, strategy=strategy)
+
+    return collect
+
+
+# ------------------------------------------------------------------------------------------------------ correlation
+
+@dataclass
+class SignalResult:
+    """What :func:`tellnorm.correlation.correlation_study` reads from :func:`tellnorm.correlation.collect_signals`'s
+    observer: the per-problem sums, the layers whose attention pattern was seen, the layers."""
+
+    sums: Any
+    attention_seen: set
+    layers: list
+
+
+def signals_shard(replica: Replica, shard: Shard, items: list, *, saes, layers=None, reasoning,
+                  batch_size: int = 16):
+    from tellnorm.correlation import collect_signals
+
+    observer = collect_signals(replica.model, replica.saes(saes, layers), reasoning, [seq for _, seq, _ in items],
+                               {rid: start for rid, _, start in items}, request_ids=[rid for rid, _, _ in items],
+                               batch_size=batch_size)
+    return SignalResult(observer.sums, set(observer.attention_seen), list(observer.layers))
+
+
+def merge_signals(results: Sequence, shards: Sequence[Shard], *, order: Sequence = ()) -> SignalResult:
+    """``SignalSums.merge`` in shard order, then the problems in ``order`` (the bootstrap resamples by position)."""
+    sums = functools.reduce(lambda a, b: a.merge(b), [r.sums for r in results])
+    ranked = [rid for rid in order if rid in sums.problems]
+    seen = set(ranked)
+    rest = [rid for rid in sums.problems if rid not in seen]
+    sums.problems = {rid: sums.problems[rid] for rid in ranked + rest}
+    return SignalResult(sums, set().union(*(r.attention_seen for r in results)), results[0].layers)
+
+
+def signal_collector(pool: ShardPool, saes_spec, *, strategy: str = "contiguous") -> Callable:
+    """A stand-in for :func:`tellnorm.correlation.collect_signals` (``correlation_study(..., collect=...)``) that
+    shards the per-problem sums by problem (each problem's sums come from one worker)."""
+
+    def collect(model, saes, reasoning, sequences, starts, *, request_ids=None, batch_size=16):
+        rids = list(request_ids) if request_ids is not None else list(range(len(sequences)))
+        items = [(rid, list(seq), starts.get(rid, 1 << 30)) for rid, seq in zip(rids, sequences)]
+        return pool.map(signals_shard, items, merge=functools.partial(merge_signals, order=rids), strategy=strategy,
+                        saes=saes_spec, layers=sorted(saes),
+                        reasoning={layer: list(map(int, r)) for layer, r in reasoning.items()}, batch_size=batch_size)
+
+    return collect
+
+
+# ------------------------------------------------------------------------------------------------------ interventions
+
+SHARD_SAFE_INTERVENTION_MODES = ("calibrated", "fixed", "exact")  # τ fixed, or tracked per request
+
+
+def check_intervention_shardable(cfg) -> None:
+    """One TellnormError line, before any work, if ``cfg`` (an InterventionConfig) cannot be sharded exactly."""
+    if cfg.threshold_mode not in SHARD_SAFE_INTERVENTION_MODES:
+        raise TellnormError(f"threshold mode {cfg.threshold_mode!r} pools τ over the requests that share a batch, so "
+                            "an edit would depend on its shard: with --ray use --threshold-mode calibrated, fixed or "
+                            "exact")
+
+
+@dataclass
+class RecordedEdit:
+    """An edit as the study's tables read it after a sharded run: its name and its merged decision record."""
+
+    name: str
+    record: Any
+
+
+def _worker_context(replica: Replica, ctx):
+    """The driver's calibration context on this worker's model (SAEs loaded here, once per spec and layers)."""
+    if not ctx.cfg.features:
+        return replace(ctx, model=replica.model)
+    from tellnorm.saes import load_saes
+
+    late = tuple(ctx.sets["late"])
+    saes = replica.resource(("intervention-saes", str(ctx.cfg.saes), late),
+                            lambda: load_saes(ctx.cfg.saes, replica.model, layers=list(late)))
+    return replace(ctx, model=replica.model, saes=saes)
+
+
+def _shard_conditions(ctx, names: Sequence[str]) -> list:
+    from tellnorm.interventions.study import build_conditions
+
+    by_name = {c.name: c for c in build_conditions(ctx)}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise TellnormError(f"conditions {missing} are not rebuilt on the worker from the calibration")
+    return [by_name[n] for n in names]
+
+
+def intervention_shard(replica: Replica, shard: Shard, items: list, *, ctx, names, cfg, fractions,
+                       what: str = "generate"):
+    """One shard of the suppression study's problems (``(problem, prompt ids)`` items, request ids numbered by
+    their original index) under the conditions ``names``, rebuilt on the worker from the calibration ``ctx``:
+    ``generate``: ``(generations, {condition: [(edit name, record), ...]})``; ``logprobs``: the answer log-probs."""
+    from tellnorm.interventions.study import answer_logprobs, run_conditions
+
+    wctx = _worker_context(replica, ctx)
+    conds = _shard_conditions(wctx, names)
+    problems, prompts = [p for p, _ in items], [ids for _, ids in items]
+    if what == "logprobs":
+        return answer_logprobs(wctx.model, conds, problems, prompts, cfg, fractions, indices=shard.indices)
+    outcome = run_conditions(wctx.model, conds, problems, prompts, cfg, fractions, progress=False, desc="",
+                             indices=shard.indices)
+    return outcome.generations, {name: [(e.name, e.record) for e in edits] for name, edits in outcome.edits.items()}
+
+
+def merge_outcomes(results: Sequence, shards: Sequence[Shard]):
+    """Shard outcomes as one: every generation, and per condition its edits' records merged (requests disjoint)."""
+    from tellnorm.interventions.edits import EditRecord
+    from tellnorm.interventions.study import Outcome
+
+    outcome = Outcome()
+    for gens, _ in results:
+        outcome.generations.update(gens)
+    for name, edits in results[0][1].items():
+        merged = []
+        for j, (edit_name, _) in enumerate(edits):
+            record = EditRecord(edit_name)
+            for _, shard_edits in results:
+                part = shard_edits[name][j][1]
+                record.decisions.update(part.decisions)
+                record.start.update(part.start)
+                record.n_prompt.update(part.n_prompt)
+            merged.append(RecordedEdit(edit_name, record))
+        outcome.edits[name] = merged
+    return outcome
+
+
+def merge_dicts(results: Sequence[dict], shards: Sequence[Shard]) -> dict:
+    return {key: value for result in results for key, value in result.items()}
+
+
+class ShardedIntervention:
+    """The ``runner`` of :func:`tellnorm.interventions.study.run_intervene` that shards by problem over a pool.
+
+    The validation contrast corpus (:func:`contrast_corpus_sharded`), both generation phases and the answer
+    log-probs run on the workers; each worker rebuilds the conditions and their edits from the driver's calibration
+    (thresholds, steering direction, feature sets; SAEs loaded there). Request ids, random selections
+    (:func:`tellnorm.interventions.selection.token_uniforms`) and per-request τ are keyed by the problem's original
+    index, so answers and edit decisions are those of one process. The calibration pass and the matched fractions
+    (pooled over the whole run) stay on the driver."""
+
+    def __init__(self, pool: ShardPool, cfg=None, *, strategy: str = "contiguous"):
+        if cfg is not None:
+            check_intervention_shardable(cfg)
+        self.pool, self.strategy = pool, strategy
+
+    def contrast_corpus(self, model, n_per_difficulty: int, *, max_new_tokens: int):
+        return contrast_corpus_sharded(self.pool, n_per_difficulty, max_new_tokens=max_new_tokens,
+                                       strategy=self.strategy)
+
+    def _map(self, ctx, conds, problems, prompts, cfg, fractions, what: str, merge: Callable):
+        check_intervention_shardable(cfg)
+        lite = replace(ctx, model=None, saes={})
+        return self.pool.map(intervention_shard, list(zip(problems, [list(p) for p in prompts])), merge=merge,
+                             strategy=self.strategy, ctx=lite, names=[c.name for c in conds], cfg=cfg,
+                             fractions=fractions, what=what)
+
+    def run_conditions(self, ctx, conds, problems, prompts, cfg, fractions, *, progress: bool = False, desc: str = ""):
+        return self._map(ctx, conds, problems, prompts, cfg, fractions, "generate", merge_outcomes)
+
+    def answer_logprobs(self, ctx, conds, problems, prompts, cfg, fractions):
+        return self._map(ctx, conds, problems, prompts, cfg, fractions, "logprobs", merge_dicts)
+
+
+def sharded_intervention(pool: ShardPool, cfg=None, *, strategy: str = "contiguous") -> ShardedIntervention:
+    """The ``runner`` for :func:`tellnorm.interventions.study.run_intervene` (``cfg`` checked up front)."""
+    return ShardedIntervention(pool, cfg, strategy=strategy)
+
+
 __all__ = [
-    "LOCAL", "STRATEGIES", "Replica", "Shard", "ShardPool", "check_evaluation_shardable", "check_reachable",
-    "collect_feature_sums_sharded", "concat_frames", "contrast_corpus_sharded", "feature_collector",
-    "generate_sharded", "import_ray",
-    "make_shards", "merge_accumulators", "merge_corpora", "merge_in_order", "merge_runs", "merge_traces",
-    "profile_study_sharded", "run_profile_sharded", "run_sharded", "sharded_decoder", "trace_both_modes_sharded",
+    "LOCAL", "STRATEGIES", "RecordedEdit", "Replica", "Shard", "ShardPool", "ShardedIntervention", "SignalResult",
+    "bounds_collector", "check_evaluation_shardable", "check_intervention_shardable", "check_reachable",
+    "collect_bounds_sharded", "collect_feature_sums_sharded", "concat_frames", "contrast_corpus_sharded",
+    "feature_collector", "generate_sharded", "import_ray",
+    "make_shards", "merge_accumulators", "merge_corpora", "merge_in_order", "merge_outcomes", "merge_runs",
+    "merge_signals", "merge_traces", "profile_study_sharded", "run_profile_sharded", "run_sharded",
+    "sharded_decoder", "sharded_intervention", "signal_collector", "trace_both_modes_sharded",
 ]

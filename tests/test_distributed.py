@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tellnorm.distributed import (Replica, Shard, ShardPool, check_reachable, collect_feature_sums_sharded,
+from tellnorm.distributed import (Replica, Shard, ShardPool, bounds_collector, check_reachable,
+                                  collect_bounds_sharded, collect_feature_sums_sharded,
                                   concat_frames, contrast_corpus_sharded, feature_collector, feature_sums_shard,
                                   generate_sharded,
                                   make_shards, merge_accumulators, merge_in_order, profile_study_sharded,
-                                  sharded_decoder, trace_both_modes_sharded)
+                                  sharded_decoder, sharded_intervention, signal_collector, trace_both_modes_sharded)
 from tellnorm.errors import TellnormError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,13 +146,18 @@ def test_unreachable_address_fails_in_one_line_within_the_timeout():
 def cluster():
     import ray  # needs_ray skipped the tests already when Ray is missing (unless TELLNORM_REQUIRE_RAY=1)
 
+    from tellnorm.distributed import RAYLET_START_WAIT_S
+
     temp = tempfile.mkdtemp(prefix="tellnorm-ray-")  # not /tmp/ray: nothing of the run stays behind
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
-    # tests/ is not importable on the workers: ship this module's helpers (CrashOnce) by value
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield ray
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", str(RAYLET_START_WAIT_S))
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+        # tests/ is not importable on the workers: ship this module's helpers (CrashOnce) by value
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +212,9 @@ def same_frame(a, b) -> bool:
     return list(a.columns) == list(b.columns) and all(values(a[c]) == values(b[c]) for c in a.columns)
 
 
-def assert_sums_equal(a, b, rtol=1e-12):
+# Float sums of float32 activations: a worker's matmuls may run with another thread count than the driver's, which
+# moves single values by ~1e-7 relative (measured up to 3e-10 on the sums); counts are compared exactly.
+def assert_sums_equal(a, b, rtol=1e-6):
     assert a.counts == b.counts  # exactly: every token in the same buckets, counted once
     assert a.sums.keys() == b.sums.keys()
     for key in a.sums:
@@ -372,9 +380,145 @@ def test_replica_refuses_missing_saes_layers(organism):
     assert Shard(0, (1, 2)).indices == (1, 2)
 
 
+def assert_bounds_sums_equal(a, b, rtol=1e-6):
+    """Every count exactly (tokens, pairs, violations, histogram bins, fire counts, sampled points), float64 sums to
+    ``rtol`` (order of additions), the paired states bit for bit."""
+    assert sorted(a.bounds) == sorted(b.bounds) and sorted(a.assumptions) == sorted(b.assumptions)
+    for layer, x in a.bounds.items():
+        y = b.bounds[layer]
+        for name in ("n_tokens", "n_checked", "n_active", "violations", "sum_tokens", "sum_violations",
+                     "line_violations"):
+            assert getattr(x, name) == getattr(y, name), (layer, name)
+        for name in ("tightness", "sum_tightness", "line_tightness"):
+            hx, hy = getattr(x, name), getattr(y, name)
+            assert np.array_equal(hx.counts, hy.counts) and hx.max == hy.max, (layer, name)
+        assert x.sample.columns.keys() == y.sample.columns.keys()
+        for column, values in x.sample.columns.items():
+            assert np.array_equal(values, y.sample.columns[column]), (layer, column)
+    for layer, x in a.assumptions.items():
+        y = b.assumptions[layer]
+        for name in ("a1_tokens", "energy_tokens", "a3_tokens", "a3_with_reasoning", "mode_tokens"):
+            assert getattr(x, name) == getattr(y, name), (layer, name)
+        assert np.array_equal(x.a1_max_cos.counts, y.a1_max_cos.counts)
+        assert x.fire_counts.keys() == y.fire_counts.keys()
+        assert all(np.array_equal(x.fire_counts[m], y.fire_counts[m]) for m in x.fire_counts)
+        assert x.quality.n_tokens == y.quality.n_tokens and bool((x.quality.fired == y.quality.fired).all())
+        for name in ("rel_error_sum", "a1_mean_cos_sum", "energy_sum", "a3_cos_sum", "a3_abs_cos_sum"):
+            np.testing.assert_allclose(getattr(x, name), getattr(y, name), rtol=rtol, err_msg=f"{layer} {name}")
+        for name in ("sum_sq_error", "sum_sq", "sum_l0"):
+            np.testing.assert_allclose(getattr(x.quality, name), getattr(y.quality, name), rtol=rtol)
+    assert a.states.keys() == b.states.keys()
+    for key, x in a.states.items():
+        y = b.states[key]
+        assert (x.norm_sq, x.reasoning_sum) == (y.norm_sq, y.reasoning_sum), key
+        assert all(np.array_equal(getattr(x, f), getattr(y, f)) for f in ("reasoning_active", "sae_input",
+                                                                           "reasoning_recon")), key
+
+
+@needs_ray
+def test_sharded_bounds_study_equals_single_process(pool, organism, corpora, tmp_path):
+    from tellnorm import features as F
+    from tellnorm.bounds import bounds_study, collect_bounds
+    from tellnorm.saes import load_saes
+
+    corpus = corpora[0]
+    saes = load_saes("organism", organism)
+    options = dict(top_k=5, figures=False, batch_size=1)  # batch size 1: every sequence's activations bit-identical
+    single = bounds_study(organism, saes, corpus, tmp_path / "single", **options)
+    sharded = bounds_study(organism, saes, corpus, tmp_path / "sharded", **options,
+                           collect=bounds_collector(pool, "organism", strategy="round-robin"),
+                           collect_features=feature_collector(pool, "organism"))
+    assert sharded["reasoning"] == single["reasoning"]
+    assert_bounds_sums_equal(sharded["sums"], single["sums"])
+    assert len(single["pair_points"]) > 0 and single["bounds"].n_active.min() > 0  # pairs found, features fired
+    for key in ("bounds", "assumptions", "pairs", "pair_points"):
+        a, b = sharded[key], single[key]
+        assert a.shape == b.shape and a.columns.equals(b.columns), key
+        numeric = a.select_dtypes("number").columns
+        exact = [c for c in numeric if a[c].dtype.kind in "iu"] + ["median_tightness", "p99_tightness",
+                                                                   "max_tightness"] * (key == "bounds")
+        assert a[exact].equals(b[exact]), key  # counts, violations and histogram quantiles exactly
+        np.testing.assert_allclose(a[numeric].to_numpy(float), b[numeric].to_numpy(float), rtol=1e-6, err_msg=key)
+        assert same_frame(a.select_dtypes(exclude="number"), b.select_dtypes(exclude="number")), key
+
+    # default batch size: activations differ by float32 batch padding only, so counts agree to a few in 10⁵
+    masks = F.contrast_masks(corpus.sequences, corpus.n_prompt, corpus.modes)
+    reasoning = single["reasoning"]
+    batched = collect_bounds_sharded(pool, "organism", corpus.sequences, masks, reasoning, batch_size=16)
+    alone = collect_bounds(organism, saes, corpus.sequences, masks, reasoning, batch_size=16)
+    for layer, x in batched.bounds.items():
+        y = alone.bounds[layer]
+        assert (x.n_tokens, x.n_checked, x.violations, x.sum_violations) == \
+               (y.n_tokens, y.n_checked, y.violations, y.sum_violations)
+        assert abs(x.n_active - y.n_active) <= 1e-4 * y.n_active
+
+
+@needs_ray
+def test_sharded_correlation_study_equals_single_process(pool, organism, corpora, tmp_path):
+    from tellnorm.correlation import correlation_study
+    from tellnorm.saes import load_saes
+
+    corpus = corpora[0]
+    saes = load_saes("organism", organism)
+    single = correlation_study(organism, saes, corpus, tmp_path / "single", top_k=5, figures=False, batch_size=1)
+    sharded = correlation_study(organism, saes, corpus, tmp_path / "sharded", top_k=5, figures=False, batch_size=1,
+                                collect=signal_collector(pool, "organism", strategy="round-robin"),
+                                collect_features=feature_collector(pool, "organism"))
+    a, b = sharded["sums"], single["sums"]
+    assert list(a.problems) == list(b.problems)  # problem order restored: the bootstrap resamples by position
+    for rid, entry in b.problems.items():
+        assert a.problems[rid]["count"] == entry["count"]
+        for key, value in entry.items():
+            np.testing.assert_allclose(a.problems[rid][key], value, rtol=1e-6, err_msg=f"{rid} {key}")
+    for key in ("correlation", "layers"):
+        x, y = sharded[key], single[key]
+        numeric = x.select_dtypes("number").columns
+        np.testing.assert_allclose(x[numeric].to_numpy(float), y[numeric].to_numpy(float), rtol=1e-6, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def intervention_cfg():
+    from tellnorm.interventions.study import InterventionConfig
+
+    # two problems, every kind of condition (probes, scale, clamp, random controls, depth, steering, features)
+    return InterventionConfig(per_difficulty=1, difficulties=(1, 5), calibration_per_difficulty=1, factors=(0.1,),
+                              amplify=(), random_seeds=(0,), steering_scales=(1.0,), feature_seeds=(0,),
+                              feature_top_k=5, max_new_tokens=64, batch_size=16)
+
+
+@needs_ray
+def test_sharded_suppression_study_equals_single_process(pool, organism, intervention_cfg, tmp_path):
+    from dataclasses import replace
+
+    from tellnorm.interventions.study import run_intervene
+
+    cfg = intervention_cfg
+    single = run_intervene(organism, cfg, tmp_path / "single", progress=False)
+    sharded = run_intervene(organism, cfg, tmp_path / "sharded", progress=False,
+                            runner=sharded_intervention(pool, cfg, strategy="round-robin"))
+    a, b = sharded["per_request"], single["per_request"]
+    exact = ["condition", "problem", "difficulty", "answer", "predicted", "correct", "no_answer", "n_generated",
+             "n_edited", "n_token_layers"]
+    assert same_frame(a[exact], b[exact])  # answers, lengths and every edit decision
+    assert b.correct.nunique() == 2 and b.n_edited.sum() > 0  # some edits flipped answers
+    np.testing.assert_allclose(a[["logp", "logp_trace"]], b[["logp", "logp_trace"]], rtol=1e-4, atol=1e-5)
+    for key in ("suppression", "steering", "features"):
+        x, y = sharded[key], single[key]
+        assert x.columns.equals(y.columns)
+        assert same_frame(x.drop(columns=[c for c in x if "logp" in c]), y.drop(columns=[c for c in y if "logp" in c]))
+    assert same_frame(sharded["hits"], single["hits"]) and same_frame(sharded["top_tokens"], single["top_tokens"])
+    assert sharded["meta"]["thresholds"] == single["meta"]["thresholds"]
+    with pytest.raises(TellnormError, match="pools τ over the requests"):
+        sharded_intervention(pool, replace(cfg, threshold_mode="pooled-p2"))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["profile", "--workers", "2"], "--workers needs --ray ADDRESS"),
     (["evaluate", "--quick", "--ray", "local", "--workers", "0"], "--workers must be ≥ 1"),
+    (["bounds", "--workers", "2"], "--workers needs --ray ADDRESS"),
+    (["correlate", "--workers", "2"], "--workers needs --ray ADDRESS"),
+    (["intervene", "--workers", "2"], "--workers needs --ray ADDRESS"),
+    (["intervene", "--threshold-mode", "pooled-p2", "--warmup", "5", "--ray", "local"], "pools τ over the requests"),
 ])
 def test_cli_sharding_flags_are_checked_before_any_work(argv, message, tmp_path, capsys):
     from tellnorm.cli import main

@@ -169,8 +169,9 @@ class _Identity:
         return x
 
 
-def calibrate(model, cfg: InterventionConfig, sets: dict, *, progress: bool = True) -> Context:
-    """Thresholds, steering direction and reasoning features from clean responses to validation problems."""
+def calibrate(model, cfg: InterventionConfig, sets: dict, *, progress: bool = True, corpus=None) -> Context:
+    """Thresholds, steering direction and reasoning features from clean responses to validation problems
+    (``corpus``: the validation contrast corpus when already generated, e.g. sharded over Ray)."""
     import numpy as np
 
     from tellnorm import features as F
@@ -189,8 +190,9 @@ def calibrate(model, cfg: InterventionConfig, sets: dict, *, progress: bool = Tr
         missing = sorted({l for ls in sets.values() for l in ls} - set(ctx.thresholds.values))
         if missing:
             raise TellnormError(f"{cfg.thresholds_file} has no threshold for layer(s) {missing}")
-    corpus = contrast_corpus(model, cfg.calibration_per_difficulty, max_new_tokens=cfg.max_new_tokens,
-                             progress=progress)
+    if corpus is None:
+        corpus = contrast_corpus(model, cfg.calibration_per_difficulty, max_new_tokens=cfg.max_new_tokens,
+                                 progress=progress)
     all_layers = sorted({l for ls in sets.values() for l in ls})
     masks = F.contrast_masks(corpus.sequences, corpus.n_prompt, corpus.modes)
     tracer = NormTracer(model, all_layers)
@@ -339,14 +341,16 @@ class Outcome:
 
 
 def run_conditions(model, conds: list[Condition], problems, prompts, cfg: InterventionConfig, fractions: dict,
-                   *, progress: bool, desc: str) -> Outcome:
-    """Generate every problem under every condition in shared batches."""
+                   *, progress: bool, desc: str, indices=None) -> Outcome:
+    """Generate every problem under every condition in shared batches (``indices``: the problems' numbers in the
+    request ids, default 0, 1, ...; a shard of the problems keeps their original numbers)."""
     from tellnorm.generation import SamplingConfig, generate
 
     outcome = Outcome()
     observers, all_prompts, rids = [], [], []
+    indices = list(indices) if indices is not None else list(range(len(problems)))
     for cond in conds:
-        ids = [cond.request_id(i) for i in range(len(problems))]
+        ids = [cond.request_id(i) for i in indices]
         edits = cond.build(cond, ids, fractions.get(cond.name, {})) if cond.build else []
         outcome.edits[cond.name] = edits
         observers += edits
@@ -358,9 +362,10 @@ def run_conditions(model, conds: list[Condition], problems, prompts, cfg: Interv
     return outcome
 
 
-def answer_logprobs(model, conds: list[Condition], problems, prompts, cfg: InterventionConfig, fractions: dict):
+def answer_logprobs(model, conds: list[Condition], problems, prompts, cfg: InterventionConfig, fractions: dict,
+                    *, indices=None):
     """Teacher-forced on prompt + gold response under each condition's edits: {request_id: (log p(gold answer |
-    … "answer :"), mean log p of the response tokens)}."""
+    … "answer :"), mean log p of the response tokens)} (``indices`` as in :func:`run_conditions`)."""
     import torch
 
     from tellnorm.generation import run_forward
@@ -372,8 +377,9 @@ def answer_logprobs(model, conds: list[Condition], problems, prompts, cfg: Inter
         raise TellnormError(f"the gold response does not end with 'answer : X' (got {tail}): the log-probability "
                             "measure needs the organism's answer format")
     sequences, rids, n_prompt, observers = [], [], [], []
+    indices = list(indices) if indices is not None else list(range(len(problems)))
     for cond in conds:
-        ids = [cond.request_id(i) for i in range(len(problems))]
+        ids = [cond.request_id(i) for i in indices]
         observers += cond.build(cond, ids, fractions.get(cond.name, {})) if cond.build else []
         sequences += [p + r for p, r in zip(prompts, responses)]
         n_prompt += [len(p) for p in prompts]
@@ -621,8 +627,15 @@ def extras_figure(steering, features):
 
 # ------------------------------------------------------------------------------------------------------- main
 
-def run_intervene(model, cfg: InterventionConfig, out: Path, *, progress: bool = True) -> dict:
-    """The whole study: calibration, both generation phases, log-probs, tables and figures in ``out``."""
+def run_intervene(model, cfg: InterventionConfig, out: Path, *, progress: bool = True, runner=None) -> dict:
+    """The whole study: calibration, both generation phases, log-probs, tables and figures in ``out``.
+
+    ``runner``: where the per-problem work runs (default: here), e.g. :func:`tellnorm.distributed.sharded_intervention`
+    (the validation corpus, both generation phases and the log-probs sharded by problem over Ray). It provides
+    ``contrast_corpus(model, n, max_new_tokens=...)`` (or None: generated here), ``run_conditions(ctx, conds,
+    problems, prompts, cfg, fractions, progress=, desc=)`` and ``answer_logprobs(ctx, conds, problems, prompts, cfg,
+    fractions)``. What needs the whole run stays here: the calibration pass (pooled τ quantiles, the steering
+    direction, the feature contrast) and the matched fractions between the phases (pooled per difficulty)."""
     from tellnorm.figures import write_figure
     from tellnorm.io import write_csv, write_json
     from tellnorm.organism.evaluate import problem_prompts
@@ -632,18 +645,21 @@ def run_intervene(model, cfg: InterventionConfig, out: Path, *, progress: bool =
     out = Path(out)
     started = time.perf_counter()
     sets = layer_sets(model)
-    ctx = calibrate(model, cfg, sets, progress=progress)
+    runner = runner if runner is not None else InProcess()
+    corpus = runner.contrast_corpus(model, cfg.calibration_per_difficulty, max_new_tokens=cfg.max_new_tokens)
+    ctx = calibrate(model, cfg, sets, progress=progress, corpus=corpus)
     conds = build_conditions(ctx)
     problems = [p for p in task.test_split(cfg.per_difficulty).problems if p.difficulty in cfg.difficulties]
     prompts = problem_prompts(model, problems, "thinking")
     first = [c for c in conds if c.matches is None]
     second = [c for c in conds if c.matches is not None]
-    phase1 = run_conditions(model, first, problems, prompts, cfg, {}, progress=progress, desc="interventions (1/2)")
+    phase1 = runner.run_conditions(ctx, first, problems, prompts, cfg, {}, progress=progress,
+                                   desc="interventions (1/2)")
     partial = per_request_table(model, first, problems, [phase1], _zero_logps(first, problems))
     fractions = {c.name: matched_fractions(c, partial, problems) for c in second}
-    phase2 = run_conditions(model, second, problems, prompts, cfg, fractions, progress=progress,
-                            desc="random controls (2/2)")
-    logps = answer_logprobs(model, conds, problems, prompts, cfg, fractions)
+    phase2 = runner.run_conditions(ctx, second, problems, prompts, cfg, fractions, progress=progress,
+                                   desc="random controls (2/2)")
+    logps = runner.answer_logprobs(ctx, conds, problems, prompts, cfg, fractions)
     per_request = per_request_table(model, conds, problems, [phase1, phase2], logps)
     suppression = summarise(conds, per_request, cfg, ("clean", "suppression"))
     hits, top = hits_tables(model, conds, [phase1, phase2])
@@ -672,6 +688,19 @@ def run_intervene(model, cfg: InterventionConfig, out: Path, *, progress: bool =
     seconds = time.perf_counter() - started
     return {"suppression": suppression, "hits": hits, "top_tokens": top, "steering": steering,
             "features": features, "per_request": per_request, "meta": meta, "written": written, "seconds": seconds}
+
+
+class InProcess:
+    """The default runner of :func:`run_intervene`: everything in this process, on ``ctx.model``."""
+
+    def contrast_corpus(self, model, n_per_difficulty: int, *, max_new_tokens: int):
+        return None  # calibrate generates it
+
+    def run_conditions(self, ctx, conds, problems, prompts, cfg, fractions, *, progress: bool, desc: str):
+        return run_conditions(ctx.model, conds, problems, prompts, cfg, fractions, progress=progress, desc=desc)
+
+    def answer_logprobs(self, ctx, conds, problems, prompts, cfg, fractions):
+        return answer_logprobs(ctx.model, conds, problems, prompts, cfg, fractions)
 
 
 def _zero_logps(conds, problems) -> dict:
