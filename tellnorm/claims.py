@@ -1,6 +1,6 @@
 """The paper's claims, each judged from ``tellnorm reproduce``'s tables by an explicit rule.
 
-A claim's function reads the stage tables in the output folder and returns a :class:`Verdict`: what was measured
+A :class:`Claim` reads its stage table from the output folder and returns a :class:`Verdict`: what was measured
 (the numbers the rule used, with n), the verdict — ``reproduced``, ``partly``, ``not reproduced`` or ``not testable
 here`` — and why. The rules are written down here, next to the paper statement they test, so a reader can check a
 verdict without rerunning anything; claims whose tables a run did not produce are ``not testable here``.
@@ -35,11 +35,23 @@ def _late(layers: list[int]) -> list[int]:
     return layers[n - max(1, n // 4):]  # the last quarter (PAPER §1's "late layers")
 
 
-def norm_gap(out: Path) -> Verdict:
-    claim = "thinking states have larger ℓ2 norms than non-thinking ones, the gap widest in late layers (§1)"
-    profile = _read(out, "norm_profile")
-    if profile is None:
-        return Verdict(claim, "—", NOT_TESTABLE, "no norm profile in this run")
+@dataclass(frozen=True)
+class Claim:
+    """A paper statement, the stage table it is judged on, and the rule: ``judge(table) -> (measured, verdict,
+    reason)``. A run that did not write the table makes the claim not testable."""
+
+    text: str
+    table: str
+    judge: Callable
+
+    def __call__(self, out: Path) -> Verdict:
+        table = _read(Path(out), self.table)
+        if table is None:
+            return Verdict(self.text, "—", NOT_TESTABLE, f"this run wrote no {self.table}.csv")
+        return Verdict(self.text, *self.judge(table))
+
+
+def _norm_gap(profile) -> tuple:
     table = profile.pivot(index="layer", columns="mode", values="mean_norm")
     ratio = (table["thinking"] / table["non-thinking"]).round(3)
     layers = list(ratio.index)
@@ -48,33 +60,25 @@ def norm_gap(out: Path) -> Verdict:
     measured = (f"thinking / non-thinking mean norm per layer {', '.join(f'{v:.2f}' for v in ratio)} "
                 f"(n = {int(profile.n_requests.max())} problems per mode)")
     if (ratio[late] > 1).all() and widest in late:
-        return Verdict(claim, measured, REPRODUCED, f"every late layer > 1 and the widest gap at layer {widest}")
+        return (measured, REPRODUCED, f"every late layer > 1 and the widest gap at layer {widest}")
     if (ratio > 1).mean() > 0.5:
-        return Verdict(claim, measured, PARTLY, f"larger in most layers, but the widest gap is at layer {widest} and "
-                       f"late layers {late} have ratios {', '.join(f'{ratio[l]:.2f}' for l in late)}")
-    return Verdict(claim, measured, NOT_REPRODUCED, "thinking norms are not larger in most layers")
+        return (measured, PARTLY, f"larger in most layers, but the widest gap is at layer {widest} and "
+                f"late layers {late} have ratios {', '.join(f'{ratio[l]:.2f}' for l in late)}")
+    return (measured, NOT_REPRODUCED, "thinking norms are not larger in most layers")
 
 
-def peaks_mark_steps(out: Path) -> Verdict:
-    claim = "norm peaks (above Q3 + 1.5·IQR) mark the critical reasoning steps (§1)"
-    table = _read(out, "norm_peaks_vs_steps")
-    if table is None:
-        return Verdict(claim, "—", NOT_TESTABLE, "no ground-truth peak table in this run")
+def _peaks_mark_steps(table) -> tuple:
     steps = table[table.target == "step token"]
     measured = (f"recall of step tokens {steps.recall.min():.2f}–{steps.recall.max():.2f}, AUROC of the norm "
                 f"{steps.auroc_norm.min():.2f}–{steps.auroc_norm.max():.2f} over layers "
                 f"({int(steps.n_targets.iloc[0]):,} step tokens among {int(steps.n_tokens.iloc[0]):,})")
     if steps.auroc_norm.max() >= 0.7 and steps.recall.max() >= 0.5:
-        return Verdict(claim, measured, REPRODUCED, "some layer's peaks find most step tokens (AUROC ≥ 0.7)")
-    return Verdict(claim, measured, NOT_REPRODUCED, "no layer's peaks find the step tokens (rule: AUROC ≥ 0.7 and "
-                   "recall ≥ 0.5 at some layer)")
+        return (measured, REPRODUCED, "some layer's peaks find most step tokens (AUROC ≥ 0.7)")
+    return (measured, NOT_REPRODUCED, "no layer's peaks find the step tokens (rule: AUROC ≥ 0.7 and "
+            "recall ≥ 0.5 at some layer)")
 
 
-def features_rise_late(out: Path) -> Verdict:
-    claim = "reasoning-feature activation is flat in early layers and rises sharply in the last quarter (§2)"
-    trend = _read(out, "feature_trend")
-    if trend is None:
-        return Verdict(claim, "—", NOT_TESTABLE, "no feature trend in this run")
+def _features_rise_late(trend) -> tuple:
     values = trend.set_index("layer")["thinking"]
     layers = list(values.index)
     late, first_half = _late(layers), layers[: len(layers) // 2]
@@ -85,100 +89,105 @@ def features_rise_late(out: Path) -> Verdict:
                 f"{', '.join(f'{v:.2f}' for v in values)}; late / earlier = {rise:.2f}")
     rule = "rule: late mean ≥ 1.5× the earlier mean, and the first half within ±20%"
     if rise >= 1.5 and flat:
-        return Verdict(claim, measured, REPRODUCED, rule)
+        return (measured, REPRODUCED, rule)
     if rise >= 1.5 or values.idxmax() in late:
-        return Verdict(claim, measured, PARTLY, f"{'a late rise' if rise >= 1.5 else 'the maximum is late'}, but "
-                       f"{'no flat early phase' if not flat else 'a weak rise'} ({rule})")
-    return Verdict(claim, measured, NOT_REPRODUCED, rule)
+        return (measured, PARTLY, f"{'a late rise' if rise >= 1.5 else 'the maximum is late'}, but "
+                f"{'no flat early phase' if not flat else 'a weak rise'} ({rule})")
+    return (measured, NOT_REPRODUCED, rule)
 
 
-def bound_holds(out: Path) -> Verdict:
-    claim = "the norm bounds reasoning-feature activation (the theorem, §3)"
-    bounds = _read(out, "bounds")
-    if bounds is None:
-        return Verdict(claim, "—", NOT_TESTABLE, "no bound check in this run")
+def _bound_holds(bounds) -> tuple:
     checks, violations = int(bounds.n_checked.sum()), int(bounds.violations.sum())
     measured = (f"{violations} violations in {checks:,} (token, feature) checks; median tightness "
                 f"{bounds.median_tightness.min():.2f}–{bounds.median_tightness.max():.2f}")
     if violations == 0:
-        return Verdict(claim, measured, REPRODUCED, "the per-feature bound holds on every check (it is Cauchy–Schwarz); "
-                       "it is loose")
-    return Verdict(claim, measured, NOT_REPRODUCED, "the bound is violated")
+        return (measured, REPRODUCED, "the per-feature bound holds on every check (it is Cauchy–Schwarz); "
+                "it is loose")
+    return (measured, NOT_REPRODUCED, "the bound is violated")
 
 
-def suppression_is_causal(out: Path) -> Verdict:
-    claim = "suppressing high-norm states (×0.1, late layers) hurts accuracy far more than suppressing random ones (§4)"
-    table = _read(out, "suppression")
-    if table is None:
-        return Verdict(claim, "—", NOT_TESTABLE, "no suppression study in this run")
+def _suppression_is_causal(table) -> tuple:
     rows = table[(table.difficulty.astype(str) == "all") & (table.layer_set == "late") & (table.edit == "scale")
                  & (table.factor == 0.1)]
     high = rows[rows.selection == "high-norm"]
     random = rows[(rows.selection == "random") & (rows.seed.astype(str) == "pooled")]
     if high.empty or random.empty:
-        return Verdict(claim, "—", NOT_TESTABLE, "the run has no late ×0.1 high-norm and pooled random rows")
+        return ("—", NOT_TESTABLE, "the run has no late ×0.1 high-norm and pooled random rows")
     h, r = high.iloc[0], random.iloc[0]
-    measured = (f"Δ accuracy vs clean: high-norm {h.diff_vs_clean:+.2f} [{h.diff_ci_low:+.2f}, {h.diff_ci_high:+.2f}], "
+    measured = (f"Δ accuracy vs clean: high-norm {h.diff_vs_clean:+.2f} "
+                f"[{h.diff_ci_low:+.2f}, {h.diff_ci_high:+.2f}], "
                 f"random matched fraction {r.diff_vs_clean:+.2f} [{r.diff_ci_low:+.2f}, {r.diff_ci_high:+.2f}] "
                 f"(n = {int(h.n)} problems)")
     if h.diff_ci_high < r.diff_ci_low:
-        return Verdict(claim, measured, REPRODUCED, "high-norm suppression hurts more (CIs apart)")
+        return (measured, REPRODUCED, "high-norm suppression hurts more (CIs apart)")
     if r.diff_ci_high < h.diff_ci_low:
-        return Verdict(claim, measured, NOT_REPRODUCED, "random suppression hurts more (CIs apart)")
-    return Verdict(claim, measured, PARTLY, "the two overlap: no clear difference")
+        return (measured, NOT_REPRODUCED, "random suppression hurts more (CIs apart)")
+    return (measured, PARTLY, "the two overlap: no clear difference")
 
 
-def profiles_align(out: Path) -> Verdict:
-    claim = "the norm profile and the reasoning-feature profile align across layers (Spearman ×100 84–88, §4)"
-    table = _read(out, "correlation")
-    if table is None:
-        return Verdict(claim, "—", NOT_TESTABLE, "no correlation table in this run")
+def _profiles_align(table) -> tuple:
     norm = table[table.signal == "norm"].iloc[0]
-    measured = f"Spearman ×100 {norm.spearman_x100:.1f} [{norm.ci_low:.1f}, {norm.ci_high:.1f}] over {int(norm.n)} layers"
+    measured = (f"Spearman ×100 {norm.spearman_x100:.1f} [{norm.ci_low:.1f}, {norm.ci_high:.1f}] "
+                f"over {int(norm.n)} layers")
     if norm.ci_low >= 80:
-        return Verdict(claim, measured, REPRODUCED, f"aligned; with {int(norm.n)} layers a rank correlation is coarse")
-    return Verdict(claim, measured, NOT_REPRODUCED, "rule: the CI's lower end ≥ 80")
+        return (measured, REPRODUCED, f"aligned; with {int(norm.n)} layers a rank correlation is coarse")
+    return (measured, NOT_REPRODUCED, "rule: the CI's lower end ≥ 80")
 
 
-def _technique(method: str, paper: str) -> Callable[[Path], Verdict]:
-    def judge(out: Path) -> Verdict:
-        claim = f"{method.split('@')[0].upper()} improves accuracy (Qwen3-4B, 7 benchmarks: {paper}; §6–7)"
-        table = _read(out, "evaluation")
-        if table is None:
-            return Verdict(claim, "—", NOT_TESTABLE, "no technique evaluation in this run")
+def _technique(method: str, paper: str) -> Claim:
+    def judge(table) -> tuple:
         rows = table[(table.method == method) & (table.difficulty.astype(str) == "all")]
         if rows.empty:
-            return Verdict(claim, "—", NOT_TESTABLE, f"{method} was not evaluated in this run")
+            return ("—", NOT_TESTABLE, f"{method} was not evaluated in this run")
         row = rows.iloc[0]
         measured = (f"{100 * row.accuracy:.1f}% vs greedy {100 * (row.accuracy - row.delta_vs_greedy):.1f}%: "
-                    f"Δ {100 * row.delta_vs_greedy:+.1f} [{100 * row.delta_ci_low:+.1f}, {100 * row.delta_ci_high:+.1f}] "
+                    f"Δ {100 * row.delta_vs_greedy:+.1f} "
+                    f"[{100 * row.delta_ci_low:+.1f}, {100 * row.delta_ci_high:+.1f}] "
                     f"points (n = {int(row.n)} problems, compute-matched baselines in the report)")
         if row.delta_ci_low > 0:
-            return Verdict(claim, measured, REPRODUCED, "the gain's CI excludes 0")
+            return (measured, REPRODUCED, "the gain's CI excludes 0")
         if row.delta_ci_high < 0:
-            return Verdict(claim, measured, NOT_REPRODUCED, "it lowers accuracy (CI below 0)")
-        return Verdict(claim, measured, NOT_REPRODUCED, "no gain: the CI includes 0")
+            return (measured, NOT_REPRODUCED, "it lowers accuracy (CI below 0)")
+        return (measured, NOT_REPRODUCED, "no gain: the CI includes 0")
 
-    return judge
+    text = f"{method.split('@')[0].upper()} improves accuracy (Qwen3-4B, 7 benchmarks: {paper}; §6–7)"
+    return Claim(text, "evaluation", judge)
 
 
-def loops_collapse(out: Path) -> Verdict:
-    claim = "forcing 8 recursion loops collapses accuracy (AIME24 70.0 → 36.7, §6)"
-    table = _read(out, "evaluation_sensitivity")
-    if table is None:
-        return Verdict(claim, "—", NOT_TESTABLE, "no sensitivity sweeps in this run")
+def _loops_collapse(table) -> tuple:
     loops = table[table.sweep == "alrr forced loops"]
     greedy = table[table.sweep == "reference"]
     if loops.empty or greedy.empty:
-        return Verdict(claim, "—", NOT_TESTABLE, "the run skipped the loop sweep")
+        return ("—", NOT_TESTABLE, "the run skipped the loop sweep")
     base = float(greedy.accuracy.iloc[0])
     acc = dict(zip(loops.setting.astype(str), loops.accuracy))
     measured = (f"forced loops {', '.join(acc)}: {', '.join(f'{100 * a:.1f}' for a in acc.values())}% "
                 f"(greedy {100 * base:.1f}%, n = {int(loops.n.iloc[0])})")
     last = list(acc.values())[-1]
     if base - last >= 0.1:
-        return Verdict(claim, measured, REPRODUCED, "accuracy falls by ≥ 10 points with the most loops")
-    return Verdict(claim, measured, NOT_REPRODUCED, "rule: a fall of ≥ 10 points")
+        return (measured, REPRODUCED, "accuracy falls by ≥ 10 points with the most loops")
+    return (measured, NOT_REPRODUCED, "rule: a fall of ≥ 10 points")
+
+
+norm_gap = Claim(
+    "thinking states have larger ℓ2 norms than non-thinking ones, the gap widest in late layers (§1)",
+    "norm_profile", _norm_gap)
+peaks_mark_steps = Claim(
+    "norm peaks (above Q3 + 1.5·IQR) mark the critical reasoning steps (§1)",
+    "norm_peaks_vs_steps", _peaks_mark_steps)
+features_rise_late = Claim(
+    "reasoning-feature activation is flat in early layers and rises sharply in the last quarter (§2)",
+    "feature_trend", _features_rise_late)
+bound_holds = Claim("the norm bounds reasoning-feature activation (the theorem, §3)", "bounds", _bound_holds)
+suppression_is_causal = Claim(
+    "suppressing high-norm states (×0.1, late layers) hurts accuracy far more than suppressing random ones (§4)",
+    "suppression", _suppression_is_causal)
+profiles_align = Claim(
+    "the norm profile and the reasoning-feature profile align across layers (Spearman ×100 84–88, §4)",
+    "correlation", _profiles_align)
+loops_collapse = Claim(
+    "forcing 8 recursion loops collapses accuracy (AIME24 70.0 → 36.7, §6)",
+    "evaluation_sensitivity", _loops_collapse)
 
 
 def real_benchmarks(out: Path) -> Verdict:
@@ -188,7 +197,8 @@ def real_benchmarks(out: Path) -> Verdict:
 
 
 CLAIMS = (norm_gap, peaks_mark_steps, features_rise_late, bound_holds, suppression_is_causal, profiles_align,
-          _technique("alrr", "70.56 → 73.72"), _technique("erss", "→ 73.37"), _technique("lrs-D@late@8", "→ 73.25"),
+          _technique("alrr", "70.56 → 73.72"), _technique("erss", "→ 73.37"),
+          _technique("lrs-D@late@8", "→ 73.25"),
           loops_collapse, real_benchmarks)
 
 

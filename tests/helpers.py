@@ -118,3 +118,20 @@ class ExtraPassProbe(LayerHooks):
             return x
 
         return hook
+
+
+def sae_reference(model, sae, layer: int, sequences, features=None):
+    """Per sequence, alone: ``run_with_cache`` at the layer's hook, ``sae.encode`` (only ``features`` if given) and
+    ‖h‖₂, in float64 — what dashboards and the explorer are checked against."""
+    import torch
+
+    hook = model.hook_name(layer)
+    acts, norms = [], []
+    with torch.no_grad():
+        for seq in sequences:
+            _, cache = model.bridge.run_with_cache(torch.tensor([seq]), names_filter=lambda n: n == hook)
+            h = cache[hook][0]
+            encoded = sae.encode(h)
+            acts.append((encoded if features is None else encoded[:, features]).double().numpy())
+            norms.append(h.double().norm(dim=-1).numpy())
+    return acts, norms

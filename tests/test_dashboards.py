@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import active_hook_count, organism_prompts, tiny_organism_like
+from helpers import active_hook_count, organism_prompts, sae_reference, tiny_organism_like
 from tellnorm.dashboards import (
     FeatureDashboardData,
     collect_dashboard_data,
@@ -64,21 +64,8 @@ def data(model, sae, sequences, scores):
                                   context=CONTEXT, batch_size=3)
 
 
-def _reference(model, sae, sequences):
-    """Per sequence, alone: run_with_cache at the hook, sae.encode, the chosen features; and ‖h‖₂."""
-    hook = model.hook_name(LAYER)
-    acts, norms = [], []
-    with torch.no_grad():
-        for seq in sequences:
-            _, cache = model.bridge.run_with_cache(torch.tensor([seq]), names_filter=lambda n: n == hook)
-            h = cache[hook][0]
-            acts.append(sae.encode(h)[:, FEATURES].double().numpy())
-            norms.append(h.double().norm(dim=-1).numpy())
-    return acts, norms
-
-
 def test_streamed_data_matches_an_independent_reference(model, sae, sequences, data, scores):
-    acts, norms = _reference(model, sae, sequences)
+    acts, norms = sae_reference(model, sae, LAYER, sequences, FEATURES)
     assert active_hook_count(model) == 0
     eligible = sum(len(s) - 1 for s in sequences)  # no padding, no position 0
     assert [d.feature for d in data] == FEATURES
@@ -176,7 +163,7 @@ def test_bad_inputs_fail_with_one_clear_line(model, sae, sequences):
 def test_repeated_prefixes_are_shown_once_and_crowd_nothing_out(model, sae, sequences):
     copies = [sequences[0]] * 3  # one batch where every token appears three times
     (d,) = collect_dashboard_data(model, sae, LAYER, [FEATURES[1]], copies, n_examples=N_EXAMPLES, batch_size=3)
-    acts, _ = _reference(model, sae, copies[:1])
+    acts, _ = sae_reference(model, sae, LAYER, copies[:1], FEATURES)
     a = acts[0][:, 1]
     expected = sorted((p for p in range(1, len(a)) if a[p] > 0), key=lambda p: -a[p])[:N_EXAMPLES]
     assert len(expected) == N_EXAMPLES

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import sae_reference
 from tellnorm.errors import TellnormError
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -50,19 +51,6 @@ def _feature(docs, layer, f):
     return shard["features"][f - shard["start"]]
 
 
-def _reference(model, sae, layer, sequences):
-    """Per sequence, alone: run_with_cache at the hook, sae.encode; and ‖h‖₂ (position 0 dropped)."""
-    hook = model.hook_name(layer)
-    acts, norms = [], []
-    with torch.no_grad():
-        for seq in sequences:
-            _, cache = model.bridge.run_with_cache(torch.tensor([seq]), names_filter=lambda n: n == hook)
-            h = cache[hook][0]
-            acts.append(sae.encode(h).double().numpy())
-            norms.append(h.double().norm(dim=-1).numpy())
-    return acts, norms
-
-
 def test_data_matches_an_independent_recomputation(organism, built):
     model, saes = organism
     corpus, docs, _ = built
@@ -70,7 +58,7 @@ def test_data_matches_an_independent_recomputation(organism, built):
     assert sorted(d["layer"] for d in docs["meta"]["layers"]) == sorted(saes)
     for layer in CHECK_LAYERS:
         sae = saes[layer]
-        acts, norms = _reference(model, sae, layer, corpus.sequences)
+        acts, norms = sae_reference(model, sae, layer, corpus.sequences)
         a = np.concatenate([x[1:] for x in acts])  # [tokens, d_sae], position 0 excluded
         y = np.concatenate([n[1:] for n in norms])
         scale = sae.W_dec.detach().double().norm(dim=-1).numpy()

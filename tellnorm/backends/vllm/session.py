@@ -82,6 +82,7 @@ class Session:
         self.handles: list = []
         self.runner = None
         self.seen: dict = {}  # request id -> tokens observed so far
+        self.ids: dict = {}  # vLLM's internal request id -> the id observers see
         self.step = 0
         # An exception must not leave vLLM's forward: the engine would be stuck mid-step. The hooks keep the first
         # one here and stand down; the caller aborts the run's requests and re-raises it.
@@ -151,7 +152,10 @@ class Session:
         internal = list(runner.input_batch.req_ids[:n])
         starts = runner.query_start_loc.cpu[: n + 1].tolist()
         index, valid, grid_positions = request_grid(starts, positions)
-        rids = [self._request_id(i) for i in internal]
+        for i in internal:  # once per request, not per step
+            if i not in self.ids:
+                self.ids[i] = self._request_id(i)
+        rids = [self.ids[i] for i in internal]
         seen_before = [self.seen.get(rid, 0) for rid in rids]
         seen = torch.tensor(seen_before)
         fresh = valid & (grid_positions >= seen[:, None])
