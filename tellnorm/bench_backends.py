@@ -109,7 +109,7 @@ def _models(cfg: BackendBenchConfig, folder: Path):
 
 def _run(variant: str, models: dict, setup) -> dict:
     from tellnorm.generation import generate
-    from tellnorm.norms import NormTracer
+    from tellnorm.norms import NormTracer, generated_rows
     from tellnorm.techniques import build_edits
 
     model = models["hf" if variant == "hf" else "vllm"]
@@ -124,9 +124,7 @@ def _run(variant: str, models: dict, setup) -> dict:
     if variant == "vllm+lrs":
         from tellnorm.techniques.lrs import LRSConfig, scores, statistics_table
 
-        frame = observers[0].frame()
-        n_prompt = frame.request_id.map({i: len(g.prompt_ids) for i, g in enumerate(gens)})
-        scores(statistics_table(frame[frame.position >= n_prompt], setup.thresholds.values), LRSConfig(),
+        scores(statistics_table(generated_rows(observers[0].frame(), gens), setup.thresholds.values), LRSConfig(),
                setup.layers)
     if variant == "vllm+alrr":
         result["extra_pass_s"] = observers[0].extra_pass_seconds
@@ -192,7 +190,8 @@ def bench_backends(cfg: BackendBenchConfig) -> dict:
     summary = {
         "benchmark": "backends",
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-        "model": {"name": cfg.config if cfg.config == "organism" and cfg.n_layers is None else f"random-init {cfg.config}",
+        "model": {"name": (cfg.config if cfg.config == "organism" and cfg.n_layers is None
+                           else f"random-init {cfg.config}"),
                   "n_layers": vllm_model.n_layers, "d_model": vllm_model.d_model, "dtype": cfg.dtype,
                   "vllm_version": vllm_model.info["vllm_version"], "build_s": build_s},
         "inputs": {"n_prompts": len(prompts), "prompts": names, "max_new_tokens": cfg.max_new_tokens,

@@ -228,15 +228,13 @@ def run_variant(variant: str, model, setup: Setup) -> dict:
             result["extra_pass"] = {"wall_s": alrr.extra_pass_seconds, "cpu_s": alrr.extra_pass_cpu_seconds,
                                     "calls": alrr.extra_pass_calls}
     elif variant == "lrs":
-        from tellnorm.norms import NormTracer
+        from tellnorm.norms import NormTracer, generated_rows
         from tellnorm.techniques.lrs import LRSConfig, scores, statistics_table
 
         tracer = NormTracer(model, setup.layers)
         gens = generate(model, setup.prompts, setup.sampling, batch_size=setup.batch_size, observers=[tracer],
                         token_stats=True)
-        frame = tracer.frame()
-        n_prompt = frame.request_id.map({i: len(g.prompt_ids) for i, g in enumerate(gens)})
-        table = statistics_table(frame[frame.position >= n_prompt], setup.thresholds.values)
+        table = statistics_table(generated_rows(tracer.frame(), gens), setup.thresholds.values)
         result["generations"] = gens
         result["lrs_scores"] = scores(table, LRSConfig(), setup.layers)
     else:

@@ -305,7 +305,7 @@ def decode(st: Setup, name: str, *, techniques: tuple[str, ...] = (), n_samples:
                           thresholds=thresholds, alrr=alrr, erss=erss, progress=progress)
 
     from tellnorm.generation import generate
-    from tellnorm.norms import NormTracer
+    from tellnorm.norms import NormTracer, generated_rows
     from tellnorm.techniques import build_edits, firing_report
 
     cfg, model, items = st.cfg, st.model, st.task.items
@@ -338,9 +338,7 @@ def decode(st: Setup, name: str, *, techniques: tuple[str, ...] = (), n_samples:
     responses = responses.merge(firing_report(observers, request_ids), on="request_id", how="left")
     norms = None
     if tracer is not None:
-        frame = tracer.frame()
-        n_prompt = frame.request_id.map({g.request_id: len(g.prompt_ids) for g in gens})
-        norms = frame[frame.position >= n_prompt].reset_index(drop=True)
+        norms = generated_rows(tracer.frame(), gens)
     stats = {g.request_id: g.meta for g in gens} if n_samples > 1 else {}
     return Run(name, n_samples, n_samples == 1, responses, wall, norms, stats)
 

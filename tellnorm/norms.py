@@ -82,6 +82,14 @@ class NormTracer(LayerHooks):
         return pd.concat(parts, ignore_index=True)
 
 
+def generated_rows(frame, generations):
+    """The rows of a :class:`NormTracer` frame that are generated tokens (at or after their request's prompt)."""
+    if frame.empty:
+        return frame
+    n_prompt = frame.request_id.map({g.request_id: len(g.prompt_ids) for g in generations})
+    return frame[frame.position >= n_prompt].reset_index(drop=True)
+
+
 def _default_info(shape) -> StepInfo:
     import torch
 

@@ -337,7 +337,7 @@ class TellnormLM(LM):
 
     def _generate_group(self, requests, keys, *, progress: bool) -> list[str]:
         from tellnorm.generation import generate
-        from tellnorm.norms import NormTracer
+        from tellnorm.norms import NormTracer, generated_rows
         from tellnorm.techniques import build_edits, firing_report
 
         sampling, until = self._sampling(requests[0].args[1])
@@ -353,7 +353,7 @@ class TellnormLM(LM):
                         observers=list(edits) + [tracer], progress=progress, desc="tellnorm generate_until",
                         token_stats=token_stats)
         texts = [self._text(g, until) for g in gens]
-        norms = _generated_norms(tracer.frame(), gens)
+        norms = generated_rows(tracer.frame(), gens)
         stats = self._norm_stats(norms, request_ids)
         firing = firing_report(edits, request_ids).set_index("request_id") if edits else None
         answers = self._answers(texts) if n > 1 else None
@@ -511,14 +511,6 @@ def _device(device) -> str:
         log.warning("no CUDA device: tellnorm runs on cpu (lm-eval's --device defaults to cuda:0)")
         return "cpu"
     return device
-
-
-def _generated_norms(frame, gens):
-    """Norm rows of generated tokens only (positions at or after the request's prompt length)."""
-    n_prompt = {g.request_id: len(g.prompt_ids) for g in gens}
-    if frame.empty:
-        return frame
-    return frame[frame.position >= frame.request_id.map(n_prompt)].reset_index(drop=True)
 
 
 def _plain(record: dict) -> dict:

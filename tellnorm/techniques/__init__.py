@@ -50,14 +50,12 @@ def calibration_norms(model, prompts: Sequence[Sequence[int]], layers: Sequence[
                       batch_size: int = 50, progress: bool = False) -> dict:
     """{layer: norms of every generated token} of the model's greedy responses to ``prompts``."""
     from tellnorm.generation import SamplingConfig, generate
-    from tellnorm.norms import NormTracer
+    from tellnorm.norms import NormTracer, generated_rows
 
     tracer = NormTracer(model, layers)
     gens = generate(model, prompts, SamplingConfig(max_new_tokens=max_new_tokens), observers=[tracer],
                     batch_size=batch_size, progress=progress, desc="calibrating thresholds")
-    frame = tracer.frame()
-    n_prompt = frame.request_id.map({i: len(g.prompt_ids) for i, g in enumerate(gens)})
-    generated = frame[frame.position >= n_prompt]
+    generated = generated_rows(tracer.frame(), gens)
     return {int(layer): g.norm.to_numpy() for layer, g in generated.groupby("layer")}
 
 
