@@ -10,8 +10,8 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_model": "tellnorm.models",
-    "LoadedModel": "tellnorm.models",
+    "load_model": "tellnorm.backends.hf",
+    "LoadedModel": "tellnorm.backends.hf",
     "generate": "tellnorm.generation",
     "SamplingConfig": "tellnorm.generation",
     "NormTracer": "tellnorm.norms",

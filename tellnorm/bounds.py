@@ -127,8 +127,6 @@ class Marker:
 
 
 # Both organism responses end in "... answer : X" (tellnorm.organism.task.answer_text).
-ORGANISM_MARKERS = (Marker("answer", ("answer", ":"), 0), Marker("colon", ("answer", ":"), 1),
-                    Marker("value", ("answer", ":"), 2))
 
 
 # --- 1. the exact bound: pure core over tensors -----------------------------------------------------------------
@@ -402,7 +400,7 @@ def coactive_cosines(active, dec_unit):
 class LayerAssumptions:
     """Per layer: sufficient statistics of A1–A4. Mergeable."""
 
-    quality: Any = None  # tellnorm.saes.quality._LayerSums: FVU, L0 (the SAE quality report's own statistics)
+    quality: Any = None  # tellnorm.saes.quality.QualitySums: FVU, L0 (the SAE quality report's own statistics)
     rel_error_sum: float = 0.0
     a1_tokens: int = 0  # tokens with ≥ 2 co-active features
     a1_mean_cos_sum: float = 0.0
@@ -419,10 +417,10 @@ class LayerAssumptions:
     def add(self, x, check: TokenCheck, geom: SaeGeometry, reasoning, modes, thinking_mask, input_scale) -> None:
         import torch
 
-        from tellnorm.saes.quality import _LayerSums
+        from tellnorm.saes.quality import QualitySums
 
         x64 = x.double() * input_scale  # the SAE's input; its reconstruction lives in the same space
-        part = _LayerSums()
+        part = QualitySums()
         part.add(x64, check.recon, check.acts)
         self.quality = part if self.quality is None else self.quality.merge(part)
         self.rel_error_sum += float(((x64 - check.recon).norm(dim=-1) / x64.norm(dim=-1).clamp_min(1e-30)).sum())
@@ -627,7 +625,7 @@ def pair_positions(tokens_t: Sequence[str], tokens_n: Sequence[str], markers: Se
 
 def problem_pairs(modes: Sequence[str]) -> list[tuple[int, int]]:
     """``(thinking index, non-thinking index)`` of each problem: the k-th request of one mode with the k-th of the
-    other (the order :func:`tellnorm.studies.contrast_corpus` writes)."""
+    other (the order :func:`tellnorm.studies.corpus.contrast_corpus` writes)."""
     think = [i for i, m in enumerate(modes) if m == THINKING]
     nothink = [i for i, m in enumerate(modes) if m == NON_THINKING]
     if len(think) != len(nothink):
@@ -661,7 +659,7 @@ def pair_frame(states: Mapping, pairs: Sequence[tuple], layers: Sequence[int]):
 
 def fit_band(delta, s, r_active, band: BandConfig = BandConfig()) -> dict:
     """The two-sided fit ``c₁·√Δ ≤ S ≤ c₂·√|R_active|·√Δ`` on pairs with Δ > 0 (definitions in the module docstring)."""
-    from tellnorm.correlation import spearman
+    from tellnorm.stats import spearman
 
     delta, s, r = (np.asarray(v, dtype=np.float64) for v in (delta, s, r_active))
     n = int(delta.size)
@@ -776,71 +774,6 @@ def _jaccard(a, b) -> float:
     return int((a & b).sum()) / union if union else math.nan
 
 
-# --- inputs, reasoning features, the study ------------------------------------------------------------------------
-
-def select_saes(model, saes: Mapping[int, Any], *, top_k: int, layers: Sequence[int] | None = None,
-                bounds: bool = False, min_layers: int = 1) -> dict:
-    """The SAEs of ``layers`` (default: all), each checked: on the model, reading the residual stream after its
-    block, K within its width, and (``bounds``) an architecture the exact bound is derived for."""
-    from tellnorm.saes.loading import validate_sae
-
-    if not saes:
-        raise TellnormError("no SAEs given: load at least one with tellnorm.saes.load_saes")
-    chosen = sorted(saes) if layers is None else list(layers)
-    for layer in chosen:
-        if layer not in saes:
-            raise TellnormError(f"no SAE for layer {layer}: available layers are {sorted(saes)}")
-    if len(chosen) < min_layers:
-        raise TellnormError(f"a rank correlation across layers needs SAEs on at least {min_layers} layers, "
-                            f"got layers {chosen}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise TellnormError(f"top-K needs an integer K ≥ 1, got {top_k!r}")
-    for layer in chosen:
-        sae = saes[layer]
-        validate_sae(sae, model, layer)
-        hook = sae.cfg.metadata.hook_name
-        if hook not in (model.hook_name(layer), f"blocks.{layer}.hook_out"):
-            raise TellnormError(f"the layer-{layer} SAE reads {hook!r}, but these analyses read the residual stream "
-                                f"after block {layer} ({model.hook_name(layer)}): use resid_post SAEs")
-        d_sae = int(sae.cfg.d_sae)
-        if top_k > d_sae:
-            raise TellnormError(f"top-K is {top_k} but the layer-{layer} SAE has only d_sae={d_sae} features")
-        if bounds:
-            arch = sae.cfg.architecture()
-            if arch not in SUPPORTED_ARCHITECTURES:
-                raise TellnormError(f"the layer-{layer} SAE is {arch!r}: the exact bound is derived for "
-                                    f"{', '.join(SUPPORTED_ARCHITECTURES)} SAEs")
-    return {layer: saes[layer] for layer in chosen}
-
-
-def check_corpus(corpus) -> None:
-    if corpus is None or not getattr(corpus, "sequences", None):
-        raise TellnormError("the corpus is empty: generate responses first (e.g. --n 1 or more problems per level)")
-    for mode in (THINKING, NON_THINKING):
-        ids = [i for i, m in enumerate(corpus.modes) if m == mode]
-        if not any(len(corpus.sequences[i]) > corpus.n_prompt[i] for i in ids):
-            raise TellnormError(f"the corpus has no {mode} response tokens: the contrast needs both modes")
-
-
-def reasoning_features(model, saes: Mapping[int, Any], corpus, *, top_k: int = DEFAULT_TOP_K,
-                       scope: str = "generated", batch_size: int = 16, collect=None):
-    """R per layer: the top-K features by the paper's contrast Δ (decoder-norm folded, exactly as
-    :func:`tellnorm.studies.feature_study` and :func:`tellnorm.features.top_k_scores` choose them).
-
-    ``collect``: a stand-in for :func:`tellnorm.features.collect_feature_sums` (e.g.
-    :func:`tellnorm.distributed.feature_collector`, sharded over Ray). Returns ``({layer: [feature, ...]}, contrast
-    table)``."""
-    from tellnorm import features as F
-
-    masks = F.contrast_masks(corpus.sequences, corpus.n_prompt, corpus.modes, scope=scope)
-    collect = collect or F.collect_feature_sums
-    sums = collect(model, saes, corpus.sequences, masks, fold_decoder_norm=True, batch_size=batch_size)
-    table = F.contrast_table(sums, sorted(saes))
-    chosen = {int(layer): g.nlargest(top_k, "delta")["feature"].astype(int).tolist()
-              for layer, g in table.groupby("layer")}
-    return chosen, table
-
-
 def collect_bounds(model, saes: Mapping[int, Any], sequences, masks, reasoning, *, capture=None, request_ids=None,
                    input_scale: float = 1.0, batch_size: int = 16) -> BoundsSums:
     """One teacher-forced pass accumulating :class:`BoundsSums` (shard by calling on prompt subsets, then merge)."""
@@ -849,165 +782,3 @@ def collect_bounds(model, saes: Mapping[int, Any], sequences, masks, reasoning, 
     observer = BoundsObserver(model, saes, masks, reasoning, capture, input_scale=input_scale)
     run_forward(model, sequences, request_ids=request_ids, observers=[observer], batch_size=batch_size)
     return observer.sums
-
-
-def bounds_study(model, saes: Mapping[int, Any], corpus, out, *, top_k: int = DEFAULT_TOP_K,
-                 layers: Sequence[int] | None = None, markers: Sequence[Marker] = ORGANISM_MARKERS,
-                 scope: str = "generated", band: BandConfig = BandConfig(),
-                 thresholds: AssumptionThresholds = AssumptionThresholds(), figures: bool = True,
-                 batch_size: int = 16, collect=None, collect_features=None) -> dict:
-    """The bounds check, the paired two-sided relation and the assumptions, per layer; writes
-    ``bounds.csv``, ``bounds_assumptions.csv``, ``bounds_pairs.csv``, ``bounds_pair_points.csv`` and the figures
-    ``bounds_norm_vs_reasoning`` and ``bounds_pairs`` into ``out``.
-
-    ``collect`` / ``collect_features``: stand-ins for :func:`collect_bounds` and
-    :func:`tellnorm.features.collect_feature_sums` (e.g. :func:`tellnorm.distributed.bounds_collector` and
-    :func:`tellnorm.distributed.feature_collector`: the same sums, sharded by sequence over Ray)."""
-    from tellnorm import features as F
-    from tellnorm.io import write_csv
-
-    out = check_output_dir(out)
-    saes = select_saes(model, saes, top_k=top_k, layers=layers, bounds=True)
-    check_corpus(corpus)
-    reasoning, _ = reasoning_features(model, saes, corpus, top_k=top_k, scope=scope, batch_size=batch_size,
-                                      collect=collect_features)
-    masks = F.contrast_masks(corpus.sequences, corpus.n_prompt, corpus.modes, scope=scope)
-    pairs, capture = [], {}
-    for problem, (it, inn) in enumerate(problem_pairs(corpus.modes)):
-        found = pair_positions(model.token_strings(corpus.sequences[it]), model.token_strings(corpus.sequences[inn]),
-                               markers, start_t=corpus.n_prompt[it], start_n=corpus.n_prompt[inn])
-        for marker, pt, pn in found:
-            pairs.append((problem, marker, it, pt, inn, pn))
-            capture.setdefault(it, set()).add(pt)
-            capture.setdefault(inn, set()).add(pn)
-    if not pairs:
-        warnings.warn(f"no marker ({', '.join(m.name for m in markers)}) was found in both responses of any problem: "
-                      "the two-sided relation is not measured", stacklevel=2)
-    sums = (collect or collect_bounds)(model, saes, corpus.sequences, masks, reasoning, capture=capture,
-                                       batch_size=batch_size)
-    geometry = {layer: sae_geometry(sae) for layer, sae in saes.items()}
-    layer_list = sorted(saes)
-    table = bounds_table(sums, geometry)
-    assumptions = assumptions_table(sums, reasoning, thresholds)
-    points = pair_frame(sums.states, pairs, layer_list)
-    pair_fit = pairs_table(points, layer_list, band)
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(table, out / "bounds.csv")
-    write_csv(assumptions, out / "bounds_assumptions.csv")
-    write_csv(pair_fit, out / "bounds_pairs.csv")
-    write_csv(points, out / "bounds_pair_points.csv")
-    result = {"bounds": table, "assumptions": assumptions, "pairs": pair_fit, "pair_points": points,
-              "reasoning": reasoning, "sums": sums}
-    if figures:
-        from tellnorm.figures import write_figure
-
-        lines = {layer: reasoning_line(geometry[layer], reasoning[layer]) for layer in layer_list}
-        write_figure(norm_bound_figure(sums, lines, top_k), out / "bounds_norm_vs_reasoning")
-        write_figure(pairs_figure(points, pair_fit), out / "bounds_pairs")
-    return result
-
-
-# --- figures ------------------------------------------------------------------------------------------------------
-
-def _grid(n: int, cols: int = 4):
-    return math.ceil(n / cols), min(cols, n)
-
-
-def _grid_style(fig, *, title: str, rows: int, width: int = 1100):
-    """tellnorm's style for a grid of subplots: the legend in a row of its own between the title and the grid."""
-    from tellnorm.figures import style
-
-    height, top, bottom = 300 * rows + 170, 150, 60
-    style(fig, title=title, height=height, width=width)
-    fig.update_layout(margin={"t": top, "b": bottom},
-                      legend={"y": 1 + 45 / (height - top - bottom), "yanchor": "bottom", "font": {"size": 12}})
-    fig.update_annotations(font_size=12)  # subplot titles
-    return fig
-
-
-def norm_bound_figure(sums: BoundsSums, lines: Mapping[int, tuple], top_k: int):
-    """Per layer: ‖h‖ against Σ_{i∈R} ã_i (sampled tokens, by mode; log scale, so tokens with Σ = 0 are left out)
-    with the exact bound from the norm alone, ``A_R·‖h‖ + B_R``."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    from tellnorm.figures import MODE_COLORS, NEUTRAL_COLOR
-
-    layers = sorted(sums.bounds)
-    rows, cols = _grid(len(layers))
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"layer {layer}" for layer in layers],
-                        horizontal_spacing=0.06, vertical_spacing=0.12)
-    for k, layer in enumerate(layers):
-        r, c = k // cols + 1, k % cols + 1
-        pts = sums.bounds[layer].sample.frame()
-        pts = pts[pts["reasoning_sum"] > 0]
-        for mode in (THINKING, NON_THINKING):
-            g = pts[pts["mode"] == mode]
-            fig.add_trace(go.Scatter(x=g["norm"], y=g["reasoning_sum"], mode="markers", name=mode, legendgroup=mode,
-                                     showlegend=k == 0, marker={"color": MODE_COLORS[mode], "size": 4, "opacity": 0.5}),
-                          row=r, col=c)
-        if len(pts):
-            slope, offset = lines[layer]
-            xs = np.linspace(float(pts["norm"].min()), float(pts["norm"].max()), 50)
-            ys = slope * xs + offset
-            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="exact bound A_R·‖h‖ + B_R",
-                                     legendgroup="bound", showlegend=k == 0,
-                                     line={"color": NEUTRAL_COLOR, "dash": "dash"}), row=r, col=c)
-            low, high = float(pts["reasoning_sum"].min()) / 1.5, float(ys.max()) * 1.5
-            fig.update_yaxes(type="log", range=[math.log10(low), math.log10(high)], row=r, col=c)
-    fig.update_xaxes(title_text="‖h‖", row=rows)
-    fig.update_yaxes(title_text=f"Σ top-{top_k} act. (log)", col=1)
-    return _grid_style(fig, rows=rows, title=f"Norm vs summed top-{top_k} reasoning-feature activation, with the "
-                                             "exact bound from the norm (tokens with Σ = 0 not shown)")
-
-
-def pairs_figure(points, fit):
-    """Per layer: Δ = ‖h_T‖² − ‖h_N‖² against S = Σ_{i∈R} Δã_i, with the fitted band and the ideal band (c = 1)."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    from tellnorm.figures import NEUTRAL_COLOR
-
-    title = "Paired states (same problem, both modes): squared-norm gap vs reasoning-feature gap, fitted and ideal bands"
-    if points.empty:
-        fig = go.Figure()
-        fig.add_annotation(text="no marker position was found in both responses of any problem: no pairs to fit",
-                           showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
-        fig.update_xaxes(visible=False)
-        fig.update_yaxes(visible=False)
-        return _grid_style(fig, rows=1, title=title)
-    markers = list(dict.fromkeys(points.marker))
-    layers = list(fit.layer)
-    rows, cols = _grid(len(layers))
-    fig = make_subplots(rows=rows, cols=cols, horizontal_spacing=0.06, vertical_spacing=0.14,
-                        subplot_titles=[_pair_title(f) for f in fit.itertuples()])
-    for k, f in enumerate(fit.itertuples()):
-        r, c = k // cols + 1, k % cols + 1
-        g = points[points.layer == f.layer]
-        for m, marker in enumerate(markers):
-            gm = g[g.marker == marker]
-            fig.add_trace(go.Scatter(x=gm.delta, y=gm.reasoning_delta, mode="markers", name=f"pairs at {marker!r}",
-                                     legendgroup=marker, showlegend=k == 0,
-                                     marker={"color": PAIR_COLORS[m % len(PAIR_COLORS)], "size": 5, "opacity": 0.7}),
-                          row=r, col=c)
-        positive = g.delta[g.delta > 0]
-        if len(positive) and not math.isnan(f.c1):
-            xs = np.linspace(0, float(positive.max()), 60)
-            width = math.sqrt(f.median_r_active) if f.median_r_active > 0 else 0.0
-            for y, name, dash in ((f.c1 * np.sqrt(xs), "fitted c₁√Δ", "solid"),
-                                  (f.c2 * width * np.sqrt(xs), "fitted c₂√(median |R_act|)√Δ", "solid"),
-                                  (np.sqrt(xs), "ideal √Δ", "dot"), (width * np.sqrt(xs), "ideal √(median |R_act|)√Δ",
-                                                                     "dot")):
-                if np.all(np.isfinite(y)):
-                    fig.add_trace(go.Scatter(x=xs, y=y, mode="lines", name=name, legendgroup=name, showlegend=k == 0,
-                                             line={"color": NEUTRAL_COLOR, "dash": dash, "width": 1.2}), row=r, col=c)
-    fig.update_xaxes(title_text="Δ = ‖h_T‖² − ‖h_N‖²", row=rows)
-    fig.update_yaxes(title_text="Σ_R Δã", col=1)
-    return _grid_style(fig, rows=rows, title=title)
-
-
-def _pair_title(f) -> str:
-    if math.isnan(f.c1):
-        return f"layer {f.layer}: n={f.n_pairs}"
-    inside = "n/a" if math.isnan(f.in_band) else f"{f.in_band:.0%}"
-    return f"L{f.layer}: c₁={f.c1:.2g}, c₂={f.c2:.2g}, in {inside}, n={f.n_pairs}"

@@ -314,14 +314,92 @@ def label_overlap(model, saes, sequences, labels: Sequence[Sequence[str]], featu
     return pd.DataFrame(rows)
 
 
-def check_features(saes: Mapping[int, object], features: Mapping[int, Sequence[int]]) -> None:
-    if not features or not any(len(v) for v in features.values()):
-        raise TellnormError("the feature list is empty: name at least one feature, e.g. --features 6:12")
+def check_features(saes: Mapping[int, object], features: Mapping[int, Sequence[int]]) -> dict[int, list[int]]:
+    """``{layer: [feature id, ...]}`` with every id an integer that exists in its layer's SAE (duplicates dropped,
+    order kept), or one TellnormError line saying which id or layer is wrong. The one feature-id check of tellnorm."""
+    import numbers
+
+    if not features or not any(len(list(v)) for v in features.values()):
+        raise TellnormError("no features chosen: the feature list is empty; name at least one feature id "
+                            "(e.g. --features 6:12)")
+    checked = {}
     for layer, feats in features.items():
         if layer not in saes:
             raise TellnormError(f"no SAE for layer {layer}: available layers are {sorted(saes)}")
         d_sae = int(saes[layer].cfg.d_sae)
+        ids: list[int] = []
         for f in feats:
+            if isinstance(f, bool) or not isinstance(f, numbers.Integral):
+                raise TellnormError(f"feature id {f!r} is not an integer: feature ids index the layer-{layer} SAE's "
+                                    f"d_sae={d_sae} latents")
             if not 0 <= int(f) < d_sae:
-                raise TellnormError(f"feature {f} does not exist at layer {layer}: its SAE has d_sae={d_sae} features")
+                raise TellnormError(f"feature {int(f)} does not exist at layer {layer}: its SAE has d_sae={d_sae} "
+                                    f"features (ids 0..{d_sae - 1})")
+            if int(f) not in ids:
+                ids.append(int(f))
+        checked[layer] = ids
+    return checked
 
+
+# --- choosing SAEs and the reasoning features for an analysis ------------------------------------------------
+
+def select_saes(model, saes: Mapping[int, Any], *, top_k: int, layers: Sequence[int] | None = None,
+                architectures: Sequence[str] | None = None, min_layers: int = 1) -> dict:
+    """The SAEs of ``layers`` (default: all), each checked: on the model, reading the residual stream after its
+    block, K within its width, and (``architectures``) one of the SAE architectures an analysis is derived for."""
+    from tellnorm.saes.loading import validate_sae
+
+    if not saes:
+        raise TellnormError("no SAEs given: load at least one with tellnorm.saes.load_saes")
+    chosen = sorted(saes) if layers is None else list(layers)
+    for layer in chosen:
+        if layer not in saes:
+            raise TellnormError(f"no SAE for layer {layer}: available layers are {sorted(saes)}")
+    if len(chosen) < min_layers:
+        raise TellnormError(f"a rank correlation across layers needs SAEs on at least {min_layers} layers, "
+                            f"got layers {chosen}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise TellnormError(f"top-K needs an integer K ≥ 1, got {top_k!r}")
+    for layer in chosen:
+        sae = saes[layer]
+        validate_sae(sae, model, layer)
+        hook = sae.cfg.metadata.hook_name
+        if hook not in (model.hook_name(layer), f"blocks.{layer}.hook_out"):
+            raise TellnormError(f"the layer-{layer} SAE reads {hook!r}, but these analyses read the residual stream "
+                                f"after block {layer} ({model.hook_name(layer)}): use resid_post SAEs")
+        d_sae = int(sae.cfg.d_sae)
+        if top_k > d_sae:
+            raise TellnormError(f"top-K is {top_k} but the layer-{layer} SAE has only d_sae={d_sae} features")
+        if architectures is not None:
+            arch = sae.cfg.architecture()
+            if arch not in architectures:
+                raise TellnormError(f"the layer-{layer} SAE is {arch!r}: the exact bound is derived for "
+                                    f"{', '.join(architectures)} SAEs")
+    return {layer: saes[layer] for layer in chosen}
+
+
+def check_corpus(corpus) -> None:
+    """One line unless ``corpus`` (sequences, n_prompt, modes) has response tokens in both modes."""
+    if corpus is None or not getattr(corpus, "sequences", None):
+        raise TellnormError("the corpus is empty: generate responses first (e.g. --n 1 or more problems per level)")
+    for mode in ("thinking", "non-thinking"):
+        ids = [i for i, m in enumerate(corpus.modes) if m == mode]
+        if not any(len(corpus.sequences[i]) > corpus.n_prompt[i] for i in ids):
+            raise TellnormError(f"the corpus has no {mode} response tokens: the contrast needs both modes")
+
+
+def reasoning_features(model, saes: Mapping[int, Any], corpus, *, top_k: int = DEFAULT_TOP_K,
+                       scope: str = "generated", batch_size: int = 16, collect=None):
+    """R per layer: the top-K features by the paper's contrast Δ (decoder-norm folded, exactly as
+    :func:`tellnorm.studies.features.feature_study` and :func:`tellnorm.features.top_k_scores` choose them).
+
+    ``collect``: a stand-in for :func:`tellnorm.features.collect_feature_sums` (e.g.
+    a sharded collector). Returns ``({layer: [feature, ...]}, contrast
+    table)``."""
+    masks = contrast_masks(corpus.sequences, corpus.n_prompt, corpus.modes, scope=scope)
+    collect = collect or collect_feature_sums
+    sums = collect(model, saes, corpus.sequences, masks, fold_decoder_norm=True, batch_size=batch_size)
+    table = contrast_table(sums, sorted(saes))
+    chosen = {int(layer): g.nlargest(top_k, "delta")["feature"].astype(int).tolist()
+              for layer, g in table.groupby("layer")}
+    return chosen, table

@@ -1,4 +1,7 @@
-"""Batched generation with per-request state, over HF's KV cache, observable through TL hooks.
+"""Generation and teacher-forced passes on any backend, with per-request state, observable by observers.
+
+The loops themselves live in the backends (:mod:`tellnorm.backends.hf`, :mod:`tellnorm.backends.vllm`); this module
+holds what they share: the sampling config and its logit processing, what observers see, and the two entry points.
 
 Design points, each a correctness trap:
 - Left padding: prompts of different lengths are left-padded; padded positions are masked out and position ids
@@ -13,7 +16,6 @@ Design points, each a correctness trap:
 from __future__ import annotations
 
 import zlib
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol, Sequence
 
@@ -126,17 +128,6 @@ def request_seed(seed: int, request_id) -> int:
     return zlib.crc32(f"{seed}:{request_id}".encode())
 
 
-def eos_ids(model) -> set[int]:
-    ids = set()
-    gen_eos = getattr(getattr(model.hf_model, "generation_config", None), "eos_token_id", None)
-    for value in (model.tokenizer.eos_token_id, gen_eos, model.hf_model.config.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(v for v in value if isinstance(v, int))
-    return ids
-
-
 def generate(
     model,
     prompts: Sequence[Sequence[int]],
@@ -169,26 +160,9 @@ def generate(
             raise TellnormError(f"request {rid!r}: its prompt has {len(ids)} tokens, which leaves no room in the "
                                 f"context of {model.max_positions}; shorten the prompt")
     observers = list(observers)
-    if model.backend != "hf":  # vLLM schedules its own batches (batch_size does not apply)
-        gens = model.generate(prompts, sampling, request_ids=request_ids, observers=observers, progress=progress,
-                              token_stats=token_stats, reuse_cache=reuse_cache, desc=desc)
-        return _decode_texts(model, gens)
-    from tqdm.auto import tqdm
-
-    results: dict = {}
-    # Similar lengths share a batch (less padding); results do not depend on the grouping.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="req")
-    with ExitStack() as stack:
-        stack.enter_context(model.bridge.hooks(fwd_hooks=[h for obs in observers for h in obs.hooks(model)]))
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            batch = [(request_ids[i], list(prompts[i])) for i in chunk]
-            for gen in _generate_batch(model, batch, sampling, observers, reuse_cache, token_stats):
-                results[gen.request_id] = gen
-            bar.update(len(chunk))
-    bar.close()
-    return _decode_texts(model, [results[rid] for rid in request_ids])
+    gens = model.generate(prompts, sampling, request_ids=request_ids, observers=observers, progress=progress,
+                          token_stats=token_stats, reuse_cache=reuse_cache, desc=desc, batch_size=batch_size)
+    return _decode_texts(model, gens)
 
 
 def _decode_texts(model, gens: list[Generation]) -> list[Generation]:
@@ -212,100 +186,6 @@ def step_token_stats(logits, tokens):
     return chosen.tolist(), top.tolist(), logp.mean(-1).tolist()
 
 
-def _generate_batch(model, batch, sampling: SamplingConfig, observers, reuse_cache: bool = True,
-                    token_stats: bool = False) -> list[Generation]:
-    import torch
-    from transformers import DynamicCache
-
-    device = model.device
-    stop_ids = set() if sampling.ignore_eos else eos_ids(model)
-    input_ids, attention, positions = left_pad(model, [ids for _, ids in batch])
-
-    live = [rid for rid, _ in batch]  # request id of each row, in row order
-    prompt_of = {rid: ids for rid, ids in batch}
-    generated: dict = {rid: [] for rid in live}
-    stats: dict = {rid: {name: [] for name in TOKEN_STATS} for rid in live}
-    generators = {}
-    if not sampling.greedy:
-        for rid in live:
-            generators[rid] = torch.Generator(device="cpu").manual_seed(request_seed(sampling.seed, rid))
-    finished: dict = {}
-    cache = DynamicCache()
-    step = 0
-    fresh = None
-    with torch.no_grad():
-        while live:
-            info = StepInfo(list(live), positions, attention[:, -positions.shape[1]:].bool(),
-                            "prefill" if step == 0 else "decode", step, [len(prompt_of[rid]) for rid in live],
-                            cache=cache, attention_mask=attention, fresh=fresh)
-            for obs in observers:
-                obs.on_step(info)
-            out = model.hf_model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                 past_key_values=cache, use_cache=True)
-            cache = out.past_key_values if reuse_cache else DynamicCache()
-            logits = out.logits[:, -1, :].float()
-            next_tokens = []
-            for row, rid in enumerate(live):
-                history = prompt_of[rid] + generated[rid]
-                token = _pick(logits[row], history, sampling, generators.get(rid))
-                generated[rid].append(token)
-                next_tokens.append(token)
-            if token_stats:
-                for rid, *values in zip(live, *step_token_stats(logits, next_tokens)):
-                    for name, value in zip(TOKEN_STATS, values):
-                        stats[rid][name].append(value)
-            keep = []
-            for row, rid in enumerate(live):
-                if next_tokens[row] in stop_ids:
-                    finished[rid] = "eos"
-                elif len(generated[rid]) >= min(sampling.max_new_tokens, model.max_positions - len(prompt_of[rid])):
-                    finished[rid] = "length"
-                else:
-                    keep.append(row)
-            if not keep:
-                break
-            live = [live[r] for r in keep]
-            step += 1
-            if not reuse_cache:  # the reference: the whole sequence again, from scratch
-                input_ids, attention, positions = left_pad(model, [prompt_of[r] + generated[r] for r in live])
-                fresh = torch.zeros_like(attention, dtype=torch.bool)
-                fresh[:, -1] = True
-                continue
-            next_tokens = [next_tokens[r] for r in keep]
-            if len(keep) < attention.shape[0]:
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                attention = attention[index]
-                positions = positions[index]
-            input_ids = torch.tensor(next_tokens, device=device).unsqueeze(1)
-            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-            positions = positions[:, -1:] + 1
-    gens = []
-    for rid, _ in batch:
-        meta = {name: np.asarray(values, dtype=np.float32) for name, values in stats[rid].items()} if token_stats else {}
-        gens.append(Generation(rid, prompt_of[rid], generated[rid], finished[rid], meta=meta))
-    return gens
-
-
-def left_pad(model, sequences):
-    """``input_ids, attention_mask, position_ids`` for left-padded sequences; positions count real tokens only."""
-    import torch
-
-    device = model.device
-    width = max(len(ids) for ids in sequences)
-    if min(len(ids) for ids in sequences) < width and model.hf_model.dtype == torch.float64:
-        # The bridge's attention takes its softmax in float32, where a float64 mask value is -inf: fully masked
-        # padding rows turn NaN and spread into the real tokens of their row.
-        raise TellnormError("a float64 model cannot run left-padded batches (the bridge's float32 softmax turns the "
-                            "padding mask into NaN): use batch_size=1 or prompts of one length, or float32")
-    input_ids = torch.full((len(sequences), width), model.tokenizer.pad_token_id, dtype=torch.long, device=device)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
-    for row, ids in enumerate(sequences):
-        input_ids[row, width - len(ids):] = torch.tensor(list(ids), device=device)
-        attention[row, width - len(ids):] = 1
-    return input_ids, attention, (attention.cumsum(-1) - 1).clamp(min=0)
-
-
 def run_forward(model, sequences: Sequence[Sequence[int]], *, request_ids: Sequence | None = None,
                 batch_size: int = 16, observers: Iterable[Observer] = (), return_logits: bool = False,
                 n_prompt: Sequence[int] | None = None):
@@ -313,8 +193,6 @@ def run_forward(model, sequences: Sequence[Sequence[int]], *, request_ids: Seque
 
     ``n_prompt[i]`` (optional) says how many leading tokens of sequence i are its prompt; observers see it as
     ``StepInfo.n_prompt``, so edits that act on generated tokens act on the same tokens as in generation."""
-    import torch
-
     request_ids = list(request_ids) if request_ids is not None else list(range(len(sequences)))
     observers = list(observers)
     if n_prompt is not None and len(n_prompt) != len(sequences):
@@ -324,26 +202,8 @@ def run_forward(model, sequences: Sequence[Sequence[int]], *, request_ids: Seque
             raise TellnormError(f"request {rid!r} is empty")
         if len(ids) > model.max_positions:
             raise TellnormError(f"request {rid!r} has {len(ids)} tokens, over the context of {model.max_positions}")
-    if model.backend != "hf":
-        if return_logits:
-            raise TellnormError("return_logits is available on the HF backend only")
-        model.run_forward(sequences, request_ids=request_ids, observers=observers, n_prompt=n_prompt)
-        return None
-    logits = {}
-    with model.bridge.hooks(fwd_hooks=[h for obs in observers for h in obs.hooks(model)]), torch.no_grad():
-        for start in range(0, len(sequences), batch_size):
-            rids = request_ids[start : start + batch_size]
-            chunk = [list(s) for s in sequences[start : start + batch_size]]
-            input_ids, attention, positions = left_pad(model, chunk)
-            prompt_lengths = None if n_prompt is None else list(n_prompt[start : start + batch_size])
-            info = StepInfo(rids, positions, attention.bool(), "forward", 0, prompt_lengths)
-            for obs in observers:
-                obs.on_step(info)
-            out = model.hf_model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=False)
-            if return_logits:
-                for row, (rid, ids) in enumerate(zip(rids, chunk)):
-                    logits[rid] = out.logits[row, -len(ids):].float()
-    return logits if return_logits else None
+    return model.run_forward(sequences, request_ids=request_ids, observers=observers, n_prompt=n_prompt,
+                             batch_size=batch_size, return_logits=return_logits)
 
 
 def process_logits(logits, history: list[int], sampling: SamplingConfig):
@@ -372,7 +232,7 @@ def process_logits(logits, history: list[int], sampling: SamplingConfig):
     return logits
 
 
-def _pick(logits, history: list[int], sampling: SamplingConfig, generator) -> int:
+def pick_token(logits, history: list[int], sampling: SamplingConfig, generator) -> int:
     import torch
 
     logits = process_logits(logits, history, sampling)

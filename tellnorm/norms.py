@@ -142,24 +142,22 @@ def token_table(model, generations: Sequence[Generation], extra_columns: dict | 
     """One row per token of every request: its string and masks (prompt, think block, position 0, label)."""
     import pandas as pd
 
-    from tellnorm.organism.task import closing_roles, label_tokens
-
-    is_organism = getattr(model, "source", "") == "organism"
+    labeler = getattr(model, "token_labeler", None)  # the subject's ground truth (the organism's step labels)
+    think_open, think_close = model.think_markers
     rows = []
     for g in generations:
         tokens = model.token_strings(g.ids)
         n_prompt = len(g.prompt_ids)
-        labels = label_tokens(tokens, n_prompt) if is_organism else [None] * len(tokens)
-        roles = closing_roles(tokens, n_prompt) if is_organism else {}
+        labels, roles = labeler(tokens, n_prompt) if labeler else ([None] * len(tokens), {})
         inside = False
         for pos, tok in enumerate(tokens):
-            if tok == "</think>":
+            if tok == think_close:
                 inside = False
             rows.append({"request_id": g.request_id, "position": pos, "token": tok, "is_prompt": pos < n_prompt,
-                         "in_think": inside and tok != "<think>", "label": labels[pos],
+                         "in_think": inside and tok != think_open, "label": labels[pos],
                          "matched_role": roles.get(pos),
                          "next_label": labels[pos + 1] if pos + 1 < len(tokens) else None})
-            if tok == "<think>":
+            if tok == think_open:
                 inside = True
     table = pd.DataFrame(rows)
     table["is_generated"] = ~table["is_prompt"]

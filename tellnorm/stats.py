@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from tellnorm.errors import TellnormError
 
 BOOTSTRAP_RESAMPLES = 2000  # enough for stable 2.5/97.5 percentiles of a mean
 CI_LEVEL = 0.95
@@ -44,3 +48,25 @@ def grouped_mean_with_ci(df, by: list[str], column: str, *, seed: int = 0):
         key = key if isinstance(key, tuple) else (key,)
         rows.append({**dict(zip(by, key)), **mean_with_ci(group[column].to_numpy(), seed=seed)})
     return pd.DataFrame(rows)
+
+
+def spearman(x, y) -> float:
+    """Spearman's ρ: Pearson correlation of average ranks; NaN when fewer than 2 points or an input is constant."""
+    from scipy.stats import rankdata
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.size != y.size:
+        raise TellnormError(f"Spearman needs paired values, got {x.size} and {y.size}")
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0 or not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return math.nan
+    rx, ry = rankdata(x) - (x.size + 1) / 2, rankdata(y) - (y.size + 1) / 2
+    return float((rx * ry).sum() / math.sqrt((rx ** 2).sum() * (ry ** 2).sum()))
+
+
+def spearman_with_ci(statistic_of, n: int, *, seed: int = 0) -> tuple[float, float, float]:
+    """``statistic_of(indices)`` on all problems and its bootstrap 95% CI over problems (×100 all three)."""
+    point = statistic_of(np.arange(n))
+    if n < 2 or math.isnan(point):
+        return 100 * point, math.nan, math.nan
+    lo, hi = bootstrap_ci(np.arange(n, dtype=np.float64), lambda idx: statistic_of(idx.astype(np.int64)), seed=seed)
+    return 100 * point, 100 * lo, 100 * hi

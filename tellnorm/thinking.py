@@ -108,6 +108,31 @@ class ThinkingSwitch:
             return _prefill(text, value, opener=self.thinking)
         return text  # none (in its own mode) and unknown (thinking): the template as it is
 
+    def render_messages(self, tokenizer, messages: list[dict], thinking: bool = True, *,
+                        add_generation_prompt: bool = True) -> str:
+        """A whole chat history rendered in the asked mode (lm-eval's multi-turn and few-shot prompts): the switch's
+        kwarg, a system flag merged into an existing system message, or the pre-filled think block.
+        ``add_generation_prompt=False`` continues the final message instead."""
+        if not self.supports(thinking):
+            raise self._refuse(thinking)
+        value = self.thinking if thinking else self.non_thinking
+        messages = list(messages)
+        kwargs = {}
+        if self.kind in ("template_kwarg", "reasoning_effort"):
+            kwargs[self.kwarg] = value
+        elif self.kind == "system_flag":
+            if messages and messages[0].get("role") == "system":
+                messages[0] = {**messages[0], "content": f"{value}\n{messages[0]['content']}"}
+            else:
+                messages.insert(0, {"role": "system", "content": value})
+        if not add_generation_prompt:
+            kwargs["continue_final_message"] = True
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, **kwargs)
+        text = _apply(tokenizer, messages, self._who(), **kwargs)
+        if self.kind == "prefill_empty_think":
+            text = _prefill(text, value, opener=self.thinking)
+        return text
+
     def contrast(self, tokenizer, user_text: str) -> tuple[str, str]:
         """(thinking prompt, non-thinking prompt) of one model; they must differ."""
         on, off = self.render(tokenizer, user_text, True), self.render(tokenizer, user_text, False)

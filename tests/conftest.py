@@ -6,7 +6,7 @@ also exposed as session-scoped fixtures that cache their results:
 * ``tiny_model_dir(arch="qwen3", n_layers=3, seed=0) -> Path``: a saved HF folder (config.json, model.safetensors,
   tokenizer files); the same arguments give the same folder for the whole session. Treat it as read-only; copy it
   (``shutil.copytree``) before corrupting or editing files.
-* ``tiny_loaded_model(arch="qwen3", n_layers=3) -> LoadedModel``: ``tellnorm.models.load_model`` of that folder,
+* ``tiny_loaded_model(arch="qwen3", n_layers=3) -> LoadedModel``: ``tellnorm.backends.load_model`` of that folder,
   shared for the session; tests must leave no hooks on it (``run_with_cache``/``bridge.hooks(...)`` clean up).
 * ``hf_reference(arch="qwen3", n_layers=3) -> PreTrainedModel``: an independent eager-attention HF copy of that folder,
   to compare tellnorm's activations against; never handed to tellnorm.
@@ -161,7 +161,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_loaded_model(tiny_model_dir):
     """Factory ``(arch="qwen3", n_layers=3) -> LoadedModel`` via ``load_model(folder)`` (cached; leave no hooks)."""
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
 
     loaded: dict[tuple, object] = {}
 

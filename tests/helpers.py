@@ -12,7 +12,7 @@ def tiny_organism_like(n_layers: int = 3, d_model: int = 64, seed: int = 0):
     import torch
     from transformers import Qwen3ForCausalLM
 
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
     from tellnorm.organism.tokenizer import build_tokenizer
     from tellnorm.organism.train import OrganismModelConfig
 

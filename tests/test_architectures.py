@@ -1,4 +1,4 @@
-"""Every row of ``tellnorm.models.SUPPORTED_ARCHITECTURES`` on a tiny random model built from transformers' config
+"""Every row of ``tellnorm.backends.hf.SUPPORTED_ARCHITECTURES`` on a tiny random model built from transformers' config
 classes (hidden 64, 3–4 layers, vocabulary 100, 4 experts where MoE, sliding window 4 where the architecture has one).
 
 Each is checked against an independent HF copy (same seed, eager attention, plain torch forward hooks on its decoder
@@ -30,7 +30,8 @@ from conftest import (BOS, LLAMA_CHAT_TEMPLATE, PAD, QWEN_CHAT_TEMPLATE, SPECIAL
 from helpers import ExtraPassProbe, active_hook_count, cache_snapshot
 from tellnorm.errors import TellnormError
 from tellnorm.generation import SamplingConfig, generate
-from tellnorm.models import HOOK_POINTS, REFUSED_ARCHITECTURES, SUPPORTED_ARCHITECTURES, load_model
+from tellnorm.backends.base import HOOK_POINTS, REFUSED_ARCHITECTURES, SUPPORTED_ARCHITECTURES
+from tellnorm.backends import load_model
 
 TOL = 1e-5
 VOCAB = {tok: i for i, tok in enumerate(SPECIAL + WORDS)}
@@ -311,8 +312,8 @@ def test_alrr_is_refused_in_one_line_where_the_layer_cannot_rerun(arch, tiny):
 
 @pytest.mark.parametrize("arch", list(TINY))
 def test_the_logit_lens_at_the_last_layer_is_the_models_output(arch, tiny):
-    """tellnorm.correlation's logit lens applies the family's own post-unembedding steps (soft caps, scaling)."""
-    from tellnorm.correlation import lens_logits
+    """tellnorm.studies.correlation's logit lens applies the family's own post-unembedding steps (soft caps, scaling)."""
+    from tellnorm.signals import lens_logits
 
     lm, ref = tiny(arch)
     ids = torch.tensor([lm.encode(PROMPT)])

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from tellnorm.bench import build_model
-from tellnorm.bench_techniques import TARGETS, VARIANTS, Setup, TechniqueBenchConfig, bench_prompts, run_variant
-from tellnorm.cli import main
+from tellnorm.apps.bench.norms import build_model
+from tellnorm.apps.bench.techniques import TARGETS, VARIANTS, Setup, TechniqueBenchConfig, bench_prompts, run_variant
+from tellnorm.apps.cli import main
 from tellnorm.errors import TellnormError
 from tellnorm.generation import SamplingConfig, generate
 from tellnorm.norms import NormTracer

@@ -11,6 +11,9 @@ import pytest
 import torch
 
 from tellnorm import bounds as B
+from tellnorm import features as F
+from tellnorm.organism.task import ORGANISM_MARKERS
+from tellnorm.studies import bounds as BS
 from tellnorm.errors import TellnormError
 
 ARCHS = ("standard", "topk", "jumprelu", "gated")
@@ -198,11 +201,11 @@ def test_coactive_cosines_match_brute_force():
 def test_markers_and_pair_positions():
     think = "<|im_start|> assistant <think> a = 5 . </think> answer : 5 <|im_end|>".split()
     direct = "<|im_start|> assistant 5 + 3 = 8 . answer : 8 <|im_end|>".split()
-    pairs = B.pair_positions(think, direct, B.ORGANISM_MARKERS, start_t=2, start_n=2)
+    pairs = B.pair_positions(think, direct, ORGANISM_MARKERS, start_t=2, start_n=2)
     assert pairs == [("answer", 8, 8), ("colon", 9, 9), ("value", 10, 10)]
-    assert B.find_marker("answer : 3 answer : 4".split(), B.ORGANISM_MARKERS[2]) == 5  # the last closing
-    assert B.find_marker("x answer :".split(), B.ORGANISM_MARKERS[2]) is None  # value missing
-    assert B.find_marker("answer : 1 x".split(), B.ORGANISM_MARKERS[0], start=1) is None  # before start
+    assert B.find_marker("answer : 3 answer : 4".split(), ORGANISM_MARKERS[2]) == 5  # the last closing
+    assert B.find_marker("x answer :".split(), ORGANISM_MARKERS[2]) is None  # value missing
+    assert B.find_marker("answer : 1 x".split(), ORGANISM_MARKERS[0], start=1) is None  # before start
     assert B.problem_pairs(["thinking", "thinking", "non-thinking", "non-thinking"]) == [(0, 2), (1, 3)]
     with pytest.raises(TellnormError, match="both modes"):
         B.problem_pairs(["thinking", "non-thinking", "thinking"])
@@ -276,7 +279,7 @@ def test_exact_bound_holds_on_tiny_models(tiny_loaded_model, arch, sae_archs):
     model = tiny_loaded_model(arch)
     saes = model_saes(model, sae_archs)
     corpus = make_corpus(model)
-    reasoning, _ = B.reasoning_features(model, saes, corpus, top_k=5)
+    reasoning, _ = F.reasoning_features(model, saes, corpus, top_k=5)
     masks = contrast_masks(corpus.sequences, corpus.n_prompt, corpus.modes)
     sums = B.collect_bounds(model, saes, corpus.sequences, masks, reasoning, batch_size=4)
     table = B.bounds_table(sums, {layer: B.sae_geometry(s) for layer, s in saes.items()})
@@ -419,34 +422,34 @@ def test_bad_inputs_are_one_clear_error(tiny_loaded_model, tmp_path):
     model = tiny_loaded_model("qwen3")
     saes = model_saes(model, ("standard", "topk", "gated"))
     with pytest.raises(TellnormError, match="no SAE for layer 5"):
-        B.select_saes(model, saes, top_k=5, layers=[0, 5])
+        F.select_saes(model, saes, top_k=5, layers=[0, 5])
     with pytest.raises(TellnormError, match="only d_sae=96"):
-        B.select_saes(model, saes, top_k=97)
+        F.select_saes(model, saes, top_k=97)
     with pytest.raises(TellnormError, match="K ≥ 1"):
-        B.select_saes(model, saes, top_k=0)
+        F.select_saes(model, saes, top_k=0)
     with pytest.raises(TellnormError, match="no SAEs"):
-        B.select_saes(model, {}, top_k=5)
+        F.select_saes(model, {}, top_k=5)
     elsewhere = random_sae("standard", d_in=64, hook="blocks.7.hook_resid_post")
     with pytest.raises(TellnormError, match="does not have"):
-        B.select_saes(model, {2: elsewhere}, top_k=5)
+        F.select_saes(model, {2: elsewhere}, top_k=5)
     pre = random_sae("standard", d_in=64, hook="blocks.1.hook_resid_pre")
     with pytest.raises(TellnormError, match="resid_post"):
-        B.select_saes(model, {1: pre}, top_k=5)
+        F.select_saes(model, {1: pre}, top_k=5)
     odd = AbsTopKSAE(AbsTopKSAEConfig(d_in=64, d_sae=96, k=4))
     odd.cfg.metadata.hook_name = model.hook_name(0)
     with pytest.raises(TellnormError, match="derived for"):
-        B.select_saes(model, {0: odd}, top_k=5, bounds=True)
+        F.select_saes(model, {0: odd}, top_k=5, architectures=B.SUPPORTED_ARCHITECTURES)
     with pytest.raises(TellnormError, match="at least 3 layers"):
-        B.select_saes(model, saes, top_k=5, layers=[0, 1], min_layers=3)
+        F.select_saes(model, saes, top_k=5, layers=[0, 1], min_layers=3)
     with pytest.raises(TellnormError, match="corpus is empty"):
-        B.check_corpus(SimpleNamespace(sequences=[], n_prompt=[], modes=[]))
+        F.check_corpus(SimpleNamespace(sequences=[], n_prompt=[], modes=[]))
     one_mode = SimpleNamespace(sequences=[[1, 2, 3]], n_prompt=[1], modes=["thinking"])
     with pytest.raises(TellnormError, match="no non-thinking response tokens"):
-        B.check_corpus(one_mode)
+        F.check_corpus(one_mode)
     afile = tmp_path / "f.csv"
     afile.write_text("x")
     with pytest.raises(TellnormError, match="is a file"):
-        B.bounds_study(model, saes, make_corpus(model), afile)
+        BS.bounds_study(model, saes, make_corpus(model), afile)
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -457,7 +460,7 @@ def test_bad_inputs_are_one_clear_error(tiny_loaded_model, tmp_path):
     (["bounds", "--top-k", "100000"], "only d_sae="),
 ])
 def test_cli_bad_arguments(capsys, tmp_path, argv, match):
-    from tellnorm.cli import main
+    from tellnorm.apps.cli import main
 
     assert main(argv + ["--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
@@ -466,7 +469,7 @@ def test_cli_bad_arguments(capsys, tmp_path, argv, match):
 
 
 def test_cli_out_naming_a_file(capsys, tmp_path):
-    from tellnorm.cli import main
+    from tellnorm.apps.cli import main
 
     afile = tmp_path / "taken"
     afile.write_text("")
@@ -479,7 +482,7 @@ def test_cli_out_naming_a_file(capsys, tmp_path):
 def test_cli_end_to_end_on_the_organism(tmp_path):
     import pandas as pd
 
-    from tellnorm.cli import main
+    from tellnorm.apps.cli import main
 
     out = tmp_path / "run"
     assert main(["bounds", "--n", "1", "--top-k", "5", "--out", str(out)]) == 0

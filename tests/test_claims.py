@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from tellnorm import claims
+from tellnorm.studies import claims
 
 
 def write(out, name, rows):

@@ -7,19 +7,19 @@ import sys
 
 import pytest
 
-from tellnorm.cli import main
+from tellnorm.apps.cli import main
 from tellnorm.errors import TellnormError
 
 
 def test_help_does_not_import_the_slow_libraries():
-    code = ("import sys; from tellnorm.cli import build_parser; build_parser(); "
+    code = ("import sys; from tellnorm.apps.cli import build_parser; build_parser(); "
             "print(sorted(m for m in ('torch', 'transformer_lens', 'sae_lens', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_help_lists_the_subcommands():
-    out = subprocess.run([sys.executable, "-m", "tellnorm.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "tellnorm.apps.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("reproduce", "organism", "profile", "sae", "features", "dashboard", "bench"):
         assert command in out.stdout
 
@@ -61,23 +61,29 @@ def test_bad_prompt_files_leave_no_output(capsys, tmp_path):
 
 
 def test_missing_or_corrupt_organism_says_how_to_rebuild(monkeypatch, tmp_path):
-    import tellnorm.models as models
-    from tellnorm.organism.paths import DEFAULT_ORGANISM_DIR
+    import dataclasses
 
-    monkeypatch.setattr(models, "DEFAULT_ORGANISM_DIR", tmp_path / "gone")
+    from tellnorm.backends import base, load_model
+
+    organism = base.subjects()["organism"]
+
+    def move_organism_to(folder):
+        monkeypatch.setitem(base.subjects(), "organism", dataclasses.replace(organism, model_dir=folder))
+
+    move_organism_to(tmp_path / "gone")
     with pytest.raises(TellnormError, match="tellnorm organism train"):
-        models.load_model("organism")
+        load_model("organism")
     broken = tmp_path / "broken"
-    shutil.copytree(DEFAULT_ORGANISM_DIR, broken)
+    shutil.copytree(organism.model_dir, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
-    monkeypatch.setattr(models, "DEFAULT_ORGANISM_DIR", broken)
+    move_organism_to(broken)
     with pytest.raises(TellnormError, match="tellnorm organism train"):
-        models.load_model("organism")
+        load_model("organism")
 
 
 def test_bad_feature_list_and_sae_spec(capsys, tmp_path):
-    from tellnorm.studies import parse_feature_list
+    from tellnorm.studies.features import parse_feature_list
 
     assert parse_feature_list("6:12,40 5:3") == {6: [12, 40], 5: [3]}
     for text in ("6", "six:1", "", "6:x"):
@@ -86,10 +92,10 @@ def test_bad_feature_list_and_sae_spec(capsys, tmp_path):
     _run_bad(capsys, ["features", "--saes", str(tmp_path / "nope")], "SAE spec")
 
 
-@pytest.mark.parametrize("features, match", [("6:99999", "do not exist at layer 6: its SAE has features 0..511"),
+@pytest.mark.parametrize("features, match", [("6:99999", "does not exist at layer 6: its SAE has d_sae=512 features (ids 0..511)"),
                                              ("12:1", "no SAE for layer 12")])
 def test_dashboard_checks_its_features_before_generating(capsys, tmp_path, monkeypatch, features, match):
-    import tellnorm.studies as studies
+    import tellnorm.studies.corpus as studies
 
     def no_generation(*args, **kwargs):
         raise AssertionError("the contrast corpus was generated before the features were checked")

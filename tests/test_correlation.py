@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from tellnorm import bounds as B
-from tellnorm import correlation as C
+from tellnorm import features as F
+from tellnorm import signals as S
+from tellnorm.studies import correlation as C
 from tellnorm.errors import TellnormError
 from test_bounds import make_corpus, model_saes, reference
 
@@ -43,24 +45,24 @@ def _np_softmax(z):
 def test_entropies_match_numpy():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(700, 50)) * 4  # more rows than one chunk
-    np.testing.assert_allclose(C.entropy_from_logits(torch.tensor(logits, dtype=torch.float32)).numpy(),
+    np.testing.assert_allclose(S.entropy_from_logits(torch.tensor(logits, dtype=torch.float32)).numpy(),
                                _np_entropy(_np_softmax(logits.astype(np.float32))), rtol=1e-6)
     h = rng.normal(size=(30, 64))
     h[0] = 0.0
     sq = h ** 2
     ref = _np_entropy(sq / np.where(sq.sum(1, keepdims=True) > 0, sq.sum(1, keepdims=True), 1))
-    np.testing.assert_allclose(C.hidden_state_entropy(torch.tensor(h)).numpy(), ref, rtol=1e-12)
+    np.testing.assert_allclose(S.hidden_state_entropy(torch.tensor(h)).numpy(), ref, rtol=1e-12)
     rows = _np_softmax(rng.normal(size=(10, 4, 12)))
     rows[:, :, 8:] = 0.0  # keys a causal mask hides
     rows /= rows.sum(-1, keepdims=True)
-    np.testing.assert_allclose(C.attention_entropy(torch.tensor(rows)).numpy(), _np_entropy(rows).mean(-1),
+    np.testing.assert_allclose(S.attention_entropy(torch.tensor(rows)).numpy(), _np_entropy(rows).mean(-1),
                                rtol=1e-12)
 
 
 def _setup(model, seed=0):
     saes = model_saes(model, ("standard", "topk", "gated"), seed=seed)
     corpus = make_corpus(model, n=5, seed=seed)
-    reasoning, contrast = B.reasoning_features(model, saes, corpus, top_k=5)
+    reasoning, contrast = F.reasoning_features(model, saes, corpus, top_k=5)
     thinking = [i for i, m in enumerate(corpus.modes) if m == "thinking"]
     return saes, corpus, reasoning, contrast, thinking
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import active_hook_count, organism_prompts, sae_reference, tiny_organism_like
-from tellnorm.dashboards import (
+from tellnorm.apps.dashboards import (
     FeatureDashboardData,
     collect_dashboard_data,
     dashboard_html,
@@ -123,7 +123,7 @@ def test_streamed_data_matches_an_independent_reference(model, sae, sequences, d
 
 
 def test_batch_size_and_encode_chunks_do_not_change_the_data(model, sae, sequences, data, scores, monkeypatch):
-    import tellnorm.dashboards.data as dashboard_data
+    import tellnorm.apps.dashboards.data as dashboard_data
 
     monkeypatch.setattr(dashboard_data, "ENCODE_BUDGET", 7 * D_SAE)  # encode 7 tokens at a time
     alone = collect_dashboard_data(model, sae, LAYER, FEATURES[:2], sequences, scores=scores, n_examples=N_EXAMPLES,

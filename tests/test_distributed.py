@@ -1,4 +1,4 @@
-"""Ray-sharded studies (tellnorm.distributed): shards, merges, a local 2-worker cluster on the organism.
+"""Ray-sharded studies (tellnorm.apps.distributed): shards, merges, a local 2-worker cluster on the organism.
 
 Sharded results are compared with the single-process ones: every count, token, generation, label and firing
 counter exactly; norms and feature sums to float tolerance (a prompt's float32 activations depend slightly on the
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tellnorm.distributed import (Replica, Shard, ShardPool, bounds_collector, check_reachable,
+from tellnorm.apps.distributed import (Replica, Shard, ShardPool, bounds_collector, check_reachable,
                                   collect_bounds_sharded, collect_feature_sums_sharded,
                                   concat_frames, contrast_corpus_sharded, feature_collector, feature_sums_shard,
                                   generate_sharded,
@@ -99,12 +99,12 @@ def test_missing_ray_says_how_to_install(monkeypatch):
 
 
 def test_no_ray_imported_without_ray_requested():
-    """``import tellnorm.distributed`` and an in-process sharded study on the organism never import Ray."""
+    """``import tellnorm.apps.distributed`` and an in-process sharded study on the organism never import Ray."""
     code = textwrap.dedent("""
         import sys
-        import tellnorm.distributed as d
+        import tellnorm.apps.distributed as d
         assert "ray" not in sys.modules
-        from tellnorm.profile import organism_prompt_rows
+        from tellnorm.studies.corpus import organism_prompt_rows
         with d.ShardPool("organism") as pool:
             trace = d.trace_both_modes_sharded(pool, organism_prompt_rows(1)[:2], max_new_tokens=4)
         assert len(trace.generations) == 4, trace.generations
@@ -134,7 +134,7 @@ def test_unreachable_address_fails_in_one_line_within_the_timeout():
         assert time.perf_counter() - start < 15 and "\n" not in str(err.value)
 
     # the whole path, through the CLI-facing pool, in a fresh process (this one may already be in a cluster)
-    code = ("from tellnorm.distributed import ShardPool\n"
+    code = ("from tellnorm.apps.distributed import ShardPool\n"
             f"ShardPool('organism', ray_address='127.0.0.1:{closed}', workers=2, connect_timeout_s=5)")
     done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert done.returncode != 0 and "TellnormError: cannot reach the Ray cluster" in done.stderr.splitlines()[-1]
@@ -146,7 +146,7 @@ def test_unreachable_address_fails_in_one_line_within_the_timeout():
 def cluster():
     import ray  # needs_ray skipped the tests already when Ray is missing (unless TELLNORM_REQUIRE_RAY=1)
 
-    from tellnorm.distributed import RAYLET_START_WAIT_S
+    from tellnorm.apps.distributed import RAYLET_START_WAIT_S
 
     temp = tempfile.mkdtemp(prefix="tellnorm-ray-")  # not /tmp/ray: nothing of the run stays behind
     os.environ.setdefault("RAY_raylet_start_wait_time_s", str(RAYLET_START_WAIT_S))
@@ -168,21 +168,21 @@ def pool(cluster):
 
 @pytest.fixture(scope="module")
 def organism():
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
 
     return load_model("organism")
 
 
 @pytest.fixture(scope="module")
 def rows():
-    from tellnorm.profile import organism_prompt_rows
+    from tellnorm.studies.corpus import organism_prompt_rows
 
     return organism_prompt_rows(1)[:5]  # difficulties 1..5: different lengths, uneven shards (3 + 2)
 
 
 @pytest.fixture(scope="module")
 def corpora(pool, organism, rows):
-    from tellnorm.studies import contrast_corpus
+    from tellnorm.studies.corpus import contrast_corpus
 
     prompts = [r["prompt"] for r in rows]
     single = contrast_corpus(organism, prompts=prompts, max_new_tokens=MAX_NEW, progress=False)
@@ -223,7 +223,7 @@ def assert_sums_equal(a, b, rtol=1e-6):
 
 @needs_ray
 def test_sharded_norm_profile_equals_single_process(pool, organism, rows):
-    from tellnorm.profile import trace_both_modes
+    from tellnorm.studies.corpus import trace_both_modes
 
     single = trace_both_modes(organism, rows, max_new_tokens=MAX_NEW, progress=False)
     for strategy in ("contiguous", "round-robin"):
@@ -272,7 +272,7 @@ def test_sharded_contrast_corpus_and_feature_sums_equal_single_process(pool, cor
 @needs_ray
 def test_feature_study_with_the_sharded_collector_equals_single_process(pool, organism, corpora, tmp_path):
     from tellnorm.saes import load_saes
-    from tellnorm.studies import feature_study
+    from tellnorm.studies.features import feature_study
 
     corpus = corpora[0]
     saes = load_saes("organism", organism)
@@ -291,7 +291,7 @@ def test_feature_study_with_the_sharded_collector_equals_single_process(pool, or
 
 @needs_ray
 def test_sharded_evaluation_decoding_equals_single_process(pool, organism):
-    from tellnorm.evaluation import EvaluateConfig, control_edits, decode, setup
+    from tellnorm.studies.evaluation import EvaluateConfig, control_edits, decode, setup
 
     cfg = EvaluateConfig(difficulties=(1, 2, 3), per_difficulty=1, calibration_per_difficulty=1, n_samples=2,
                          sample_sizes=(2,), max_new_tokens=MAX_NEW, batch_size=8)
@@ -418,7 +418,8 @@ def assert_bounds_sums_equal(a, b, rtol=1e-6):
 @needs_ray
 def test_sharded_bounds_study_equals_single_process(pool, organism, corpora, tmp_path):
     from tellnorm import features as F
-    from tellnorm.bounds import bounds_study, collect_bounds
+    from tellnorm.studies.bounds import bounds_study
+    from tellnorm.bounds import collect_bounds
     from tellnorm.saes import load_saes
 
     corpus = corpora[0]
@@ -455,7 +456,7 @@ def test_sharded_bounds_study_equals_single_process(pool, organism, corpora, tmp
 
 @needs_ray
 def test_sharded_correlation_study_equals_single_process(pool, organism, corpora, tmp_path):
-    from tellnorm.correlation import correlation_study
+    from tellnorm.studies.correlation import correlation_study
     from tellnorm.saes import load_saes
 
     corpus = corpora[0]
@@ -478,7 +479,7 @@ def test_sharded_correlation_study_equals_single_process(pool, organism, corpora
 
 @pytest.fixture(scope="module")
 def intervention_cfg():
-    from tellnorm.interventions.study import InterventionConfig
+    from tellnorm.studies.suppression import InterventionConfig
 
     # two problems, every kind of condition (probes, scale, clamp, random controls, depth, steering, features)
     return InterventionConfig(per_difficulty=1, difficulties=(1, 5), calibration_per_difficulty=1, factors=(0.1,),
@@ -490,7 +491,7 @@ def intervention_cfg():
 def test_sharded_suppression_study_equals_single_process(pool, organism, intervention_cfg, tmp_path):
     from dataclasses import replace
 
-    from tellnorm.interventions.study import run_intervene
+    from tellnorm.studies.suppression import run_intervene
 
     cfg = intervention_cfg
     single = run_intervene(organism, cfg, tmp_path / "single", progress=False)
@@ -521,7 +522,7 @@ def test_sharded_suppression_study_equals_single_process(pool, organism, interve
     (["intervene", "--threshold-mode", "pooled-p2", "--warmup", "5", "--ray", "local"], "pools τ over the requests"),
 ])
 def test_cli_sharding_flags_are_checked_before_any_work(argv, message, tmp_path, capsys):
-    from tellnorm.cli import main
+    from tellnorm.apps.cli import main
 
     assert main(argv + ["--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tellnorm.cli import main
+from tellnorm.apps.cli import main
 from tellnorm.errors import TellnormError
-from tellnorm.evaluation import EvaluateConfig, answers_match, run_evaluate, summarise, text_extractor
+from tellnorm.studies.evaluation import EvaluateConfig, answers_match, run_evaluate, summarise, text_extractor
 
 REQUIRED = ["method", "n_samples", "difficulty", "n", "accuracy", "ci_low", "ci_high", "generated_tokens",
             "extra_block_passes"]
@@ -50,7 +50,7 @@ def test_summarise_matches_numpy():
 
 @pytest.fixture(scope="module")
 def organism_run(tmp_path_factory):
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
 
     out = tmp_path_factory.mktemp("evaluation")
     model = load_model()

@@ -26,7 +26,7 @@ ERSS_TEST = dict(low_k=8, p_inject=0.5, cooldown=16, cos_min=0.3)
 
 @pytest.fixture(scope="module")
 def organism():
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
     from tellnorm.saes import load_saes
 
     model = load_model("organism")
@@ -35,7 +35,7 @@ def organism():
 
 @pytest.fixture(scope="module")
 def built(organism, tmp_path_factory):
-    from tellnorm.explorer import build_explorer_data, explorer_corpus, write_site
+    from tellnorm.apps.explorer import build_explorer_data, explorer_corpus, write_site
     from tellnorm.techniques import ERSSConfig
 
     model, saes = organism
@@ -113,7 +113,7 @@ def _rerun(model, name, layers, taus, prompts, rids):
 def test_technique_marks_are_the_edits_own_decisions(organism, built):
     """Each technique rerun here on the norm view's prompts: the page marks exactly the tokens its EditRecord says
     it edited (ALRR kept/rejected from its state and its report), and shows the technique's own response."""
-    from tellnorm.dashboards.data import display_tokens
+    from tellnorm.apps.dashboards.data import display_tokens
     from tellnorm.thresholds import calibrated_thresholds
 
     model, _ = organism
@@ -173,9 +173,9 @@ def test_build_streams_one_layer_at_a_time(organism, built, tmp_path, monkeypatc
     import gc
     import weakref
 
-    import tellnorm.explorer.data as data
-    import tellnorm.explorer.site as site
-    from tellnorm.explorer import iter_explorer_docs, write_site
+    import tellnorm.apps.explorer.data as data
+    import tellnorm.apps.explorer.site as site
+    from tellnorm.apps.explorer import iter_explorer_docs, write_site
 
     model, saes = organism
     corpus, docs, _ = built
@@ -248,15 +248,15 @@ def test_site_files_are_separate_and_offline(built):
 def test_bad_input_fails_with_one_clear_line_before_any_work(organism, tmp_path, monkeypatch, capsys):
     from sae_lens import StandardSAE, StandardSAEConfig
 
-    import tellnorm.explorer as explorer
-    import tellnorm.models
+    import tellnorm.apps.explorer as explorer
+    import tellnorm.backends.hf
     import tellnorm.saes
-    from tellnorm import cli
+    from tellnorm.apps import cli
 
     model, saes = organism
     wrong = {l: StandardSAE(StandardSAEConfig(d_in=32, d_sae=16)) for l in saes}
     current = {"saes": saes}
-    monkeypatch.setattr(tellnorm.models, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(tellnorm.backends.hf, "load_model", lambda *a, **k: model)
     monkeypatch.setattr(tellnorm.saes, "load_saes", lambda *a, **k: current["saes"])
 
     def no_work(*a, **k):

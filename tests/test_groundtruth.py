@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tellnorm.groundtruth import auroc, peak_composition, peak_mask, peak_table, position_residual
+from tellnorm.studies.groundtruth import auroc, peak_composition, peak_mask, peak_table, position_residual
 
 
 def _brute_auroc(scores, positives):

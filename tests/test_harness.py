@@ -1,4 +1,4 @@
-"""``--model tellnorm`` in lm-eval (tellnorm.harness), offline on the organism.
+"""``--model tellnorm`` in lm-eval (tellnorm.apps.harness), offline on the organism.
 
 References, each computed without the harness: ``tellnorm.organism.evaluate`` for accuracy (its own prompts, its own
 token-level answer parser); ``tellnorm.generation.generate`` with ``build_edits`` for firing counts; LRS's statistic
@@ -24,7 +24,7 @@ BATCH = 16
 
 @pytest.fixture(scope="module")
 def organism():
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
 
     return load_model("organism")
 
@@ -33,7 +33,7 @@ def organism():
 def task_manager():
     from lm_eval.tasks import TaskManager
 
-    from tellnorm.harness import TASK_DIR
+    from tellnorm.apps.harness import TASK_DIR
 
     return TaskManager(include_path=str(TASK_DIR), include_defaults=False)  # tellnorm's tasks only: fast
 
@@ -59,7 +59,7 @@ def run_lm_eval(lm, task_manager, *, limit=None):
 
 
 def test_committed_task_data_is_the_organism_test_split():
-    from tellnorm.harness.tasks import COMMITTED_PER_DIFFICULTY, ORGANISM_JSONL, organism_rows
+    from tellnorm.apps.harness.tasks import COMMITTED_PER_DIFFICULTY, ORGANISM_JSONL, organism_rows
 
     rows = [json.loads(line) for line in ORGANISM_JSONL.read_text().splitlines()]
     assert rows == organism_rows(COMMITTED_PER_DIFFICULTY)
@@ -67,8 +67,8 @@ def test_committed_task_data_is_the_organism_test_split():
 
 
 def test_lm_eval_accuracy_equals_organism_evaluate(organism, task_manager):
-    from tellnorm.harness.model import TellnormLM
-    from tellnorm.harness.tasks import COMMITTED_PER_DIFFICULTY, math_results, organism_results
+    from tellnorm.apps.harness.model import TellnormLM
+    from tellnorm.apps.harness.tasks import COMMITTED_PER_DIFFICULTY, math_results, organism_results
     from tellnorm.organism.evaluate import EvalConfig, evaluate
 
     lm = TellnormLM(pretrained=organism, thresholds="off", batch_size=BATCH)
@@ -95,7 +95,7 @@ def test_lm_eval_accuracy_equals_organism_evaluate(organism, task_manager):
 
 def test_technique_firing_counts_equal_direct_generation(organism, task_manager, calibrated, tmp_path):
     from tellnorm.generation import SamplingConfig, generate
-    from tellnorm.harness.model import TellnormLM
+    from tellnorm.apps.harness.model import TellnormLM
     from tellnorm.organism import task
     from tellnorm.organism.evaluate import problem_prompts
     from tellnorm.techniques import build_edits, firing_report
@@ -134,7 +134,7 @@ def test_selection_over_samples_matches_tellnorms_selectors(organism, task_manag
     import numpy as np
 
     from tellnorm.generation import SamplingConfig, generate
-    from tellnorm.harness.model import TellnormLM
+    from tellnorm.apps.harness.model import TellnormLM
     from tellnorm.norms import NormTracer
     from tellnorm.organism import task
     from tellnorm.organism.evaluate import problem_prompts
@@ -177,7 +177,7 @@ def test_selection_over_samples_matches_tellnorms_selectors(organism, task_manag
 
 
 def test_bad_model_args_are_one_line(organism, tiny_model_dir):
-    from tellnorm.harness.model import TellnormLM
+    from tellnorm.apps.harness.model import TellnormLM
 
     for kwargs, message in [({"technique": "foo"}, "unknown decode-time technique 'foo'"),
                             ({"select": "best"}, "model arg select='best'"),
@@ -196,7 +196,7 @@ def test_bad_model_args_are_one_line(organism, tiny_model_dir):
 
 def test_chat_template_and_think_end_token(organism):
     from tellnorm.generation import Generation
-    from tellnorm.harness.model import TellnormLM
+    from tellnorm.apps.harness.model import TellnormLM
 
     question = "f = 8 ; e = f - 7 ; what is e ?"
     lm = TellnormLM(pretrained=organism, thresholds="off", thinking=False)
@@ -215,9 +215,9 @@ def test_chat_template_and_think_end_token(organism):
 def test_cli_bad_input_is_one_line(capsys, organism, task_manager, tmp_path):
     import lm_eval
 
-    from tellnorm.harness import ORGANISM_TASK_YAML
-    from tellnorm.harness.cli import main, offline_dataset_message
-    from tellnorm.harness.model import TellnormLM
+    from tellnorm.apps.harness import ORGANISM_TASK_YAML
+    from tellnorm.apps.harness.cli import main, offline_dataset_message
+    from tellnorm.apps.harness.model import TellnormLM
 
     assert main(["--model", "tellnorm", "--model_args", "pretrained=organism,technique=foo",
                  "--tasks", str(ORGANISM_TASK_YAML)]) == 2
@@ -236,7 +236,7 @@ def test_cli_bad_input_is_one_line(capsys, organism, task_manager, tmp_path):
                            "not in this machine's Hugging Face cache")
     assert "datasets.load_dataset('tellnorm-tests/no-such-dataset')" in line and "\n" not in line
 
-    from tellnorm.harness.tasks import organism_dataset
+    from tellnorm.apps.harness.tasks import organism_dataset
 
     with pytest.raises(TellnormError, match="does not exist"):
         organism_dataset(organism_jsonl=str(tmp_path / "missing.jsonl"))
@@ -244,10 +244,10 @@ def test_cli_bad_input_is_one_line(capsys, organism, task_manager, tmp_path):
 
 @pytest.mark.slow  # a fresh process that indexes all of lm-eval's tasks: ~20 s
 def test_literal_lm_eval_command_writes_results_with_norm_statistics(tmp_path):
-    """``lm_eval --model tellnorm`` itself: tellnorm's task YAML imports tellnorm.harness before the model is made."""
+    """``lm_eval --model tellnorm`` itself: tellnorm's task YAML imports tellnorm.apps.harness before the model is made."""
     from pathlib import Path
 
-    from tellnorm.harness import ORGANISM_TASK_YAML
+    from tellnorm.apps.harness import ORGANISM_TASK_YAML
 
     lm_eval = Path(sys.executable).with_name("lm_eval")
     stats = tmp_path / "requests.jsonl"

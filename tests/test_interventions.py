@@ -12,7 +12,8 @@ import torch
 
 from helpers import active_hook_count, organism_prompts, tiny_organism_like
 from tellnorm.errors import TellnormError
-from tellnorm.generation import SamplingConfig, eos_ids, generate, run_forward
+from tellnorm.backends.hf import eos_ids
+from tellnorm.generation import SamplingConfig, generate, run_forward
 from tellnorm.interventions import (
     AboveThreshold,
     AddVector,
@@ -401,7 +402,7 @@ def test_bad_input_is_one_clear_error_before_any_generation(model, make, message
 # ------------------------------------------------------------------------------------------------ the experiment
 
 def test_study_configuration_is_validated_before_any_work():
-    from tellnorm.interventions.study import InterventionConfig
+    from tellnorm.studies.suppression import InterventionConfig
 
     for bad in (dict(factors=(0.0,)), dict(factors=(1.5,)), dict(amplify=(0.5,)), dict(random_seeds=()),
                 dict(threshold_mode="median"), dict(threshold_mode="fixed"), dict(per_difficulty=0),
@@ -413,7 +414,7 @@ def test_study_configuration_is_validated_before_any_work():
 def test_random_feature_sets_match_the_top_k_activation_mass():
     import pandas as pd
 
-    from tellnorm.interventions.study import MASS_TOLERANCE, matched_feature_sets
+    from tellnorm.studies.suppression import MASS_TOLERANCE, matched_feature_sets
 
     rng = np.random.default_rng(0)
     mass = rng.exponential(1.0, 300)
@@ -434,7 +435,7 @@ def test_random_feature_sets_match_the_top_k_activation_mass():
 def test_tellnorm_intervene_writes_the_suppression_table_on_the_organism(tmp_path):
     import pandas as pd
 
-    from tellnorm.cli import main
+    from tellnorm.apps.cli import main
 
     out = tmp_path / "interventions"
     assert main(["intervene", "--n", "1", "--calibration-n", "1", "--factors", "0.1", "--amplify", "--seeds", "0",

@@ -7,7 +7,7 @@ import torch
 
 from tellnorm import features as F
 from tellnorm.organism import task
-from tellnorm.profile import matched_comparison
+from tellnorm.studies.profile import matched_comparison
 
 
 def test_closing_roles_find_the_last_closing_of_the_response_only():
@@ -101,7 +101,7 @@ def test_matched_contrast_uses_only_matched_positions_and_agrees_with_numpy():
 
 def test_matched_feature_trend_cis_resample_problems():
     """Per-problem sums give the matched trend's bootstrap CIs; checked against a direct numpy recomputation."""
-    from tellnorm.studies import matched_feature_trend
+    from tellnorm.studies.features import matched_feature_trend
 
     rng = np.random.default_rng(0)
     n_problems, d_sae, k = 12, 30, 4

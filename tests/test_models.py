@@ -1,4 +1,4 @@
-"""tellnorm.models: the bridge must reproduce HF's own decoder-layer outputs, and bad input must fail in one line.
+"""tellnorm.backends.hf: the bridge must reproduce HF's own decoder-layer outputs, and bad input must fail in one line.
 
 Every activation is checked against an independently loaded HF copy of the same folder (eager attention,
 forward hooks on ``model.model.layers[L]``), never against numbers produced by tellnorm itself.
@@ -16,7 +16,9 @@ import torch
 
 from conftest import TINY_ARCHS
 from tellnorm.errors import TellnormError
-from tellnorm.models import HOOK_POINTS, LoadedModel, load_model
+from tellnorm.backends.base import HOOK_POINTS
+from tellnorm.backends.hf import LoadedModel
+from tellnorm.backends import load_model
 
 TOL = 1e-5
 PROMPT = "w1 w2 w3 w4 w5 w6 w7"

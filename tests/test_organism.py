@@ -26,7 +26,7 @@ def test_training_is_bit_reproducible_under_a_seed_and_leaves_torch_as_found(tmp
 
 
 def test_shipped_organism_shape_and_chat_template():
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
 
     model = load_model("organism")
     assert model.architecture == "qwen3" and model.n_layers >= 8 and model.source == "organism"
@@ -40,7 +40,7 @@ def test_the_organism_answers_easy_problems_directly_and_needs_thinking_for_hard
     """The issues' bars for a useful organism (issue 2, issue 7), on the test set (n = 40 per level and mode):
     non-thinking answers one step directly and beats the majority guess at two; thinking solves what
     non-thinking cannot, and the hardest level leaves room above it."""
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
     from tellnorm.organism.evaluate import EvalConfig, evaluate
     from tellnorm.organism.task import MAX_DIFFICULTY
 
@@ -68,7 +68,7 @@ def test_nonsense_training_settings_are_refused(overrides, match):
 
 
 def test_training_refuses_an_output_folder_that_is_a_file_before_any_work(tmp_path, capsys):
-    from tellnorm.cli import main
+    from tellnorm.apps.cli import main
 
     target = tmp_path / "weights.bin"
     target.write_text("not a folder")

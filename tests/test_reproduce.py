@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tellnorm.cli import main
+from tellnorm.apps.cli import main
 from tellnorm.errors import TellnormError
-from tellnorm.reproduce import STAGE_NAMES, ReproduceConfig, forced_stages, model_fingerprint, stage_hashes
+from tellnorm.apps.reproduce import STAGE_NAMES, ReproduceConfig, forced_stages, model_fingerprint, stage_hashes
 
 FEATURE_DEPENDENTS = {"features", "bounds", "correlation", "dashboards"}  # features and the stages reading its outputs
 

@@ -52,7 +52,7 @@ def sae_lens_sae(layer: int = 0, model_name: str = "in-memory model", d_in: int 
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_hf_pair):
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
 
     return load_model(tiny_hf_pair("qwen3", n_layers=2))
 

@@ -23,7 +23,8 @@ from helpers import ExtraPassProbe, active_hook_count, cache_snapshot, organism_
 from tellnorm.errors import TellnormError
 from tellnorm.generation import LayerHooks, SamplingConfig, StepInfo, generate
 from tellnorm.interventions.selection import RandomFraction, token_uniforms
-from tellnorm.models import HOOK_POINTS, load_model
+from tellnorm.backends.base import HOOK_POINTS
+from tellnorm.backends import load_model
 from tellnorm.norms import NormTracer
 from tellnorm.techniques import (ALRR, ALRRConfig, ERSS, ERSSConfig, LRSConfig, build_edits, firing_report,
                                  parse_techniques, threshold_for)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tellnorm.errors import TellnormError
-from tellnorm.models import LoadedModel
+from tellnorm.backends.hf import LoadedModel
 from tellnorm.thinking import (
     KINDS,
     REGISTRY_FILE,

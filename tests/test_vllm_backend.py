@@ -24,7 +24,7 @@ NORM_RTOL = 1e-4  # the issue's float32 tolerance; measured max relative differe
 
 @pytest.fixture(scope="module")
 def engines():
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
 
     vllm_model = load_model("organism", backend="vllm", max_num_seqs=MAX_NUM_SEQS, kv_cache_gib=0.0625)
     return vllm_model, load_model("organism")
@@ -259,7 +259,7 @@ def test_tiny_random_architectures_equal_the_hf_backend(arch, tmp_path):
 
     from conftest import SPECIAL, TINY_INIT_RANGE, WORDS, build_tiny_tokenizer_for
     from tellnorm.generation import SamplingConfig
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS)}
     config = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch](
@@ -289,7 +289,7 @@ def one_line(err) -> str:
 
 
 def test_an_architecture_the_plugin_does_not_tap_is_refused_before_vllm_starts(tmp_path):
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
 
     (tmp_path / "config.json").write_text('{"architectures": ["Gemma2ForCausalLM"], "num_hidden_layers": 2}')
     with pytest.raises(TellnormError) as err:
@@ -339,7 +339,7 @@ def test_in_process_engine_is_required(monkeypatch):
 
 
 def test_unknown_backend_and_stray_engine_options_are_refused():
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
 
     with pytest.raises(TellnormError) as err:
         load_model("organism", backend="sglang")
@@ -368,7 +368,7 @@ def test_the_request_grid_maps_every_flat_row_once(lengths):
 def test_a_float32_comparison_refuses_bfloat16_in_one_line(engines):
     from types import SimpleNamespace
 
-    from tellnorm.bench_backends import BackendBenchConfig, compare_backends
+    from tellnorm.apps.bench.backends import BackendBenchConfig, compare_backends
     from tellnorm.generation import SamplingConfig
 
     bf16 = SimpleNamespace(backend="vllm", dtype="bfloat16")
@@ -384,8 +384,8 @@ def test_bench_backends_runs_end_to_end_and_reports_every_variant(tmp_path, caps
     """A tiny run of the CLI: it must agree across backends and write its table (no timing is asserted)."""
     import json
 
-    from tellnorm.bench_backends import VARIANTS
-    from tellnorm.cli import main
+    from tellnorm.apps.bench.backends import VARIANTS
+    from tellnorm.apps.cli import main
 
     main(["bench", "backends", "--prompts", "2", "--max-new-tokens", "8", "--repeats", "1", "--out", str(tmp_path)])
     summary = json.loads((tmp_path / "bench_backends.json").read_text())
@@ -401,7 +401,7 @@ def test_chunked_prefill_is_attributed_across_chunks(engines, prompts, tau):
     import torch
 
     from tellnorm.generation import SamplingConfig
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
 
     chunked = load_model("organism", backend="vllm", max_num_seqs=2, kv_cache_gib=0.0625,
                          max_num_batched_tokens=16, enable_chunked_prefill=True)
@@ -438,8 +438,8 @@ def test_lm_eval_on_the_vllm_backend_scores_what_the_hf_backend_scores(engines):
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
-    from tellnorm.harness import TASK_DIR
-    from tellnorm.harness.model import TellnormLM
+    from tellnorm.apps.harness import TASK_DIR
+    from tellnorm.apps.harness.model import TellnormLM
 
     manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
     results = []

@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from tellnorm.errors import TellnormError
+from tellnorm.features import check_features
 from tellnorm.generation import LayerHooks, StepInfo
-from tellnorm.interventions.selection import All, Selection, _is_number
+from tellnorm.interventions.selection import All, Selection, is_number
 from tellnorm.norms import l2_norm
 
 
@@ -214,7 +215,7 @@ def replace_rows(x, mask, new_rows):
 
 
 def check_factor(factor, what: str = "scale factor") -> float:
-    if not (_is_number(factor) and math.isfinite(factor) and factor > 0):
+    if not (is_number(factor) and math.isfinite(factor) and factor > 0):
         raise TellnormError(f"{what} must be a finite number > 0, got {factor!r} (0.1 suppresses as in the paper, "
                             "2 amplifies)")
     return float(factor)
@@ -312,7 +313,7 @@ class AddVector(Edit):
 
     def __init__(self, model, layers, vectors, *, scale: float = 1.0, **kwargs):
         layers = list(layers)
-        if not (_is_number(scale) and math.isfinite(scale)):
+        if not (is_number(scale) and math.isfinite(scale)):
             raise TellnormError(f"steering scale must be a finite number, got {scale!r}")
         if isinstance(vectors, Mapping):
             missing = [layer for layer in layers if layer not in vectors]
@@ -329,12 +330,6 @@ class AddVector(Edit):
     def apply(self, layer, x, mask, info):
         shift = (self.scale * self.vectors[layer]).to(device=x.device, dtype=x.dtype)
         return x.where(~mask[..., None], x + shift)
-
-
-def _is_integer(value) -> bool:
-    import numbers
-
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_sae_for_edit(sae, model, layer: int, point: str) -> None:
@@ -370,17 +365,12 @@ class SAEFeatureEdit(Edit):
             feats = {layer: list(features) for layer in saes}
         layers = list(feats)
         for layer in layers:
-            if layer not in saes:
-                raise TellnormError(f"no SAE for layer {layer}: available layers are {sorted(saes)}")
-            check_sae_for_edit(saes[layer], model, layer, point)
-            d_sae = int(saes[layer].cfg.d_sae)
+            if layer in saes:
+                check_sae_for_edit(saes[layer], model, layer, point)
             if not feats[layer]:
                 raise TellnormError(f"no feature to edit at layer {layer}")
-            for f in feats[layer]:
-                if not (_is_integer(f) and 0 <= f < d_sae):
-                    raise TellnormError(f"feature {f!r} does not exist at layer {layer}: its SAE has d_sae={d_sae} "
-                                        f"features (0..{d_sae - 1})")
-        if not callable(value) and not (_is_number(value) and math.isfinite(value)):
+        feats = check_features(saes, feats)
+        if not callable(value) and not (is_number(value) and math.isfinite(value)):
             raise TellnormError(f"SAE feature value must be a finite number or a function of the activations, "
                                 f"got {value!r}")
         self.saes = {layer: saes[layer] for layer in layers}

@@ -37,13 +37,14 @@ from tellnorm.norms import l2_norm
 from tellnorm.thresholds import MODES, FixedThresholds, PeakThreshold, ThresholdConfig, make_threshold
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """A real number (Python or numpy), not a bool."""
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
 def check_fraction(value, what: str = "fraction", *, allow_zero: bool = False) -> float:
     """A fraction in (0, 1] (or [0, 1] with ``allow_zero``), or one clear TellnormError."""
-    if not (_is_number(value) and math.isfinite(value) and (0 <= value if allow_zero else 0 < value) and value <= 1):
+    if not (is_number(value) and math.isfinite(value) and (0 <= value if allow_zero else 0 < value) and value <= 1):
         raise TellnormError(f"{what} must be a number in {'[' if allow_zero else '('}0, 1], got {value!r}")
     return float(value)
 

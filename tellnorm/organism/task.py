@@ -30,6 +30,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from tellnorm.bounds import Marker
+
 MODULUS = 10  # mod-10 arithmetic keeps every value a single token
 MIN_DIFFICULTY = 1
 MAX_DIFFICULTY = 10  # issue 2: at least 8; v2 adds 9 and 10 so that thinking does not saturate (issue 7)
@@ -279,3 +281,8 @@ def parse_answer(tokens: list[str]) -> int | None:
             nxt = tokens[i + 1]
             return int(nxt) if nxt.isdigit() else None
     return None
+
+
+# The positions both modes' responses have (PAPER.md §3's paired states): ``answer``, the ``:`` after it, the value.
+ORGANISM_MARKERS = (Marker("answer", ("answer", ":"), 0), Marker("colon", ("answer", ":"), 1),
+                    Marker("value", ("answer", ":"), 2))

@@ -31,10 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tellnorm.backends.base import subjects
 from tellnorm.errors import TellnormError
-from tellnorm.organism.paths import DEFAULT_SAE_DIR
 
-ORGANISM_SAES = "organism"  # the per-layer SAEs shipped in data/ with the organism
 from tellnorm.saes.formats import (
     FORMAT_OF_CONVERSION,
     FORMATS,
@@ -85,7 +84,7 @@ def load_saes(spec: Any, model: Any = None, *, layers=None, device: str = "cpu",
     if dtype not in DTYPES:
         raise TellnormError(f"unknown SAE dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if model is not None:
-        from tellnorm.models import load_model
+        from tellnorm.backends import load_model
 
         model = load_model(model)
     if parsed.from_registry:
@@ -137,11 +136,12 @@ def parse_sae_spec(spec: Any, layers=None) -> SaeSpec:
 def _parse_string(spec: str) -> SaeSpec:
     if not spec.strip():
         raise TellnormError("empty SAE spec: pass a folder, 'FORMAT:PATH' or 'RELEASE:ID'")
-    if spec == ORGANISM_SAES:
-        if not (DEFAULT_SAE_DIR / "suite.json").is_file():
-            raise TellnormError(f"the organism's SAEs are missing from {DEFAULT_SAE_DIR}: rebuild them with "
-                                "tellnorm sae train")
-        return SaeSpec(format=SAE_LENS, path=DEFAULT_SAE_DIR)
+    subject = subjects().get(spec)
+    if subject is not None and subject.sae_dir is not None:  # a registered subject's own suite ("organism")
+        if not (subject.sae_dir / "suite.json").is_file():
+            raise TellnormError(f"the {subject.name}'s SAEs are missing from {subject.sae_dir}: rebuild them with "
+                                f"{subject.sae_rebuild}")
+        return SaeSpec(format=SAE_LENS, path=subject.sae_dir)
     path = Path(spec).expanduser()
     if path.exists():
         return SaeSpec(format=SAE_LENS, path=path)

@@ -12,7 +12,7 @@ from tellnorm.generation import LayerHooks
 
 
 @dataclass
-class _LayerSums:
+class QualitySums:
     """Mergeable sufficient statistics of one layer's SAE over a token stream."""
 
     n_tokens: int = 0
@@ -36,8 +36,8 @@ class _LayerSums:
         self.fired = f if self.fired is None else self.fired | f
         del torch
 
-    def merge(self, other: "_LayerSums") -> "_LayerSums":
-        out = _LayerSums(self.n_tokens + other.n_tokens, self.sum_sq_error + other.sum_sq_error,
+    def merge(self, other: "QualitySums") -> "QualitySums":
+        out = QualitySums(self.n_tokens + other.n_tokens, self.sum_sq_error + other.sum_sq_error,
                          self.sum_sq + other.sum_sq, self.sum_x + other.sum_x, self.sum_l0 + other.sum_l0,
                          self.fired | other.fired)
         return out
@@ -49,7 +49,7 @@ class _LayerSums:
 
 
 class _QualityObserver(LayerHooks):
-    """Encodes every real token (position 0 excluded) at each SAE's hook and accumulates :class:`_LayerSums`."""
+    """Encodes every real token (position 0 excluded) at each SAE's hook and accumulates :class:`QualitySums`."""
 
     def __init__(self, model, saes: dict):
         super().__init__(model, saes)
@@ -62,7 +62,7 @@ class _QualityObserver(LayerHooks):
             tokens = x[mask.to(x.device)].float()
             sae = self.saes[layer]
             acts = sae.encode(tokens)
-            self.sums.setdefault(layer, _LayerSums()).add(tokens, sae.decode(acts), acts)
+            self.sums.setdefault(layer, QualitySums()).add(tokens, sae.decode(acts), acts)
             return x
         return hook
 

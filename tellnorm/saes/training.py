@@ -49,23 +49,6 @@ class SAETrainConfig:
 
 
 ORGANISM_L1 = 2.0  # [tellnorm calibration on the organism: L0 ≈ 15–24, FVU ≈ 0.02–0.03; see README]
-CORPUS_SEED_OFFSET = 50_000  # corpus problems come from their own stream, disjoint from test and validation
-
-
-def organism_corpus_prompts(model, n_problems: int, seed: int) -> list[tuple[str, list[int]]]:
-    """(mode, prompt ids) for fresh training-distribution problems in both modes."""
-    from tellnorm.organism import task
-
-    held_out = task.test_split().keys() | task.validation_split().keys()
-    stream = task.training_problems(seed + CORPUS_SEED_OFFSET, held_out)
-    problems = [next(stream) for _ in range(n_problems)]
-    out = []
-    for mode in ("thinking", "non-thinking"):
-        for p in problems:
-            out.append((mode, model.encode(model.chat_prompt(p.prompt_text(), thinking=mode == "thinking"))))
-    return out
-
-
 def build_corpus(model, prompts: list[list[int]], *, max_new_tokens: int, seed: int, batch_size: int = 50,
                  progress: bool = True) -> list[list[int]]:
     """The model's own responses (paper sampling settings, seeded): full token sequences."""

@@ -22,7 +22,7 @@ import math
 from typing import Mapping, Sequence
 
 from tellnorm.errors import TellnormError
-from tellnorm.interventions.selection import AboveThreshold, _is_number
+from tellnorm.interventions.selection import AboveThreshold, is_number
 from tellnorm.techniques.alrr import ALRR, ALRRConfig
 from tellnorm.techniques.erss import ERSS, ERSSConfig
 from tellnorm.techniques.lrs import LRSConfig
@@ -64,7 +64,7 @@ def check_thresholds(thresholds: Mapping[int, float], layers: Sequence[int]) -> 
         value = thresholds.get(layer)
         if value is None:
             raise TellnormError(f"no threshold for layer {layer}: calibrate or give one for every target layer")
-        if not (_is_number(value) and math.isfinite(value) and value > 0):
+        if not (is_number(value) and math.isfinite(value) and value > 0):
             raise TellnormError(f"the threshold for layer {layer} is {value!r}: thresholds must be finite and > 0")
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from tellnorm.errors import TellnormError
 from tellnorm.interventions.edits import Edit
-from tellnorm.interventions.selection import AboveThreshold, _is_number
+from tellnorm.interventions.selection import AboveThreshold, is_number
 from tellnorm.norms import l2_norm
 
 BLOWUP_RATIO = 1.5  # PAPER §6 / REFERENCE CODE: recurse only below 1.5·τ, keep only below it
@@ -43,10 +43,10 @@ class ALRRConfig:
     forced_loops: int | None = None  # PAPER §6 ablation: exactly K passes per band token, all kept
 
     def __post_init__(self):
-        if not (_is_number(self.blowup_ratio) and math.isfinite(self.blowup_ratio) and self.blowup_ratio > 1):
+        if not (is_number(self.blowup_ratio) and math.isfinite(self.blowup_ratio) and self.blowup_ratio > 1):
             raise TellnormError(f"ALRR blowup_ratio must be a finite number > 1, got {self.blowup_ratio!r} "
                                 "(the paper uses 1.5)")
-        if not (_is_number(self.growth_eps) and math.isfinite(self.growth_eps) and self.growth_eps >= 0):
+        if not (is_number(self.growth_eps) and math.isfinite(self.growth_eps) and self.growth_eps >= 0):
             raise TellnormError(f"ALRR growth_eps must be a finite number ≥ 0, got {self.growth_eps!r} (paper: 0.2)")
         for name in ("max_extra_iters", "forced_loops"):
             value = getattr(self, name)
@@ -189,6 +189,11 @@ class ALRR(Edit):
         self.extra_pass_calls = 0  # batched calls of extra_block_pass (each runs one pass for many tokens)
         self.extra_pass_seconds = 0.0  # wall time inside extra_block_pass (what the extra passes cost)
         self.extra_pass_cpu_seconds = 0.0  # the same in process CPU time (benchmarks on shared machines)
+
+    @property
+    def extra_pass_layers(self) -> list[int]:
+        """The layers ALRR re-runs: a backend that drives its own blocks keeps their inputs (ExtraBlockPass)."""
+        return self.layers
 
     def new_state(self, request_id, layer):
         return {"kept": {}, "band": 0, "extra_passes": 0, "kept_passes": 0}

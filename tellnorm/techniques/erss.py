@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from tellnorm.errors import TellnormError
 from tellnorm.interventions.edits import Edit
-from tellnorm.interventions.selection import AboveThreshold, _is_number, token_uniforms
+from tellnorm.interventions.selection import AboveThreshold, is_number, token_uniforms
 from tellnorm.norms import l2_norm
 
 
@@ -45,7 +45,7 @@ class ERSSConfig:
             raise TellnormError(f"ERSS cooldown must be a whole number ≥ 0, got {self.cooldown!r}")
         for name, low, high in (("gamma", 0, math.inf), ("p_inject", 0, 1), ("cos_min", -1, 1), ("beta", 0, 1)):
             value = getattr(self, name)
-            if not (_is_number(value) and math.isfinite(value) and low <= value <= high
+            if not (is_number(value) and math.isfinite(value) and low <= value <= high
                     and (name != "gamma" or value > 0)):
                 interval = "> 0" if name == "gamma" else f"in [{low}, {high}]"
                 raise TellnormError(f"ERSS {name} must be a finite number {interval}, got {value!r}")

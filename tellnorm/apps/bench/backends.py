@@ -51,7 +51,7 @@ class BackendBenchConfig:
     progress: bool = True
 
     def __post_init__(self):
-        from tellnorm.bench import CONFIGS
+        from tellnorm.apps.bench.norms import CONFIGS
 
         if self.config not in CONFIGS:
             raise TellnormError(f"unknown bench config {self.config!r}: choose one of {', '.join(CONFIGS)}")
@@ -94,11 +94,11 @@ def compare_backends(reference, other, prompts, sampling, layers=None) -> dict:
 
 def _models(cfg: BackendBenchConfig, folder: Path):
     """``(hf_model, vllm_model)`` of the same weights."""
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
 
     if cfg.config == "organism" and cfg.n_layers is None:
         return load_model("organism"), load_model("organism", backend="vllm")
-    from tellnorm.bench import build_hf_model
+    from tellnorm.apps.bench.norms import build_hf_model
 
     weights, tokenizer = build_hf_model(cfg.config, cfg.n_layers)
     weights.save_pretrained(folder)
@@ -151,8 +151,8 @@ def bench_backends(cfg: BackendBenchConfig) -> dict:
     """Run the benchmark, write ``bench_backends.json`` / ``.csv`` into ``cfg.out``, print the table."""
     from tqdm.auto import tqdm
 
-    from tellnorm.bench import machine_info, write_results
-    from tellnorm.bench_techniques import Setup, bench_prompts, calibrate
+    from tellnorm.apps.bench.norms import machine_info, write_results
+    from tellnorm.apps.bench.techniques import Setup, bench_prompts, calibrate
     from tellnorm.generation import SamplingConfig
 
     out = Path(cfg.out)

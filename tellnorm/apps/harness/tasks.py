@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tellnorm.errors import TellnormError
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "lm_eval"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "lm_eval"
 ORGANISM_JSONL = DATA_DIR / "organism_test.jsonl"
 COMMITTED_PER_DIFFICULTY = 3  # 30 problems: enough to see difficulty trends, fast on a CPU
 THINK_END = "</think>"
@@ -47,7 +47,7 @@ def write_organism_jsonl(path: str | Path = ORGANISM_JSONL, per_difficulty: int 
 
 
 def _read_rows(path: Path, what: str) -> list[dict]:
-    from tellnorm.evaluation import read_jsonl
+    from tellnorm.studies.evaluation import read_jsonl
 
     if not path.is_file():
         raise TellnormError(f"{what}: {path} does not exist")
@@ -60,7 +60,7 @@ def organism_dataset(organism_jsonl: str | None = None, **_metadata):
     import datasets
 
     path = Path(organism_jsonl) if organism_jsonl else ORGANISM_JSONL
-    hint = ("write it with python -c 'from tellnorm.harness.tasks import write_organism_jsonl; "
+    hint = ("write it with python -c 'from tellnorm.apps.harness.tasks import write_organism_jsonl; "
             "write_organism_jsonl()'") if path == ORGANISM_JSONL else "pass an existing organism_jsonl file"
     if not path.is_file():
         raise TellnormError(f"tellnorm_organism: {path} does not exist: {hint}")

@@ -1,4 +1,4 @@
-"""Self-contained HTML feature dashboards from :class:`~tellnorm.dashboards.data.FeatureDashboardData`.
+"""Self-contained HTML feature dashboards from :class:`~tellnorm.apps.dashboards.data.FeatureDashboardData`.
 
 ``render_dashboard(data_list, path)`` writes one browsable page: a feature navigator (with a filter box) and one
 card per feature with its scores, top-activating contexts (activation as background intensity, hover for the
@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Sequence
 
-from tellnorm.dashboards.data import ContextExample, FeatureDashboardData, LogitEffect
+from tellnorm.apps.dashboards.data import ContextExample, FeatureDashboardData, LogitEffect
 from tellnorm.errors import TellnormError
 from tellnorm.figures import FONT
 

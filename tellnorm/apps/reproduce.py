@@ -114,7 +114,7 @@ class Context:
     @property
     def model(self):
         if self._model is None:
-            from tellnorm.models import load_model
+            from tellnorm.backends import load_model
 
             self._model = load_model(self.cfg.model)
         return self._model
@@ -130,7 +130,7 @@ class Context:
     @property
     def corpus(self):
         if self._corpus is None:
-            from tellnorm.studies import ContrastCorpus
+            from tellnorm.studies.corpus import ContrastCorpus
 
             self._corpus = ContrastCorpus(**json.loads((self.out / CORPUS_FILE).read_text()))
         return self._corpus
@@ -189,9 +189,9 @@ def reproduce(cfg: ReproduceConfig, force=()) -> ReproduceResult:
 
 
 def claims_section(out: Path) -> str:
-    """Each paper claim with the numbers it was judged on and the verdict (rules in :mod:`tellnorm.claims`),
+    """Each paper claim with the numbers it was judged on and the verdict (rules in :mod:`tellnorm.studies.claims`),
     rebuilt from the tables on every run, cached stages included."""
-    from tellnorm.claims import claims_markdown, judge_all
+    from tellnorm.studies.claims import claims_markdown, judge_all
 
     return ("Each verdict follows a rule written next to the claim in `tellnorm/claims.py`, applied to the tables "
             "above; section numbers are the paper's.\n\n" + claims_markdown(judge_all(out)))
@@ -287,7 +287,7 @@ def files_hash(folder: Path) -> str:
 def code_hash() -> str:
     """tellnorm's own source: any change to it may change a number, so every stage reruns. Hashed once per process:
     the code a process runs is the code it imported, whatever is edited on disk meanwhile."""
-    return files_hash(Path(__file__).resolve().parent)
+    return files_hash(Path(__file__).resolve().parents[1])
 
 
 def library_versions() -> dict:
@@ -375,8 +375,8 @@ PAPER_CONSTANTS = ("tellnorm.features:REASON_SCORE_ALPHA", "tellnorm.features:WI
                    "tellnorm.thresholds:ThresholdConfig", "tellnorm.techniques.alrr:BLOWUP_RATIO",
                    "tellnorm.techniques.alrr:GROWTH_EPS", "tellnorm.techniques.alrr:MAX_EXTRA_ITERS",
                    "tellnorm.techniques.erss:ERSSConfig", "tellnorm.techniques.lrs:LRSConfig",
-                   "tellnorm.evaluation:SENSITIVITY_K", "tellnorm.evaluation:SENSITIVITY_LOOPS",
-                   "tellnorm.correlation:PAPER_SPEARMAN_X100")
+                   "tellnorm.studies.evaluation:SENSITIVITY_K", "tellnorm.studies.evaluation:SENSITIVITY_LOOPS",
+                   "tellnorm.studies.correlation:PAPER_SPEARMAN_X100")
 
 
 def paper_constants() -> dict:
@@ -394,8 +394,8 @@ def stage_settings(cfg: ReproduceConfig) -> dict:
     """The library configs the stages run with (their seeds and constants go into the manifest)."""
     from inspect import signature
 
-    from tellnorm.correlation import correlation_study
-    from tellnorm.studies import feature_study
+    from tellnorm.studies.correlation import correlation_study
+    from tellnorm.studies.features import feature_study
 
     return {"accuracy": accuracy_config(cfg), "interventions": intervention_config(cfg),
             "evaluation": evaluation_config(cfg),
@@ -475,7 +475,8 @@ def stage_accuracy(ctx: Context) -> None:
 
 
 def stage_norm_profile(ctx: Context) -> None:
-    from tellnorm.profile import organism_prompt_rows, profile_study
+    from tellnorm.studies.corpus import organism_prompt_rows
+    from tellnorm.studies.profile import profile_study
 
     _, profile, matched = profile_study(ctx.model, organism_prompt_rows(ctx.cfg.profile_per_difficulty), ctx.out)
     table = profile.pivot(index="layer", columns="mode", values="mean_norm").astype(float)  # float32 prints noise
@@ -504,7 +505,7 @@ def stage_peaks(ctx: Context) -> None:
     import pandas as pd
 
     from tellnorm.figures import write_figure
-    from tellnorm.groundtruth import peak_composition, peak_figure, peak_table
+    from tellnorm.studies.groundtruth import peak_composition, peak_figure, peak_table
     from tellnorm.io import write_csv
 
     frame = pd.read_parquet(ctx.out / "norms_per_token.parquet")  # the norm-profile stage's per-token table
@@ -528,7 +529,8 @@ def stage_features(ctx: Context) -> None:
     from tellnorm.figures import write_figure
     from tellnorm.io import atomic_path, write_csv
     from tellnorm.saes.quality import sae_quality
-    from tellnorm.studies import contrast_corpus, feature_scores, feature_study, trend_figure
+    from tellnorm.studies.corpus import contrast_corpus
+    from tellnorm.studies.features import feature_scores, feature_study, trend_figure
 
     corpus = contrast_corpus(ctx.model, ctx.cfg.features_per_difficulty)
     with atomic_path(ctx.out / CORPUS_FILE) as tmp:  # bounds, correlation and dashboards read it, also when cached
@@ -568,7 +570,7 @@ def stage_features(ctx: Context) -> None:
 
 
 def stage_bounds(ctx: Context) -> None:
-    from tellnorm.bounds import bounds_study
+    from tellnorm.studies.bounds import bounds_study
 
     result = bounds_study(ctx.model, ctx.saes, ctx.corpus, ctx.out, top_k=ctx.cfg.top_k)
     bounds = result["bounds"][["layer", "n_checked", "violations", "median_tightness", "p99_tightness",
@@ -593,7 +595,7 @@ def stage_bounds(ctx: Context) -> None:
 
 
 def stage_correlation(ctx: Context) -> None:
-    from tellnorm.correlation import correlation_study
+    from tellnorm.studies.correlation import correlation_study
 
     result = correlation_study(ctx.model, ctx.saes, ctx.corpus, ctx.out, top_k=ctx.cfg.top_k)
     ctx.report.add("Correlation: norm profile vs reasoning-feature profile across layers", "\n\n".join([
@@ -604,7 +606,7 @@ def stage_correlation(ctx: Context) -> None:
 
 
 def intervention_config(cfg: ReproduceConfig):
-    from tellnorm.interventions.study import InterventionConfig
+    from tellnorm.studies.suppression import InterventionConfig
 
     # quick: one factor and seed per control, two steering scales (generation time is the number of batches)
     quick = dict(calibration_per_difficulty=2, factors=(0.1,), amplify=(), steering_scales=(-1.0, 1.0),
@@ -613,7 +615,7 @@ def intervention_config(cfg: ReproduceConfig):
 
 
 def stage_interventions(ctx: Context) -> None:
-    from tellnorm.interventions.study import format_suppression, run_intervene
+    from tellnorm.studies.suppression import format_suppression, run_intervene
 
     cfg = intervention_config(ctx.cfg)
     result = run_intervene(ctx.model, cfg, ctx.out, progress=True)
@@ -635,7 +637,7 @@ def stage_interventions(ctx: Context) -> None:
 
 
 def evaluation_config(cfg: ReproduceConfig):
-    from tellnorm.evaluation import EvaluateConfig
+    from tellnorm.studies.evaluation import EvaluateConfig
 
     # quick: every method but the recursion controls (3 more decodes of the whole set), the smallest N sweep
     quick = dict(calibration_per_difficulty=2, n_samples=4, sample_sizes=(2, 4), sensitivity=False,
@@ -644,7 +646,7 @@ def evaluation_config(cfg: ReproduceConfig):
 
 
 def stage_evaluation(ctx: Context) -> None:
-    from tellnorm.evaluation import run_evaluate
+    from tellnorm.studies.evaluation import run_evaluate
 
     cfg = evaluation_config(ctx.cfg)
     result = run_evaluate(ctx.model, cfg, ctx.out, progress=True)
@@ -655,7 +657,7 @@ def stage_evaluation(ctx: Context) -> None:
 
 
 def stage_dashboards(ctx: Context) -> None:
-    from tellnorm.studies import dashboard_study
+    from tellnorm.apps.dashboards import dashboard_study
 
     kept = ctx.state["dashboard"]  # the features stage's choice (JSON: layers are strings)
     features = {int(layer): feats for layer, feats in kept["features"].items()}
@@ -666,7 +668,7 @@ def stage_dashboards(ctx: Context) -> None:
 
 
 def stage_explorer(ctx: Context) -> None:
-    from tellnorm.explorer import build_explorer
+    from tellnorm.apps.explorer import build_explorer
 
     index = build_explorer(ctx.model, ctx.saes, ctx.out / "explorer", n_per_difficulty=ctx.cfg.explorer_per_difficulty)
     ctx.report.add("Feature explorer", f"Offline site (not in git: {sum(1 for _ in index.parent.rglob('*'))} files): "

@@ -2,7 +2,7 @@
 
 Model args (``--model_args key=value,...``):
 
-* ``pretrained`` — ``organism`` (default), a local HF folder, or a hub name in the local cache (tellnorm.models).
+* ``pretrained`` — ``organism`` (default), a local HF folder, or a hub name in the local cache (tellnorm.backends.hf).
 * ``backend`` — ``hf`` (default) or ``vllm``; other unknown args go to the vLLM engine (``backend=vllm`` only).
 * ``technique`` — ``none`` (default), ``alrr``, ``erss`` or ``alrr+erss``: decode-time edits, as ``tellnorm evaluate``.
 * ``select`` + ``n`` — pick one of ``n`` sampled responses per request: ``lrs`` (the paper's rule, statistic D over
@@ -20,7 +20,7 @@ Model args (``--model_args key=value,...``):
   unless lm-eval's ``--apply_chat_template`` already did; ``chat=false`` feeds contexts raw.
 * ``think_end_token`` — return only the text after it (lm-eval's convention), e.g. ``</think>``.
 * ``skip_special_tokens`` (false) — decoding; the end-of-turn token is cut like every stop string.
-* ``stats`` — a JSONL file for the per-response records (``python -m tellnorm.harness`` writes them beside
+* ``stats`` — a JSONL file for the per-response records (``python -m tellnorm.apps.harness`` writes them beside
   lm-eval's results without it); ``seed``, ``dtype``, ``batch_size`` (lm-eval's ``--batch_size``), ``device``.
 
 Per response the records hold: the request (task, doc_id), n_prompt, n_generated, finish_reason, the late-layer
@@ -44,7 +44,7 @@ from lm_eval.api.model import LM
 
 from tellnorm.errors import TellnormError
 
-log = logging.getLogger("tellnorm.harness")
+log = logging.getLogger("tellnorm.apps.harness")
 
 SELECT_LRS = "lrs"
 ANSWERS = ("organism", "math", "last-number", "boxed")
@@ -100,7 +100,7 @@ def select_methods() -> tuple[str, ...]:
 
 
 def check_answer_spec(spec: str) -> str:
-    from tellnorm.evaluation import check_extractor
+    from tellnorm.studies.evaluation import check_extractor
 
     if spec in ("organism", "math"):
         return spec
@@ -121,7 +121,7 @@ class TellnormLM(LM):
                  stats: Any = None, seed: Any = 0, dtype: str = "float32", batch_size: Any = 16,
                  max_batch_size: Any = None, device: Any = None, trust_remote_code: Any = None, **engine_options):
         super().__init__()
-        from tellnorm.models import BACKENDS
+        from tellnorm.backends import BACKENDS
         from tellnorm.thresholds import ThresholdConfig
 
         # Every check that needs no model comes first: a bad arg costs no model load.
@@ -156,7 +156,7 @@ class TellnormLM(LM):
             raise TellnormError(f"select={self.select} scores responses by their next-token distributions, which the "
                                 "vLLM backend does not record: use backend=hf, or select=lrs, majority or random")
 
-        from tellnorm.models import load_model
+        from tellnorm.backends import load_model
 
         options = dict(engine_options)
         if backend == "hf":
@@ -208,7 +208,7 @@ class TellnormLM(LM):
             self.thresholds = FixedThresholds.from_json(spec)
             self.thresholds_source = spec
         elif spec.endswith(".jsonl"):
-            from tellnorm.evaluation import read_jsonl
+            from tellnorm.studies.evaluation import read_jsonl
 
             if not Path(spec).is_file():
                 raise TellnormError(f"thresholds={spec}: the calibration prompt file does not exist")
@@ -243,32 +243,14 @@ class TellnormLM(LM):
 
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
         """lm-eval's ``--apply_chat_template``: the model's template with tellnorm's thinking switch."""
-        from tellnorm.thinking import _apply, _prefill, switch_for
+        from tellnorm.thinking import switch_for
 
         self._templated = True
         roles = [m.get("role") for m in chat_history]
         if roles == ["user"] and add_generation_prompt:
             return self.model.chat_prompt(chat_history[0]["content"], thinking=self.thinking)
-        switch = switch_for(self.model)
-        if not switch.supports(self.thinking):
-            raise switch._refuse(self.thinking)
-        value = switch.thinking if self.thinking else switch.non_thinking
-        messages = list(chat_history)
-        kwargs = {}
-        if switch.kind in ("template_kwarg", "reasoning_effort"):
-            kwargs[switch.kwarg] = value
-        elif switch.kind == "system_flag":
-            if messages and messages[0].get("role") == "system":
-                messages[0] = {**messages[0], "content": f"{value}\n{messages[0]['content']}"}
-            else:
-                messages.insert(0, {"role": "system", "content": value})
-        if not add_generation_prompt:
-            kwargs["continue_final_message"] = True
-        text = _apply(self.model.tokenizer, messages, self.model.name, **kwargs) if add_generation_prompt else \
-            self.model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, **kwargs)
-        if switch.kind == "prefill_empty_think" and add_generation_prompt:
-            text = _prefill(text, value, opener=switch.thinking)
-        return text
+        return switch_for(self.model).render_messages(self.model.tokenizer, chat_history, self.thinking,
+                                                      add_generation_prompt=add_generation_prompt)
 
     def _encode(self, context: str, *, templated: bool) -> list[int]:
         if self.chat and not templated:
@@ -415,13 +397,13 @@ class TellnormLM(LM):
         """One answer per response, hashable and equal for equal answers (math: math-verify equivalence)."""
         spec = self.answer_spec
         if spec == "organism":
-            from tellnorm.harness.tasks import organism_answer
+            from tellnorm.apps.harness.tasks import organism_answer
 
             return [organism_answer(t) for t in texts]
         if spec == "math":
             from math_verify import verify
 
-            from tellnorm.harness.tasks import math_answer
+            from tellnorm.apps.harness.tasks import math_answer
 
             answers, reps = [], []  # reps: (label, parsed) of each distinct answer so far
             for text in texts:
@@ -435,7 +417,7 @@ class TellnormLM(LM):
                     reps.append((label, parsed))
                 answers.append(label)
             return answers
-        from tellnorm.evaluation import text_extractor
+        from tellnorm.studies.evaluation import text_extractor
 
         extract = text_extractor(spec)
         return [extract(t) for t in texts]

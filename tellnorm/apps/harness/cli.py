@@ -1,4 +1,4 @@
-"""``python -m tellnorm.harness ARGS``: lm-eval's command line (``lm_eval ARGS``) with ``--model tellnorm`` registered.
+"""``python -m tellnorm.apps.harness ARGS``: lm-eval's command line (``lm_eval ARGS``) with ``--model tellnorm`` registered.
 
 Every argument is lm-eval's own. Additions: tellnorm's per-response records are written beside lm-eval's results
 (``tellnorm_requests_<date>.jsonl`` next to ``results_<date>.json`` under ``--output_path``) unless the model arg
@@ -85,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as the tellnorm command: no machine it runs on downloads
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from tellnorm.errors import TellnormError
-    from tellnorm.harness import register
+    from tellnorm.apps.harness import register
 
     if not register():
         print(f"{PROG}: error: lm-eval is not installed: pip install 'lm-eval>=0.4.13,<0.5' math-verify",
               file=sys.stderr)
         return 2
-    from tellnorm.harness import model as harness_model
+    from tellnorm.apps.harness import model as harness_model
 
     argv = list(sys.argv[1:] if argv is None else argv)
     before = len(harness_model.LIVE)
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         line = str(tellnorm_error) if tellnorm_error is not None else offline_dataset_message(err)
         if line is None and isinstance(err, ValueError) and str(err).startswith("Tasks not found"):
             line = f"{err} (list them with: lm_eval ls tasks; tellnorm's own: --include_path " \
-                   f"{Path(__file__).resolve().parents[1] / 'data' / 'lm_eval'})"
+                   f"{Path(__file__).resolve().parents[2] / 'data' / 'lm_eval'})"
         if line is None:
             raise
         print(f"{PROG}: error: {line}", file=sys.stderr)

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tellnorm.errors import TellnormError
-
-MODES = ("thinking", "non-thinking")
-
+from tellnorm.studies.corpus import MODES, load_prompts, organism_prompt_rows, trace_both_modes
 
 @dataclass
 class ProfileConfig:
@@ -25,60 +23,6 @@ class ProfileConfig:
     point: str = "resid_post"
     max_new_tokens: int = 240
     batch_size: int = 40
-
-
-def load_prompts(path: str) -> list[dict]:
-    file = Path(path)
-    if not file.is_file():
-        raise TellnormError(f"prompt file {path} does not exist: give a JSONL file with a 'prompt' field per line")
-    rows = []
-    for number, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise TellnormError(f"{path}:{number} is not valid JSON") from None
-        if not isinstance(row, dict) or not str(row.get("prompt", "")).strip():
-            raise TellnormError(f"{path}:{number} has no non-empty 'prompt' field")
-        rows.append(row)
-    if not rows:
-        raise TellnormError(f"{path} holds no prompts")
-    return rows
-
-
-def organism_prompt_rows(n_per_difficulty: int) -> list[dict]:
-    from tellnorm.organism import task
-
-    return [{"prompt": p.prompt_text(), "difficulty": p.difficulty, "answer": p.answer}
-            for p in task.test_split(n_per_difficulty).problems]
-
-
-def trace_both_modes(model, rows: list[dict], *, point: str = "resid_post", max_new_tokens: int = 240,
-                     batch_size: int = 40, layers=None, progress: bool = True, indices=None):
-    """Generate every prompt in thinking and non-thinking mode and trace all layers; one NormTrace.
-
-    ``indices[i]`` (optional) is row i's index in the full prompt list (a shard's rows keep their ids)."""
-    import pandas as pd
-
-    from tellnorm.generation import SamplingConfig
-    from tellnorm.norms import NormTrace, trace_generation
-    from tellnorm.thinking import require_contrast
-
-    require_contrast(model)  # a model without a thinking switch fails here, before any generation
-    frames, gens = [], []
-    for mode in MODES:
-        prompts = [model.encode(model.chat_prompt(r["prompt"], thinking=mode == "thinking")) for r in rows]
-        ids = [f"{mode}/{i}" for i in (range(len(rows)) if indices is None else indices)]
-        extra = {"mode": dict.fromkeys(ids, mode), "prompt_index": {rid: int(rid.split("/")[1]) for rid in ids}}
-        if "difficulty" in rows[0]:
-            extra["difficulty"] = {rid: r["difficulty"] for rid, r in zip(ids, rows)}
-        trace = trace_generation(model, prompts, SamplingConfig(max_new_tokens=max_new_tokens), request_ids=ids,
-                                 layers=layers, point=point, batch_size=batch_size, progress=progress,
-                                 extra_columns=extra)
-        frames.append(trace.frame)
-        gens.extend(trace.generations)
-    return NormTrace(pd.concat(frames, ignore_index=True), gens)
 
 
 def norm_trend_figure(profile, *, title: str = "Hidden-state L2 norm by layer (generated tokens)"):
@@ -191,7 +135,7 @@ def heatmap_figure(frame, request_id, *, title: str | None = None, max_tokens: i
 def profile_study(model, rows: list[dict], out: Path, *, point: str = "resid_post", max_new_tokens: int = 240,
                   batch_size: int = 40, trace=None):
     """Trace ``rows`` in both modes and write the per-token table, the profile and the figures to ``out``
-    (``trace``: an already merged trace of ``rows``, e.g. from :mod:`tellnorm.distributed`; then no generation).
+    (``trace``: an already merged trace of ``rows``, e.g. from :mod:`tellnorm.apps.distributed`; then no generation).
 
     Returns ``(trace, profile, matched)``; ``matched`` (the like-with-like comparison of
     :func:`matched_comparison`) is None for models whose responses have no shared closing to match."""
@@ -215,7 +159,7 @@ def profile_study(model, rows: list[dict], out: Path, *, point: str = "resid_pos
 
 
 def run_profile(cfg: ProfileConfig):
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
 
     rows = load_prompts(cfg.prompts) if cfg.prompts else organism_prompt_rows(cfg.n_per_difficulty)
     model = load_model(cfg.model)  # after the prompts: bad input fails before the slow part

@@ -22,7 +22,7 @@ def _organism_train(args) -> None:
 
 def _organism_eval(args) -> None:
     from tellnorm.io import write_csv
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
     from tellnorm.organism.evaluate import EvalConfig, evaluate, format_summary
 
     cfg = EvalConfig(per_difficulty=args.n, difficulties=tuple(args.difficulty), modes=tuple(args.mode),
@@ -47,7 +47,7 @@ def _sharded(args) -> bool:
 
 
 def _shard_pool(args):
-    from tellnorm.distributed import ShardPool
+    from tellnorm.apps.distributed import ShardPool
 
     return ShardPool(args.model, ray_address=args.ray, workers=args.workers)
 
@@ -59,12 +59,12 @@ def _add_ray_flags(p) -> None:
 
 
 def _profile(args) -> None:
-    from tellnorm.profile import ProfileConfig, run_profile
+    from tellnorm.studies.profile import ProfileConfig, run_profile
 
     cfg = ProfileConfig(model=args.model, prompts=args.prompts, n_per_difficulty=args.n, out=args.out,
                         point=args.point, max_new_tokens=args.max_new_tokens)
     if _sharded(args):
-        from tellnorm.distributed import run_profile_sharded
+        from tellnorm.apps.distributed import run_profile_sharded
 
         run_profile_sharded(cfg, ray_address=args.ray, workers=args.workers)
     else:
@@ -72,14 +72,14 @@ def _profile(args) -> None:
 
 
 def _bench_norms(args) -> None:
-    from tellnorm.bench import BenchConfig, bench_norms
+    from tellnorm.apps.bench.norms import BenchConfig, bench_norms
 
     bench_norms(BenchConfig(config=args.config, n_layers=args.layers, batch=args.batch, seq=args.seq,
                             repeats=args.repeats, out=args.out))
 
 
 def _bench_techniques(args) -> None:
-    from tellnorm.bench_techniques import TechniqueBenchConfig, bench_techniques
+    from tellnorm.apps.bench.techniques import TechniqueBenchConfig, bench_techniques
 
     bench_techniques(TechniqueBenchConfig(
         config=args.config, n_layers=args.layers, prompts=args.prompts, prompt_len=args.prompt_len,
@@ -88,7 +88,7 @@ def _bench_techniques(args) -> None:
 
 
 def _bench_backends(args) -> None:
-    from tellnorm.bench_backends import BackendBenchConfig, bench_backends
+    from tellnorm.apps.bench.backends import BackendBenchConfig, bench_backends
 
     bench_backends(BackendBenchConfig(config=args.config, n_layers=args.layers, prompts=args.prompts,
                                       max_new_tokens=args.max_new_tokens, repeats=args.repeats, dtype=args.dtype,
@@ -96,9 +96,9 @@ def _bench_backends(args) -> None:
 
 
 def _sae_train(args) -> None:
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
     from tellnorm.saes.training import SAETrainConfig
-    from tellnorm.studies import sae_suite_study
+    from tellnorm.studies.features import sae_suite_study
 
     preset = SAETrainConfig if args.paper else SAETrainConfig.organism
     overrides = {"l1_coefficient": args.l1} if args.l1 is not None else {}
@@ -110,18 +110,19 @@ def _sae_train(args) -> None:
 
 def _features(args) -> None:
     from tellnorm.figures import write_figure
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
     from tellnorm.norms import layer_profile
     from tellnorm.norms import trace_forward
     from tellnorm.saes import load_saes
-    from tellnorm.studies import contrast_corpus, feature_study, trend_figure
+    from tellnorm.studies.corpus import contrast_corpus
+    from tellnorm.studies.features import feature_study, trend_figure
 
     sharded = _sharded(args)
     model = load_model(args.model)
     saes = load_saes(args.saes, model)
     out = Path(args.out)
     if sharded:
-        from tellnorm.distributed import contrast_corpus_sharded, feature_collector
+        from tellnorm.apps.distributed import contrast_corpus_sharded, feature_collector
 
         with _shard_pool(args) as pool:
             corpus = contrast_corpus_sharded(pool, args.n)
@@ -140,16 +141,18 @@ def _features(args) -> None:
 
 
 def _dashboard(args) -> None:
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
     from tellnorm.saes import load_saes
-    from tellnorm.studies import (check_features, contrast_corpus, dashboard_study, feature_scores, feature_study,
-                                  parse_feature_list)
+    from tellnorm.apps.dashboards import dashboard_study
+    from tellnorm.features import check_features
+    from tellnorm.studies.corpus import contrast_corpus
+    from tellnorm.studies.features import feature_scores, feature_study, parse_feature_list
 
     features = parse_feature_list(args.features) if args.features else None  # checked before any generation
     model = load_model(args.model)
     saes = load_saes(args.saes, model)
     if features is not None:
-        check_features(features, saes)
+        features = check_features(saes, features)
     corpus = contrast_corpus(model, args.n)
     if features is not None:
         scores = {}
@@ -167,8 +170,8 @@ def _dashboard(args) -> None:
 def _explore(args) -> None:
     """Check every argument (layers, feature, SAEs against the model) before generating the corpus."""
     from tellnorm.errors import TellnormError
-    from tellnorm.explorer import build_explorer, check_feature, check_saes
-    from tellnorm.models import load_model
+    from tellnorm.apps.explorer import build_explorer, check_feature, check_saes
+    from tellnorm.backends import load_model
     from tellnorm.saes import load_saes
 
     if args.n < 1:
@@ -197,8 +200,8 @@ def _explore(args) -> None:
 
 
 def _intervene(args) -> None:
-    from tellnorm.interventions.study import InterventionConfig, format_suppression, run_intervene
-    from tellnorm.models import load_model
+    from tellnorm.studies.suppression import InterventionConfig, format_suppression, run_intervene
+    from tellnorm.backends import load_model
     from tellnorm.thresholds import ThresholdConfig
 
     threshold = ThresholdConfig(**{k: v for k, v in (("k", args.k), ("warmup", args.warmup)) if v is not None})
@@ -208,7 +211,7 @@ def _intervene(args) -> None:
         thresholds_file=args.thresholds, threshold=threshold, steering=not args.no_steering,
         features=not args.no_features, saes=args.saes, batch_size=args.batch_size)
     if _sharded(args):
-        from tellnorm.distributed import check_intervention_shardable, sharded_intervention
+        from tellnorm.apps.distributed import check_intervention_shardable, sharded_intervention
 
         check_intervention_shardable(cfg)  # before any work
         model = load_model(args.model)
@@ -224,8 +227,8 @@ def _intervene(args) -> None:
 
 def _evaluate(args) -> None:
     from tellnorm.errors import TellnormError
-    from tellnorm.evaluation import EvaluateConfig, run_evaluate
-    from tellnorm.models import load_model
+    from tellnorm.studies.evaluation import EvaluateConfig, run_evaluate
+    from tellnorm.backends import load_model
     from tellnorm.techniques import ALRRConfig, ERSSConfig
     from tellnorm.thresholds import ThresholdConfig
 
@@ -250,7 +253,7 @@ def _evaluate(args) -> None:
     sharded = _sharded(args)
     model = load_model(args.model)
     if sharded:
-        from tellnorm.distributed import sharded_decoder
+        from tellnorm.apps.distributed import sharded_decoder
 
         with _shard_pool(args) as pool:
             result = run_evaluate(model, cfg, Path(args.out), decoder=sharded_decoder(pool, cfg))
@@ -262,10 +265,11 @@ def _evaluate(args) -> None:
 
 def _analysis_setup(args, *, bounds: bool):
     """Check every argument of ``bounds`` / ``correlate`` before the slow work (generation), then load."""
-    from tellnorm.bounds import select_saes
-    from tellnorm.correlation import MIN_LAYERS
+    from tellnorm.bounds import SUPPORTED_ARCHITECTURES
+    from tellnorm.features import select_saes
+    from tellnorm.studies.correlation import MIN_LAYERS
     from tellnorm.errors import TellnormError
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
     from tellnorm.saes import load_saes
 
     out = Path(args.out)
@@ -274,20 +278,20 @@ def _analysis_setup(args, *, bounds: bool):
     if args.top_k < 1:
         raise TellnormError(f"--top-k must be ≥ 1, got {args.top_k}")
     model = load_model(args.model)
-    saes = select_saes(model, load_saes(args.saes, model), top_k=args.top_k, layers=args.layers, bounds=bounds,
-                       min_layers=1 if bounds else MIN_LAYERS)
+    saes = select_saes(model, load_saes(args.saes, model), top_k=args.top_k, layers=args.layers,
+                       architectures=SUPPORTED_ARCHITECTURES if bounds else None, min_layers=1 if bounds else MIN_LAYERS)
     return model, saes, out
 
 
 def _contrast_study(args, study, *, bounds: bool, collector: str):
     """``study`` (bounds or correlation) on the contrast corpus, sharded over Ray when ``--ray`` asks for it."""
-    from tellnorm.studies import contrast_corpus
+    from tellnorm.studies.corpus import contrast_corpus
 
     sharded = _sharded(args)
     model, saes, out = _analysis_setup(args, bounds=bounds)
     if not sharded:
         return study(model, saes, contrast_corpus(model, args.n), out, top_k=args.top_k), out
-    from tellnorm import distributed
+    from tellnorm.apps import distributed
 
     with _shard_pool(args) as pool:
         return study(model, saes, distributed.contrast_corpus_sharded(pool, args.n), out, top_k=args.top_k,
@@ -296,7 +300,7 @@ def _contrast_study(args, study, *, bounds: bool, collector: str):
 
 
 def _bounds(args) -> None:
-    from tellnorm.bounds import bounds_study
+    from tellnorm.studies.bounds import bounds_study
 
     result, out = _contrast_study(args, bounds_study, bounds=True, collector="bounds_collector")
     for name in ("bounds", "assumptions", "pairs"):
@@ -305,7 +309,7 @@ def _bounds(args) -> None:
 
 
 def _correlate(args) -> None:
-    from tellnorm.correlation import correlation_study
+    from tellnorm.studies.correlation import correlation_study
 
     result, out = _contrast_study(args, correlation_study, bounds=False, collector="signal_collector")
     print(result["table"].to_string(index=False, float_format="{:.1f}".format))
@@ -313,14 +317,14 @@ def _correlate(args) -> None:
 
 
 def _reproduce(args) -> None:
-    from tellnorm.reproduce import ReproduceConfig, reproduce
+    from tellnorm.apps.reproduce import ReproduceConfig, reproduce
 
     reproduce(ReproduceConfig(out=args.out, per_difficulty=args.n, quick=args.quick), force=args.force)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from tellnorm.organism.task import MAX_DIFFICULTY, MIN_DIFFICULTY
-    from tellnorm.reproduce import STAGE_NAMES
+    from tellnorm.apps.reproduce import STAGE_NAMES
 
     parser = argparse.ArgumentParser(prog="tellnorm", description="The ℓ2 norm of hidden states as a signal for "
                                      "reasoning dynamics: tracing, SAEs, reasoning features, test-time techniques.")
@@ -522,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no machine tellnorm runs on can download weights
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["harness"]:  # lm-eval's own arguments pass through untouched
-        from tellnorm.harness.cli import main as harness_main
+        from tellnorm.apps.harness.cli import main as harness_main
 
         return harness_main(argv[1:])
     parser = build_parser()

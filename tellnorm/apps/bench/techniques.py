@@ -5,7 +5,7 @@ it reports* (those passes are the technique, not overhead). Everything measured 
 
 Model and prompts. ``organism``: the trained organism (``data/organism``); with ``n_layers`` a random-init model of
 the organism's shape with that many layers (the trained weights have 8). ``qwen3-0.6b``: a random-init fp32 model of
-Qwen3-0.6B's shape (:func:`tellnorm.bench.build_model`; weights do not matter for speed), optionally with fewer
+Qwen3-0.6B's shape (:func:`tellnorm.apps.bench.norms.build_model`; weights do not matter for speed), optionally with fewer
 layers. Prompts: the organism's thinking-mode prompts of held-out test problems
 (:func:`tellnorm.organism.task.test_split`, :func:`tellnorm.organism.evaluate.problem_prompts`), taken round-robin
 over the difficulties, so there is one of every difficulty among the first ten; their token ids are valid for both
@@ -133,14 +133,14 @@ class TechniqueBenchConfig:
 # --------------------------------------------------------------------------------------------- model and inputs
 
 def bench_model(cfg: TechniqueBenchConfig):
-    """The trained organism, or a random-init fp32 model of the named shape (:func:`tellnorm.bench.build_model`)."""
+    """The trained organism, or a random-init fp32 model of the named shape (:func:`tellnorm.apps.bench.norms.build_model`)."""
     if cfg.weights == "trained":
-        from tellnorm.models import load_model
+        from tellnorm.backends import load_model
 
         model = load_model("organism")
         model.name = "organism (trained)"
         return model
-    from tellnorm.bench import build_model
+    from tellnorm.apps.bench.norms import build_model
 
     return build_model(cfg.config, cfg.n_layers, cfg.seed)
 
@@ -283,7 +283,7 @@ def bench_techniques(cfg: TechniqueBenchConfig) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from tellnorm.bench import machine_info, write_results
+    from tellnorm.apps.bench.norms import machine_info, write_results
     from tellnorm.generation import SamplingConfig
 
     if cfg.threads is not None:

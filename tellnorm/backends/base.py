@@ -1,26 +1,30 @@
-"""One model backend for any HF causal LM: a TransformerLens ``TransformerBridge`` over the raw HF module.
+"""What every backend shares: the model interface, the architecture table, the BOS rule and named subjects.
 
-``load_model(spec)`` accepts ``"organism"`` (the default everywhere), a local HF folder, an HF hub name (from the
-local cache only when offline), or an in-memory ``(model, tokenizer)`` pair. The bridge keeps HF's numerics, so
-``blocks.L.hook_resid_post`` is exactly the output of HF decoder layer L (not ``output_hidden_states[L+1]`` for the
-last layer, which HF returns after the final norm). Hooks go through TransformerLens's single namespace; because
-the bridge wraps HF's own submodules, they fire whether the bridge or the HF model is called, so generation code
-can drive HF's KV cache and padding directly and still be observed by TL hooks.
+* :class:`ModelAPI` — what studies and techniques may ask of a loaded model on any backend.
+* :data:`SUPPORTED_ARCHITECTURES` / :data:`REFUSED_ARCHITECTURES` — each HF architecture tellnorm runs (how it treats
+  it) or refuses (why), checked on tiny random models by ``tests/test_architectures.py``.
+* :func:`wants_bos` — whether encoding prepends BOS (Llama and Gemma do, Qwen does not; never twice).
+* :class:`Subject` / :func:`subjects` — models that a package ships by name (``"organism"``). Packages register
+  them through the ``tellnorm.subjects`` entry point group, so the core never imports the organism.
+* :class:`ExtraBlockPass` — what a technique that re-runs a decoder block (ALRR) needs from a backend that drives the
+  blocks itself; backends never import techniques.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol, Sequence
 
 from tellnorm.errors import TellnormError
-from tellnorm.organism.paths import DEFAULT_ORGANISM_DIR
+from tellnorm.thinking import switch_for
+
+THINK_MARKERS = ("<think>", "</think>")  # the think block's tokens in Qwen3 / DeepSeek-R1-style chat templates
+SUBJECTS_GROUP = "tellnorm.subjects"  # entry point group of named subjects (pyproject.toml)
+# (token strings of one request, its prompt length) -> (a step label or None per token, {position: matched role})
+TokenLabeler = Callable[[Sequence[str], int], tuple[list, dict]]
 
 
 @dataclass(frozen=True)
@@ -99,22 +103,81 @@ REFUSED_ARCHITECTURES: dict[str, str] = {
               "tiny model: hook_resid_post and the logits differ from HF's)")
        for arch in ("CohereForCausalLM", "Cohere2ForCausalLM")},
 }
+
+
 # Hook points selectable for tracing; all are TransformerLens aliases that the bridge resolves.
 HOOK_POINTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
-ORGANISM = "organism"
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A model shipped under a name, with its SAEs and what it knows about its own tokens (the organism is one)."""
+
+    name: str
+    model_dir: Path
+    sae_dir: Path | None = None
+    marker: str | None = None  # a file whose presence marks a folder as a copy of this subject
+    token_labeler: TokenLabeler | None = None
+    rebuild: str = ""  # the command that rebuilds its model folder, for error messages
+    sae_rebuild: str = ""  # the command that rebuilds its SAEs
+
+
+@lru_cache(maxsize=1)
+def subjects() -> dict[str, Subject]:
+    """Every registered subject by name (entry point group ``tellnorm.subjects``: ``name = "module:SUBJECT"``)."""
+    found = {}
+    for point in entry_points(group=SUBJECTS_GROUP):
+        subject = point.load()
+        found[subject.name] = subject
+    return found
+
+
+def subject_of_folder(path: Path) -> Subject | None:
+    """The subject whose marker file ``path`` holds (a retrained copy of the organism is still the organism)."""
+    return next((s for s in subjects().values() if s.marker and (Path(path) / s.marker).is_file()), None)
+
+
+class ExtraBlockPass(Protocol):
+    """A backend's per-step context for techniques that re-run a decoder block on some rows (ALRR's extra pass).
+
+    Observers that need it declare ``extra_pass_layers`` (the layers whose block inputs the backend must keep)."""
+
+    def extra_block_pass(self, layer: int, hidden: Any, rows: Any, cols: Any) -> Any:
+        """Block ``layer`` re-applied to inputs ``hidden`` ``[n, d_model]`` of the step's tokens ``(rows, cols)``
+        in their real context; returns ``[n, d_model]`` outputs and leaves every cache as it was."""
+        ...
 
 
 class ModelAPI:
-    """What analyses need from a loaded model whatever runs it (the HF bridge here, vLLM in
-    :mod:`tellnorm.backends.vllm`): shape, hook names, chat formatting with the thinking switch, encoding."""
+    """What analyses need from a loaded model whatever runs it (:mod:`.hf`, :mod:`.vllm`): shape, hook names, chat
+    formatting with the thinking switch, encoding, and the two calls every backend implements.
+
+    ``generate`` and ``run_forward`` are reached through :func:`tellnorm.generation.generate` /
+    :func:`tellnorm.generation.run_forward`, which validate the requests first. Observers see a
+    :class:`~tellnorm.generation.StepInfo` before every pass; ``StepInfo.backend`` is an :class:`ExtraBlockPass` on
+    backends that re-run blocks themselves (vLLM), so techniques ask the interface, not a backend class."""
 
     backend = "hf"
     n_layers: int
     name: str
     tokenizer: Any
     info: dict
+    think_markers: tuple[str, str] = THINK_MARKERS
+    token_labeler: TokenLabeler | None = None  # set by the subject that defines step labels (the organism)
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling, *, request_ids: Sequence, observers: Sequence = (),
+                 progress: bool = False, token_stats: bool = False, reuse_cache: bool = True,
+                 desc: str = "generating", batch_size: int = 16) -> list:
+        """Generations (``tellnorm.generation.Generation``, text not yet decoded) of validated requests."""
+        raise NotImplementedError
+
+    def run_forward(self, sequences: Sequence[Sequence[int]], *, request_ids: Sequence, observers: Sequence = (),
+                    n_prompt: Sequence[int] | None = None, batch_size: int = 16, return_logits: bool = False):
+        """Teacher-forced passes over validated sequences; ``{request_id: [T, vocab] logits}`` if asked."""
+        raise NotImplementedError
 
     def hook_name(self, layer: int, point: str = "resid_post") -> str:
+        """``blocks.{layer}.hook_{point}``, TransformerLens's name for that point; bad layers or points raise."""
         if point not in HOOK_POINTS:
             raise TellnormError(f"unknown hook point {point!r}: choose one of {', '.join(HOOK_POINTS)}")
         if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
@@ -133,8 +196,6 @@ class ModelAPI:
         organism); a mode the model cannot give raises one TellnormError line."""
         if not user_text or not user_text.strip():
             raise TellnormError("empty prompt: give the model some text to respond to")
-        from tellnorm.thinking import switch_for
-
         return switch_for(self).render(self.tokenizer, user_text, thinking)
 
     def encode(self, text: str) -> list[int]:
@@ -151,119 +212,14 @@ class ModelAPI:
             )
         return ids
 
-    def token_strings(self, ids) -> list[str]:
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """The tokenizer's string of each id (special tokens included)."""
         return self.tokenizer.convert_ids_to_tokens([int(i) for i in ids])
 
 
-@dataclass
-class LoadedModel(ModelAPI):
-    """A bridge plus what analyses need: tokenizer, chat formatting with the thinking switch, shape."""
 
-    bridge: Any  # transformer_lens.model_bridge.TransformerBridge
-    tokenizer: Any
-    name: str
-    architecture: str
-    n_layers: int
-    d_model: int
-    max_positions: int
-    source: str  # "organism", "folder", "hub-cache" or "memory"
-    info: dict = field(default_factory=dict)
-    thinking_family: str | None = None  # a tellnorm.thinking registry family; None: detected from name/template
-
-    @property
-    def hf_model(self):
-        return self.bridge.original_model
-
-    @property
-    def device(self):
-        return next(self.hf_model.parameters()).device
-
-
-BACKENDS = ("hf", "vllm")
-
-
-def load_model(spec: Any = ORGANISM, *, device: str = "cpu", dtype: str = "float32", backend: str = "hf",
-               **engine_options) -> ModelAPI:
-    """Load ``spec`` as a :class:`LoadedModel` (see module docstring for what ``spec`` can be).
-
-    ``backend="vllm"`` runs it in vLLM instead (:func:`tellnorm.backends.vllm.load_vllm_model`; ``engine_options``
-    go there): generation, tracing, edits and techniques take the same calls on either backend."""
-    if isinstance(spec, ModelAPI):
-        return spec
-    if backend not in BACKENDS:
-        raise TellnormError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if backend == "vllm":
-        from tellnorm.backends.vllm import load_vllm_model
-
-        return load_vllm_model(spec, dtype=dtype, **engine_options)
-    if engine_options:
-        raise TellnormError(f"engine options {sorted(engine_options)} apply to backend='vllm' only")
-    import torch
-
-    torch_dtype = getattr(torch, dtype)
-    if isinstance(spec, tuple) and len(spec) == 2:
-        model, tokenizer = spec
-        return _wrap(model, tokenizer, name=getattr(model.config, "_name_or_path", "") or "in-memory model",
-                     source="memory", device=device)
-    if not isinstance(spec, (str, Path)):
-        raise TellnormError(f"cannot load a model from {type(spec).__name__}: pass 'organism', a folder, "
-                            "a hub name or a (model, tokenizer) pair")
-    spec = str(spec)
-    if spec == ORGANISM:
-        return _load_folder(DEFAULT_ORGANISM_DIR, name=ORGANISM, source=ORGANISM, device=device, dtype=torch_dtype)
-    path = Path(spec).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise TellnormError(f"{spec} is a file: pass the folder that holds config.json and the weights")
-        return _load_folder(path, name=spec, source="folder", device=device, dtype=torch_dtype)
-    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise TellnormError(f"model {spec!r} is neither an existing folder nor a hub name like 'Qwen/Qwen3-4B'")
-    return _load_hub_cache(spec, device=device, dtype=torch_dtype)
-
-
-def _load_folder(path: Path, *, name: str, source: str, device: str, dtype) -> LoadedModel:
-    config_file = path / "config.json"
-    rebuild = " Rebuild it with: tellnorm organism train" if source == ORGANISM else ""
-    if not config_file.is_file():
-        raise TellnormError(f"{path} has no config.json: it is not an HF model folder.{rebuild}")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise TellnormError(f"{config_file} is not valid JSON ({err.msg}).{rebuild}") from None
-    _check_architecture(config.get("architectures") or [config.get("model_type", "?")], name)
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise TellnormError(f"{path} has a config but no weights (*.safetensors or *.bin).{rebuild}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a tiny checkpoint's "Loading weights" bar is noise on stderr
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as err:  # corrupt or truncated files surface as many exception types
-        raise TellnormError(f"cannot load {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}.{rebuild}") from None
-    if (path / "organism.json").is_file():
-        source = ORGANISM  # a retrained copy of the organism elsewhere is still the organism (labels apply)
-    return _wrap(model, tokenizer, name=name, source=source, device=device)
-
-
-def _load_hub_cache(name: str, *, device: str, dtype) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=offline)
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
-    except Exception:
-        raise TellnormError(
-            f"the weights of {name!r} are not available offline: download them where there is network "
-            f"(hf download {name} --local-dir DIR), copy DIR here and pass it as the model"
-        ) from None
-    _check_architecture(model.config.architectures or [type(model).__name__], name)
-    return _wrap(model, tokenizer, name=name, source="hub-cache", device=device)
-
-
-def _check_architecture(architectures: list[str], name: str) -> str:
+def check_architecture(architectures: list[str], name: str) -> str:
+    """The first of ``architectures`` tellnorm supports; else one TellnormError line saying why not."""
     for arch in architectures:
         if arch in SUPPORTED_ARCHITECTURES:
             return arch
@@ -272,7 +228,7 @@ def _check_architecture(architectures: list[str], name: str) -> str:
     for arch in architectures:
         if arch in REFUSED_ARCHITECTURES:
             raise TellnormError(f"{name}: architecture {arch} is not supported because {REFUSED_ARCHITECTURES[arch]}")
-    if any(arch in _bridge_architectures() for arch in architectures):
+    if any(arch in bridge_architectures() for arch in architectures):
         raise TellnormError(
             f"{name}: architecture {given} is not supported: TransformerLens's bridge knows it, but tellnorm has not "
             f"checked its decoder layers against HF (a decoder-only model with model.layers); {supported}"
@@ -281,7 +237,7 @@ def _check_architecture(architectures: list[str], name: str) -> str:
                         f"so tellnorm cannot trace it; {supported}")
 
 
-def _bridge_architectures() -> set[str]:
+def bridge_architectures() -> set[str]:
     """The HF architecture names TransformerLens's bridge has an adapter for (imported only to word an error)."""
     try:
         from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES as bridged
@@ -290,7 +246,7 @@ def _bridge_architectures() -> set[str]:
     return set(bridged)
 
 
-def _wants_bos(family: Family, tokenizer) -> bool:
+def wants_bos(family: Family, tokenizer) -> bool:
     """Whether ``encode`` prepends BOS: the family's rule, or (``bos=None``) what the tokenizer itself does."""
     if family.bos is not None:
         return family.bos
@@ -302,50 +258,3 @@ def _wants_bos(family: Family, tokenizer) -> bool:
     return with_special[:1] == [bos] and plain[:1] != [bos]
 
 
-def _stable_tokenizer(tokenizer):
-    """TL can raise KeyError('name_or_path') on in-memory tokenizers: round-trip through a folder (STACK.md)."""
-    from transformers import AutoTokenizer
-
-    if getattr(tokenizer, "name_or_path", None) and Path(str(tokenizer.name_or_path)).is_dir():
-        return tokenizer
-    # The folder must outlive this call: TL reloads a BOS tokenizer from its name_or_path (add_bos_token=True).
-    # It lives as long as the tokenizer that names it, and goes at interpreter exit at the latest.
-    tmp = tempfile.mkdtemp(prefix="tellnorm-tokenizer-")
-    try:
-        tokenizer.save_pretrained(tmp)
-        reloaded = AutoTokenizer.from_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    weakref.finalize(reloaded, shutil.rmtree, tmp, ignore_errors=True)
-    return reloaded
-
-
-def _wrap(model, tokenizer, *, name: str, source: str, device: str) -> LoadedModel:
-    from transformer_lens.model_bridge import TransformerBridge
-
-    arch = _check_architecture(model.config.architectures or [type(model).__name__], name)
-    tokenizer = _stable_tokenizer(tokenizer)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    family = SUPPORTED_ARCHITECTURES[arch]
-    model.eval()
-    model.to(device)
-    wanted = family.attn_implementation
-    if wanted and getattr(model.config, "_attn_implementation", None) != wanted:
-        model.set_attn_implementation(wanted)
-    bridge = TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tokenizer, device=device)
-    cfg = model.config
-    # Llama and Gemma expect BOS (their chat templates write it); Qwen has none (STACK.md). Avoid a double BOS.
-    prepend_bos = _wants_bos(family, tokenizer)
-    return LoadedModel(
-        bridge=bridge,
-        tokenizer=tokenizer,
-        name=name,
-        architecture=family.family,
-        n_layers=cfg.num_hidden_layers,
-        d_model=cfg.hidden_size,
-        max_positions=cfg.max_position_embeddings,
-        source=source,
-        info={"prepend_bos": prepend_bos, "hf_architecture": arch, "alrr_refusal": family.alrr},
-    )

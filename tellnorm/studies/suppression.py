@@ -177,7 +177,7 @@ def calibrate(model, cfg: InterventionConfig, sets: dict, *, progress: bool = Tr
     from tellnorm import features as F
     from tellnorm.generation import run_forward
     from tellnorm.norms import NormTracer
-    from tellnorm.studies import contrast_corpus
+    from tellnorm.studies.corpus import contrast_corpus
     from tellnorm.thresholds import FixedThresholds, calibrated_thresholds
 
     ctx = Context(model, cfg, sets)
@@ -630,7 +630,7 @@ def extras_figure(steering, features):
 def run_intervene(model, cfg: InterventionConfig, out: Path, *, progress: bool = True, runner=None) -> dict:
     """The whole study: calibration, both generation phases, log-probs, tables and figures in ``out``.
 
-    ``runner``: where the per-problem work runs (default: here), e.g. :func:`tellnorm.distributed.sharded_intervention`
+    ``runner``: where the per-problem work runs (default: here), e.g. :func:`tellnorm.apps.distributed.sharded_intervention`
     (the validation corpus, both generation phases and the log-probs sharded by problem over Ray). It provides
     ``contrast_corpus(model, n, max_new_tokens=...)`` (or None: generated here), ``run_conditions(ctx, conds,
     problems, prompts, cfg, fractions, progress=, desc=)`` and ``answer_logprobs(ctx, conds, problems, prompts, cfg,

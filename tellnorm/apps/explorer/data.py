@@ -27,7 +27,7 @@ both with the decoder norm folded in exactly as ``tellnorm features`` does (:fun
 is shown once: a causal model gives it the same activation), top input tokens, promoted / suppressed output tokens
 (``W_dec[f] @ W_U``, computed in chunks of features), and the feature's activation along a few example responses.
 
-:func:`build_explorer_data` collects the stream into a dict; :func:`tellnorm.explorer.site.write_site` writes
+:func:`build_explorer_data` collects the stream into a dict; :func:`tellnorm.apps.explorer.site.write_site` writes
 either form, a stream one document at a time.
 """
 
@@ -55,7 +55,7 @@ LOGIT_CHUNK_ELEMENTS = 1 << 25  # W_dec[chunk] @ W_U is computed for ≤ 32M (fe
 RESIDUAL_CACHE_BYTES = 1 << 28  # keep every SAE layer's vectors from the first pass when they fit in 256 MiB
 TECHNIQUES = ("alrr", "erss", "suppression")
 SUPPRESSION_FACTOR = 0.1  # PAPER §4: x' = 0.1·x on high-norm tokens
-MAX_NEW_TOKENS = 240  # the explorer corpus's length limit (tellnorm.explorer.explorer_corpus)
+MAX_NEW_TOKENS = 240  # the explorer corpus's length limit (tellnorm.apps.explorer.explorer_corpus)
 
 
 def _r(x, digits: int = 4):
@@ -182,7 +182,7 @@ class SparseActivationObserver(LayerHooks):
 
 
 def _display(model, ids) -> list[str]:
-    from tellnorm.dashboards.data import display_tokens
+    from tellnorm.apps.dashboards.data import display_tokens
 
     return display_tokens(model, ids)
 

@@ -1,7 +1,7 @@
 """Ray-sharded studies: prompts split into shards, one model replica per Ray worker, results merged exactly once.
 
 The core is :class:`ShardPool`: ``ShardPool(model, ray_address=..., workers=...)`` holds one replica of the model
-per worker (a Ray actor that loads it once, HF or vLLM through :func:`tellnorm.models.load_model`), and
+per worker (a Ray actor that loads it once, HF or vLLM through :func:`tellnorm.backends.load_model`), and
 ``pool.map(fn, items, merge=...)`` splits ``items`` into deterministic shards (:func:`make_shards`: contiguous or
 round-robin, each shard keeps its items' original indices), runs ``fn(replica, shard, shard_items, **kwargs)`` on
 the workers and merges the shard results in shard order — with tellnorm's mergeable accumulators
@@ -18,12 +18,12 @@ study writers (:mod:`tellnorm.io`) write to a temporary file and rename it, so a
 
 Wired studies: norm profiles (:func:`trace_both_modes_sharded`, :func:`run_profile_sharded`), the contrast corpus
 and feature sums (:func:`contrast_corpus_sharded`, :func:`collect_feature_sums_sharded`,
-:func:`feature_collector` for :func:`tellnorm.studies.feature_study`), the technique evaluation's decoding
-(:func:`sharded_decoder` for :func:`tellnorm.evaluation.run_evaluate`), the bounds and assumption statistics
-(:func:`collect_bounds_sharded`, :func:`bounds_collector` for :func:`tellnorm.bounds.bounds_study`), the
-correlation signals (:func:`signal_collector` for :func:`tellnorm.correlation.correlation_study`) and the
+:func:`feature_collector` for :func:`tellnorm.studies.features.feature_study`), the technique evaluation's decoding
+(:func:`sharded_decoder` for :func:`tellnorm.studies.evaluation.run_evaluate`), the bounds and assumption statistics
+(:func:`collect_bounds_sharded`, :func:`bounds_collector` for :func:`tellnorm.studies.bounds.bounds_study`), the
+correlation signals (:func:`signal_collector` for :func:`tellnorm.studies.correlation.correlation_study`) and the
 suppression study's generations and log-probs (:func:`sharded_intervention` for
-:func:`tellnorm.interventions.study.run_intervene`).
+:func:`tellnorm.studies.suppression.run_intervene`).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ class Replica:
         if self._model is None:
             if self.spec is None:
                 raise TellnormError("this pool was made without a model (model=None)")
-            from tellnorm.models import load_model
+            from tellnorm.backends import load_model
 
             self._model = load_model(self.spec, backend=self.backend, **self.load_options)
         return self._model
@@ -229,7 +229,7 @@ def _worker_died_errors(ray) -> tuple:
 class ShardPool:
     """Model replicas that run shard functions: in this process (``ray_address=None``) or one per Ray worker.
 
-    ``model``: what :func:`tellnorm.models.load_model` takes (with Ray: a name or folder, since each worker loads
+    ``model``: what :func:`tellnorm.backends.load_model` takes (with Ray: a name or folder, since each worker loads
     its own copy; in process a loaded model is used as is); ``backend`` and ``load_options`` go there too.
     ``workers``: replicas (Ray only). ``num_cpus_per_worker``/``num_gpus_per_worker``: each actor's Ray resources
     (with GPUs, the HF backend loads on ``cuda`` unless ``load_options`` says otherwise). ``max_retries``: how many
@@ -365,7 +365,7 @@ class ShardPool:
     def replica(self) -> Replica:
         """The in-process replica (no Ray), e.g. for the parts of a study that stay on the driver."""
         if self._local is None:
-            from tellnorm.models import ModelAPI
+            from tellnorm.backends.base import ModelAPI
 
             if isinstance(self.model, ModelAPI):
                 self._local = Replica(None)
@@ -498,8 +498,8 @@ MODES = ("thinking", "non-thinking")
 
 def profile_shard(replica: Replica, shard: Shard, rows: list, *, point: str = "resid_post", max_new_tokens: int = 240,
                   batch_size: int = 40, layers=None):
-    """:func:`tellnorm.profile.trace_both_modes` of one shard (request ids carry the rows' original indices)."""
-    from tellnorm.profile import trace_both_modes
+    """:func:`tellnorm.studies.corpus.trace_both_modes` of one shard (request ids carry the rows' original indices)."""
+    from tellnorm.studies.corpus import trace_both_modes
 
     trace = trace_both_modes(replica.model, rows, point=point, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              layers=layers, progress=False, indices=shard.indices)
@@ -528,19 +528,19 @@ def merge_traces(results: Sequence, shards: Sequence[Shard]):
 def trace_both_modes_sharded(pool: ShardPool, rows: list[dict], *, point: str = "resid_post",
                              max_new_tokens: int = 240, batch_size: int = 40, layers=None,
                              strategy: str = "contiguous"):
-    """:func:`tellnorm.profile.trace_both_modes` over the pool's workers (by prompt): the same NormTrace."""
+    """:func:`tellnorm.studies.corpus.trace_both_modes` over the pool's workers (by prompt): the same NormTrace."""
     return pool.map(profile_shard, rows, merge=merge_traces, strategy=strategy, point=point,
                     max_new_tokens=max_new_tokens, batch_size=batch_size, layers=layers)
 
 
 def profile_study_sharded(pool: ShardPool, rows: list[dict], out, *, point: str = "resid_post",
                           max_new_tokens: int = 240, batch_size: int = 40, strategy: str = "contiguous"):
-    """:func:`tellnorm.profile.profile_study` with the tracing sharded: files are written only after every shard
+    """:func:`tellnorm.studies.profile.profile_study` with the tracing sharded: files are written only after every shard
     has been merged (each through a temporary file), so a failed shard leaves ``out`` without outputs."""
     from pathlib import Path
 
     from tellnorm.io import check_output_dir
-    from tellnorm.profile import profile_study
+    from tellnorm.studies.profile import profile_study
 
     out = check_output_dir(out)
     trace = trace_both_modes_sharded(pool, rows, point=point, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -551,9 +551,9 @@ def profile_study_sharded(pool: ShardPool, rows: list[dict], out, *, point: str 
 
 def run_profile_sharded(cfg, *, ray_address: str | None = LOCAL, workers: int = 2, backend: str = "hf",
                         strategy: str = "contiguous", **pool_options):
-    """``tellnorm profile`` (a :class:`tellnorm.profile.ProfileConfig`) with the generation sharded over Ray."""
+    """``tellnorm profile`` (a :class:`tellnorm.studies.profile.ProfileConfig`) with the generation sharded over Ray."""
     from tellnorm.io import check_output_dir
-    from tellnorm.profile import load_prompts, organism_prompt_rows
+    from tellnorm.studies.corpus import load_prompts, organism_prompt_rows
 
     rows = load_prompts(cfg.prompts) if cfg.prompts else organism_prompt_rows(cfg.n_per_difficulty)
     out = check_output_dir(cfg.out)  # bad input fails before any cluster starts
@@ -568,15 +568,15 @@ def run_profile_sharded(cfg, *, ray_address: str | None = LOCAL, workers: int = 
 # ------------------------------------------------------------------------------------------------------ features
 
 def contrast_shard(replica: Replica, shard: Shard, prompts: list[str], *, max_new_tokens: int = 240):
-    from tellnorm.studies import contrast_corpus
+    from tellnorm.studies.corpus import contrast_corpus
 
     return contrast_corpus(replica.model, prompts=prompts, max_new_tokens=max_new_tokens, progress=False)
 
 
 def merge_corpora(results: Sequence, shards: Sequence[Shard]):
-    """Shard corpora as one :func:`tellnorm.studies.contrast_corpus`: every thinking response in prompt order, then
+    """Shard corpora as one :func:`tellnorm.studies.corpus.contrast_corpus`: every thinking response in prompt order, then
     every non-thinking one."""
-    from tellnorm.studies import ContrastCorpus
+    from tellnorm.studies.corpus import ContrastCorpus
 
     n = sum(len(s.indices) for s in shards)
     slots: dict = {}
@@ -592,7 +592,7 @@ def merge_corpora(results: Sequence, shards: Sequence[Shard]):
 
 def contrast_corpus_sharded(pool: ShardPool, n_per_difficulty: int = 10, *, max_new_tokens: int = 240,
                             prompts: list[str] | None = None, strategy: str = "contiguous"):
-    """:func:`tellnorm.studies.contrast_corpus` (validation problems, both modes, greedy) sharded by prompt."""
+    """:func:`tellnorm.studies.corpus.contrast_corpus` (validation problems, both modes, greedy) sharded by prompt."""
     if prompts is None:
         from tellnorm.organism import task
 
@@ -638,8 +638,8 @@ def feature_collector(pool: ShardPool, saes_spec, *, strategy: str = "contiguous
 # ------------------------------------------------------------------------------------------------------ evaluation
 
 def decode_shard(replica: Replica, shard: Shard, item_indices: list[int], *, st, name: str, control=None, **options):
-    """:func:`tellnorm.evaluation.decode` of the shard's items on the worker's model (edits built there)."""
-    from tellnorm.evaluation import control_edits, decode
+    """:func:`tellnorm.studies.evaluation.decode` of the shard's items on the worker's model (edits built there)."""
+    from tellnorm.studies.evaluation import control_edits, decode
 
     st = replace(st, model=replica.model, decoder=None)
     edits = control_edits(st, control[1], control[0]) if control is not None else None
@@ -650,7 +650,7 @@ def merge_runs(results: Sequence, shards: Sequence[Shard]):
     """Shard runs as one: responses in item/sample order, norms per request, token statistics joined."""
     import pandas as pd
 
-    from tellnorm.evaluation import Run
+    from tellnorm.studies.evaluation import Run
 
     first = results[0]
     responses = concat_frames([r.responses for r in results], sort_by=("item", "sample"))
@@ -676,7 +676,7 @@ def check_evaluation_shardable(cfg) -> None:
 
 
 def sharded_decoder(pool: ShardPool, cfg=None, *, strategy: str = "contiguous") -> Callable:
-    """A ``decoder`` for :func:`tellnorm.evaluation.run_evaluate` that decodes the items on the pool's workers.
+    """A ``decoder`` for :func:`tellnorm.studies.evaluation.run_evaluate` that decodes the items on the pool's workers.
 
     Per-response results (answers, firing counters, norms, token statistics) are independent of which other
     responses share a batch as long as τ is frozen before decoding (threshold modes calibrated and fixed); the
@@ -687,7 +687,7 @@ def sharded_decoder(pool: ShardPool, cfg=None, *, strategy: str = "contiguous") 
 
     def decoder(st, name, *, techniques=(), n_samples=1, edits=None, trace=False, thresholds=None, alrr=None,
                 erss=None, progress=True):
-        from tellnorm.evaluation import decode
+        from tellnorm.studies.evaluation import decode
 
         edits_here = edits is not None and getattr(edits, "control", None) is None
         if edits_here:
@@ -756,7 +756,7 @@ def bounds_collector(pool: ShardPool, saes_spec, *, strategy: str = "contiguous"
 
 @dataclass
 class SignalResult:
-    """What :func:`tellnorm.correlation.correlation_study` reads from :func:`tellnorm.correlation.collect_signals`'s
+    """What :func:`tellnorm.studies.correlation.correlation_study` reads from :func:`tellnorm.signals.collect_signals`'s
     observer: the per-problem sums, the layers whose attention pattern was seen, the layers."""
 
     sums: Any
@@ -766,7 +766,7 @@ class SignalResult:
 
 def signals_shard(replica: Replica, shard: Shard, items: list, *, saes, layers=None, reasoning,
                   batch_size: int = 16):
-    from tellnorm.correlation import collect_signals
+    from tellnorm.signals import collect_signals
 
     observer = collect_signals(replica.model, replica.saes(saes, layers), reasoning, [seq for _, seq, _ in items],
                                {rid: start for rid, _, start in items}, request_ids=[rid for rid, _, _ in items],
@@ -785,7 +785,7 @@ def merge_signals(results: Sequence, shards: Sequence[Shard], *, order: Sequence
 
 
 def signal_collector(pool: ShardPool, saes_spec, *, strategy: str = "contiguous") -> Callable:
-    """A stand-in for :func:`tellnorm.correlation.collect_signals` (``correlation_study(..., collect=...)``) that
+    """A stand-in for :func:`tellnorm.signals.collect_signals` (``correlation_study(..., collect=...)``) that
     shards the per-problem sums by problem (each problem's sums come from one worker)."""
 
     def collect(model, saes, reasoning, sequences, starts, *, request_ids=None, batch_size=16):
@@ -832,7 +832,7 @@ def _worker_context(replica: Replica, ctx):
 
 
 def _shard_conditions(ctx, names: Sequence[str]) -> list:
-    from tellnorm.interventions.study import build_conditions
+    from tellnorm.studies.suppression import build_conditions
 
     by_name = {c.name: c for c in build_conditions(ctx)}
     missing = [n for n in names if n not in by_name]
@@ -846,7 +846,7 @@ def intervention_shard(replica: Replica, shard: Shard, items: list, *, ctx, name
     """One shard of the suppression study's problems (``(problem, prompt ids)`` items, request ids numbered by
     their original index) under the conditions ``names``, rebuilt on the worker from the calibration ``ctx``:
     ``generate``: ``(generations, {condition: [(edit name, record), ...]})``; ``logprobs``: the answer log-probs."""
-    from tellnorm.interventions.study import answer_logprobs, run_conditions
+    from tellnorm.studies.suppression import answer_logprobs, run_conditions
 
     wctx = _worker_context(replica, ctx)
     conds = _shard_conditions(wctx, names)
@@ -861,7 +861,7 @@ def intervention_shard(replica: Replica, shard: Shard, items: list, *, ctx, name
 def merge_outcomes(results: Sequence, shards: Sequence[Shard]):
     """Shard outcomes as one: every generation, and per condition its edits' records merged (requests disjoint)."""
     from tellnorm.interventions.edits import EditRecord
-    from tellnorm.interventions.study import Outcome
+    from tellnorm.studies.suppression import Outcome
 
     outcome = Outcome()
     for gens, _ in results:
@@ -885,7 +885,7 @@ def merge_dicts(results: Sequence[dict], shards: Sequence[Shard]) -> dict:
 
 
 class ShardedIntervention:
-    """The ``runner`` of :func:`tellnorm.interventions.study.run_intervene` that shards by problem over a pool.
+    """The ``runner`` of :func:`tellnorm.studies.suppression.run_intervene` that shards by problem over a pool.
 
     The validation contrast corpus (:func:`contrast_corpus_sharded`), both generation phases and the answer
     log-probs run on the workers; each worker rebuilds the conditions and their edits from the driver's calibration
@@ -918,7 +918,7 @@ class ShardedIntervention:
 
 
 def sharded_intervention(pool: ShardPool, cfg=None, *, strategy: str = "contiguous") -> ShardedIntervention:
-    """The ``runner`` for :func:`tellnorm.interventions.study.run_intervene` (``cfg`` checked up front)."""
+    """The ``runner`` for :func:`tellnorm.studies.suppression.run_intervene` (``cfg`` checked up front)."""
     return ShardedIntervention(pool, cfg, strategy=strategy)
 
 

@@ -1,8 +1,5 @@
-"""End-to-end studies on a model (default: the organism), each writing tables and figures to a folder.
-
-These compose the pure cores (norms, thresholds, features, groundtruth, saes, dashboards) the way the paper does;
-the CLI and ``tellnorm reproduce`` call them.
-"""
+"""The reasoning-feature study (PAPER.md §2) on a model: the contrast and ReasonScore per layer, the top-K trend
+(also on token-matched positions), the token-injection control, the label overlap, and the SAE suite it reads."""
 
 from __future__ import annotations
 
@@ -11,56 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tellnorm.errors import TellnormError
-
-MODES = ("thinking", "non-thinking")
-
-
-@dataclass
-class ContrastCorpus:
-    """The same questions answered in both modes: full sequences, prompt lengths, modes, organism labels."""
-
-    sequences: list
-    n_prompt: list
-    modes: list
-    labels: list  # per token; None entries for non-organism models
-
-    @property
-    def thinking(self) -> list[int]:
-        return [i for i, m in enumerate(self.modes) if m == "thinking"]
-
-
-def contrast_corpus(model, n_per_difficulty: int = 10, *, max_new_tokens: int = 240, progress: bool = True,
-                    prompts: list[str] | None = None) -> ContrastCorpus:
-    """Greedy responses in both modes to organism *validation* problems (never the accuracy test set)."""
-    from tellnorm.generation import SamplingConfig, generate
-    from tellnorm.organism import task
-
-    from tellnorm.thinking import require_contrast
-
-    require_contrast(model)  # a model without a thinking switch fails here, before any generation
-    if prompts is None:
-        prompts = [p.prompt_text() for p in task.validation_split(n_per_difficulty).problems]
-    sequences, n_prompt, modes, labels = [], [], [], []
-    for mode in MODES:
-        encoded = [model.encode(model.chat_prompt(p, thinking=mode == "thinking")) for p in prompts]
-        gens = generate(model, encoded, SamplingConfig(max_new_tokens=max_new_tokens), batch_size=50,
-                        progress=progress, desc=f"contrast corpus ({mode})")
-        for g in gens:
-            sequences.append(g.ids)
-            n_prompt.append(len(g.prompt_ids))
-            modes.append(mode)
-            tokens = model.token_strings(g.ids)
-            labels.append(task.label_tokens(tokens, len(g.prompt_ids)) if model.source == "organism"
-                          else [None] * len(tokens))
-    return ContrastCorpus(sequences, n_prompt, modes, labels)
-
+from tellnorm.studies.corpus import ContrastCorpus, matched_positions
 
 def feature_study(model, saes: dict, corpus: ContrastCorpus, out: Path, *, top_k: int = 20,
                   groups=None, seed: int = 0, collect=None) -> dict:
     """The paper's contrast and ReasonScore for every layer, the trend figure, and the two controls.
 
     ``collect``: a stand-in for :func:`tellnorm.features.collect_feature_sums` (same call) for the contrast and
-    injection sums, e.g. :func:`tellnorm.distributed.feature_collector` to shard them over Ray workers."""
+    injection sums, e.g. :func:`tellnorm.apps.distributed.feature_collector` to shard them over Ray workers."""
     from tellnorm import features as F
     from tellnorm.io import write_csv
 
@@ -95,23 +50,13 @@ def feature_study(model, saes: dict, corpus: ContrastCorpus, out: Path, *, top_k
     if matched is not None:
         result["matched_trend"] = matched_feature_trend(sums, contrast_tab, layers, top_k, corpus.modes, seed=seed)
         write_csv(result["matched_trend"], out / "feature_trend_matched.csv")
-    if model.source == "organism":
+    if model.token_labeler is not None:  # step labels (the organism's) to compare features with
         top_contrast = {layer: contrast_tab[(contrast_tab.layer == layer) & (contrast_tab["rank"] <= 5)].feature.tolist()
                         for layer in late}
         overlap = F.label_overlap(model, saes, corpus.sequences, corpus.labels, top_contrast)
         write_csv(overlap, out / "features_label_overlap.csv")
         result["overlap"] = overlap
     return result
-
-
-def matched_positions(model, corpus: ContrastCorpus):
-    """Per sequence, the positions both modes' responses have (the organism's closing ``answer : X``); None for
-    models without such a shared closing."""
-    from tellnorm.organism.task import closing_roles
-
-    if model.source != "organism":
-        return None
-    return [sorted(closing_roles(model.token_strings(seq), k)) for seq, k in zip(corpus.sequences, corpus.n_prompt)]
 
 
 def matched_feature_trend(sums, contrast_tab, layers, top_k: int, modes, *, seed: int = 0):
@@ -231,21 +176,6 @@ def trend_figure(norm_profile, feature_trend, k: int, matched_trend=None):
     return style(fig, title="Norm and reasoning-feature trends by layer (thinking vs non-thinking)", width=980)
 
 
-def dashboard_study(model, saes: dict, corpus: ContrastCorpus, features: dict, scores: dict, path: Path) -> Path:
-    """One offline HTML page with a dashboard for each chosen feature (default: top features of late layers)."""
-    from tellnorm.dashboards.data import collect_dashboard_data
-    from tellnorm.dashboards.html import render_dashboard
-    from tellnorm.features import check_features
-
-    check_features(saes, features)
-    data = []
-    for layer, feats in features.items():
-        data += collect_dashboard_data(model, saes[layer], layer, list(feats), corpus.sequences,
-                                       scores={f: scores.get((layer, f), {}) for f in feats})
-    render_dashboard(data, path, title=f"tellnorm feature dashboards: {model.name}")
-    return path
-
-
 def parse_feature_list(text: str) -> dict[int, list[int]]:
     """``"6:12,40 5:3"`` → {6: [12, 40], 5: [3]}."""
     out: dict[int, list[int]] = {}
@@ -262,15 +192,21 @@ def parse_feature_list(text: str) -> dict[int, list[int]]:
     return out
 
 
-def check_features(features: dict[int, list[int]], saes: dict) -> None:
-    """Every named feature exists in its layer's SAE, or one TellnormError line (before any generation)."""
-    for layer, feats in features.items():
-        if layer not in saes:
-            raise TellnormError(f"no SAE for layer {layer}: the SAEs cover layers {sorted(saes)}")
-        d_sae = int(saes[layer].cfg.d_sae)
-        bad = [f for f in feats if not 0 <= f < d_sae]
-        if bad:
-            raise TellnormError(f"feature(s) {bad} do not exist at layer {layer}: its SAE has features 0..{d_sae - 1}")
+CORPUS_SEED_OFFSET = 50_000  # corpus problems come from their own stream, disjoint from test and validation
+
+
+def organism_corpus_prompts(model, n_problems: int, seed: int) -> list[tuple[str, list[int]]]:
+    """(mode, prompt ids) for fresh training-distribution problems in both modes."""
+    from tellnorm.organism import task
+
+    held_out = task.test_split().keys() | task.validation_split().keys()
+    stream = task.training_problems(seed + CORPUS_SEED_OFFSET, held_out)
+    problems = [next(stream) for _ in range(n_problems)]
+    out = []
+    for mode in ("thinking", "non-thinking"):
+        for p in problems:
+            out.append((mode, model.encode(model.chat_prompt(p.prompt_text(), thinking=mode == "thinking"))))
+    return out
 
 
 def sae_suite_study(model, cfg=None, out_dir=None, *, quality_corpus: ContrastCorpus | None = None,
@@ -278,7 +214,7 @@ def sae_suite_study(model, cfg=None, out_dir=None, *, quality_corpus: ContrastCo
     """Train the per-layer SAE suite on the model's own responses and measure it on held-out responses."""
     from tellnorm.organism.paths import DEFAULT_SAE_DIR
     from tellnorm.saes.quality import sae_quality
-    from tellnorm.saes.training import SAETrainConfig, build_corpus, organism_corpus_prompts, train_saes
+    from tellnorm.saes.training import SAETrainConfig, build_corpus, train_saes
 
     cfg = cfg or SAETrainConfig.organism()
     out_dir = Path(out_dir) if out_dir is not None else DEFAULT_SAE_DIR

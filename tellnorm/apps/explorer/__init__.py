@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tellnorm.explorer.data import (
+from tellnorm.apps.explorer.data import (
     DEFAULT_PER_DIFFICULTY,
     MAX_NEW_TOKENS,
     TECHNIQUES,
@@ -23,14 +23,14 @@ from tellnorm.explorer.data import (
     iter_explorer_docs,
     technique_layers,
 )
-from tellnorm.explorer.site import write_site
+from tellnorm.apps.explorer.site import write_site
 
 
 def explorer_corpus(model, n_per_difficulty: int = DEFAULT_PER_DIFFICULTY, *, max_new_tokens: int = MAX_NEW_TOKENS,
                     progress: bool = False):
     """The contrast corpus (both modes of the same validation problems) and each sequence's difficulty."""
     from tellnorm.organism import task
-    from tellnorm.studies import contrast_corpus
+    from tellnorm.studies.corpus import contrast_corpus
 
     problems = task.validation_split(n_per_difficulty).problems
     corpus = contrast_corpus(model, prompts=[p.prompt_text() for p in problems], max_new_tokens=max_new_tokens,

@@ -11,7 +11,7 @@ Layout of ``write_site(docs, out)``::
 
 Per-layer files are loaded only when a view needs them (a feature page: one shard of its layer), so a large SAE
 suite is never loaded at once. ``docs`` may be a stream of ``(name, doc)`` pairs
-(:func:`tellnorm.explorer.data.iter_explorer_docs`): each document is written as it comes and then dropped, so
+(:func:`tellnorm.apps.explorer.data.iter_explorer_docs`): each document is written as it comes and then dropped, so
 writing holds one document at a time.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from tellnorm.errors import TellnormError
-from tellnorm.explorer.page import CSS, JS
+from tellnorm.apps.explorer.page import CSS, JS
 
 
 def _write(path: Path, text: str) -> None:
@@ -43,8 +43,8 @@ def write_doc(out: Path, name: str, doc: dict) -> None:
 
 def write_site(docs: Mapping[str, dict] | Iterable[tuple[str, dict]], out: str | Path, *,
                title: str | None = None) -> Path:
-    """Write the site for ``docs`` (a dict from :func:`tellnorm.explorer.data.build_explorer_data`, or the stream
-    of :func:`tellnorm.explorer.data.iter_explorer_docs`); return index.html (written last)."""
+    """Write the site for ``docs`` (a dict from :func:`tellnorm.apps.explorer.data.build_explorer_data`, or the stream
+    of :func:`tellnorm.apps.explorer.data.iter_explorer_docs`); return index.html (written last)."""
     import html
 
     from plotly.offline import get_plotlyjs

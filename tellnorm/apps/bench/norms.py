@@ -102,11 +102,11 @@ class BenchConfig:
 # --------------------------------------------------------------------------------------------- model and inputs
 
 def build_model(config: str = "qwen3-0.6b", n_layers: int | None = None, seed: int = 0):
-    """A random-init fp32 Qwen3 of the named shape, wrapped by :func:`tellnorm.models.load_model`.
+    """A random-init fp32 Qwen3 of the named shape, wrapped by :func:`tellnorm.backends.load_model`.
 
     Both shapes use the organism's tokenizer: a benchmark feeds token ids, and the bridge only needs a tokenizer.
     """
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
 
     model = load_model(build_hf_model(config, n_layers, seed))
     model.name = f"random-init {config}" + (f" ({n_layers} layers)" if n_layers is not None else "")
@@ -177,7 +177,7 @@ def cached_forward(model, sequences):
     """
     import torch
 
-    from tellnorm.generation import left_pad
+    from tellnorm.backends.hf import left_pad
 
     names = [model.hook_name(layer, POINT) for layer in range(model.n_layers)]
     input_ids, attention, positions = left_pad(model, sequences)

@@ -256,7 +256,7 @@ class Setup:
     calibration: dict  # layer -> calibration norms (for recalibrating with another k); empty in mode "fixed"
     late: list[int]
     middle: list[int]
-    decoder: Callable | None = None  # runs decode() elsewhere (tellnorm.distributed); None: in this process
+    decoder: Callable | None = None  # runs decode() elsewhere (tellnorm.apps.distributed); None: in this process
 
 
 def middle_layers(model, late: list[int]) -> list[int]:
@@ -710,7 +710,7 @@ KEY_METHODS = ("greedy", "alrr", "erss", "sample", "majority@{n}", "lrs-D@late@{
 def run_evaluate(model, cfg: EvaluateConfig, out: Path, *, progress: bool = True, decoder=None) -> dict:
     """Everything ``tellnorm evaluate`` does; writes tables, figures and ``evaluation.md`` to ``out``.
 
-    ``decoder``: where every decoding runs (e.g. :func:`tellnorm.distributed.sharded_decoder`); None: here."""
+    ``decoder``: where every decoding runs (e.g. :func:`tellnorm.apps.distributed.sharded_decoder`); None: here."""
     import pandas as pd
 
     from tellnorm.figures import write_figure

@@ -20,7 +20,7 @@ Logit effects are the decoder direction through the unembedding, ``W_dec[f] @ W_
 ``W_U = lm_head.weight.T``; the final RMSNorm (and its learned scale) is ignored, as usual for such logit-lens views.
 
 Results are :class:`FeatureDashboardData` dataclasses that round-trip through JSON (``to_json`` / ``from_json``);
-:mod:`tellnorm.dashboards.html` renders them.
+:mod:`tellnorm.apps.dashboards.html` renders them.
 """
 
 from __future__ import annotations
@@ -504,7 +504,7 @@ def collect_dashboard_data(
     """
     import torch
 
-    from tellnorm.models import load_model
+    from tellnorm.backends import load_model
 
     model = load_model(model)
     d_sae, d_in = int(sae.cfg.d_sae), int(sae.cfg.d_in)

@@ -1,0 +1,344 @@
+"""The HF backend: a TransformerLens ``TransformerBridge`` over the raw HF module, driven with HF's own KV cache.
+
+``load_hf_model(spec)`` accepts a registered subject name (``"organism"``), a local HF folder, an HF hub name (from
+the local cache only when offline), or an in-memory ``(model, tokenizer)`` pair. The bridge keeps HF's numerics, so
+``blocks.L.hook_resid_post`` is exactly the output of HF decoder layer L (not ``output_hidden_states[L+1]`` for the
+last layer, which HF returns after the final norm). Hooks go through TransformerLens's single namespace; because
+the bridge wraps HF's own submodules, they fire whether the bridge or the HF model is called, so the generation loop
+drives HF's KV cache and padding directly and is still observed by TL hooks.
+
+Design points of the loop, each a correctness trap:
+- Left padding: prompts of different lengths are left-padded; padded positions are masked out and position ids
+  count only real tokens, so a request generates the same tokens (and norms) alone or in a batch.
+- Per-request state: sampling generators, stop flags and observer state are keyed by request id, never by batch
+  slot; finished requests leave the batch (their KV rows are dropped), so slots are reused safely.
+- Hooks go on through ``bridge.hooks`` — a context manager, so they are removed on every exit path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import weakref
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from tellnorm.backends.base import (
+    SUPPORTED_ARCHITECTURES,
+    ModelAPI,
+    Subject,
+    check_architecture,
+    subject_of_folder,
+    wants_bos,
+)
+from tellnorm.errors import TellnormError
+from tellnorm.generation import (
+    TOKEN_STATS,
+    Generation,
+    SamplingConfig,
+    StepInfo,
+    pick_token,
+    request_seed,
+    step_token_stats,
+)
+
+
+@dataclass
+class LoadedModel(ModelAPI):
+    """A bridge plus what analyses need: tokenizer, chat formatting with the thinking switch, shape."""
+
+    bridge: Any  # transformer_lens.model_bridge.TransformerBridge
+    tokenizer: Any
+    name: str
+    architecture: str
+    n_layers: int
+    d_model: int
+    max_positions: int
+    source: str  # a subject's name ("organism"), "folder", "hub-cache" or "memory"
+    info: dict = field(default_factory=dict)
+    thinking_family: str | None = None  # a tellnorm.thinking registry family; None: detected from name/template
+    token_labeler: Any = None  # the subject's step labeler (organism), else None
+
+    @property
+    def hf_model(self):
+        """The HF ``PreTrainedModel`` the bridge wraps."""
+        return self.bridge.original_model
+
+    @property
+    def device(self):
+        """The device of the model's parameters."""
+        return next(self.hf_model.parameters()).device
+
+    def generate(self, prompts, sampling, *, request_ids, observers=(), progress=False, token_stats=False,
+                 reuse_cache=True, desc="generating", batch_size=16) -> list[Generation]:
+        """Batched generation over HF's KV cache (see :func:`tellnorm.generation.generate`)."""
+        from tqdm.auto import tqdm
+
+        results: dict = {}
+        # Similar lengths share a batch (less padding); results do not depend on the grouping.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="req")
+        with ExitStack() as stack:
+            stack.enter_context(self.bridge.hooks(fwd_hooks=[h for obs in observers for h in obs.hooks(self)]))
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                batch = [(request_ids[i], list(prompts[i])) for i in chunk]
+                for gen in _generate_batch(self, batch, sampling, observers, reuse_cache, token_stats):
+                    results[gen.request_id] = gen
+                bar.update(len(chunk))
+        bar.close()
+        return [results[rid] for rid in request_ids]
+
+    def run_forward(self, sequences, *, request_ids, observers=(), n_prompt=None, batch_size=16,
+                    return_logits=False):
+        """Teacher-forced passes in left-padded batches (see :func:`tellnorm.generation.run_forward`)."""
+        import torch
+
+        logits = {}
+        with self.bridge.hooks(fwd_hooks=[h for obs in observers for h in obs.hooks(self)]), torch.no_grad():
+            for start in range(0, len(sequences), batch_size):
+                rids = request_ids[start : start + batch_size]
+                chunk = [list(s) for s in sequences[start : start + batch_size]]
+                input_ids, attention, positions = left_pad(self, chunk)
+                prompt_lengths = None if n_prompt is None else list(n_prompt[start : start + batch_size])
+                info = StepInfo(rids, positions, attention.bool(), "forward", 0, prompt_lengths)
+                for obs in observers:
+                    obs.on_step(info)
+                out = self.hf_model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=False)
+                if return_logits:
+                    for row, (rid, ids) in enumerate(zip(rids, chunk)):
+                        logits[rid] = out.logits[row, -len(ids):].float()
+        return logits if return_logits else None
+
+
+def load_hf_model(spec: Any, *, device: str = "cpu", dtype: str = "float32",
+                  subject: Subject | None = None) -> LoadedModel:
+    """``spec`` (a folder, a cached hub name or a ``(model, tokenizer)`` pair) under the bridge; ``subject``: the
+    registered subject it names (then its folder is loaded)."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    if isinstance(spec, tuple) and len(spec) == 2:
+        model, tokenizer = spec
+        return _wrap(model, tokenizer, name=getattr(model.config, "_name_or_path", "") or "in-memory model",
+                     source="memory", device=device)
+    if not isinstance(spec, (str, Path)):
+        raise TellnormError(f"cannot load a model from {type(spec).__name__}: pass 'organism', a folder, "
+                            "a hub name or a (model, tokenizer) pair")
+    spec = str(spec)
+    if subject is not None:
+        return _load_folder(subject.model_dir, name=subject.name, source=subject.name, device=device,
+                            dtype=torch_dtype, rebuild=subject.rebuild)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise TellnormError(f"{spec} is a file: pass the folder that holds config.json and the weights")
+        return _load_folder(path, name=spec, source="folder", device=device, dtype=torch_dtype)
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise TellnormError(f"model {spec!r} is neither an existing folder nor a hub name like 'Qwen/Qwen3-4B'")
+    return _load_hub_cache(spec, device=device, dtype=torch_dtype)
+
+
+def _load_folder(path: Path, *, name: str, source: str, device: str, dtype, rebuild: str = "") -> LoadedModel:
+    config_file = path / "config.json"
+    rebuild = f" Rebuild it with: {rebuild}" if rebuild else ""
+    if not config_file.is_file():
+        raise TellnormError(f"{path} has no config.json: it is not an HF model folder.{rebuild}")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise TellnormError(f"{config_file} is not valid JSON ({err.msg}).{rebuild}") from None
+    check_architecture(config.get("architectures") or [config.get("model_type", "?")], name)
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise TellnormError(f"{path} has a config but no weights (*.safetensors or *.bin).{rebuild}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a tiny checkpoint's "Loading weights" bar is noise on stderr
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as err:  # corrupt or truncated files surface as many exception types
+        raise TellnormError(f"cannot load {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}.{rebuild}") from None
+    subject = subject_of_folder(path)  # a retrained copy of the organism elsewhere is still the organism
+    return _wrap(model, tokenizer, name=name, source=subject.name if subject else source, device=device,
+                 labeler=subject.token_labeler if subject else None)
+
+
+def _load_hub_cache(name: str, *, device: str, dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=offline)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
+    except Exception:
+        raise TellnormError(
+            f"the weights of {name!r} are not available offline: download them where there is network "
+            f"(hf download {name} --local-dir DIR), copy DIR here and pass it as the model"
+        ) from None
+    check_architecture(model.config.architectures or [type(model).__name__], name)
+    return _wrap(model, tokenizer, name=name, source="hub-cache", device=device)
+
+
+def _stable_tokenizer(tokenizer):
+    """TL can raise KeyError('name_or_path') on in-memory tokenizers: round-trip through a folder (STACK.md)."""
+    from transformers import AutoTokenizer
+
+    if getattr(tokenizer, "name_or_path", None) and Path(str(tokenizer.name_or_path)).is_dir():
+        return tokenizer
+    # The folder must outlive this call: TL reloads a BOS tokenizer from its name_or_path (add_bos_token=True).
+    # It lives as long as the tokenizer that names it, and goes at interpreter exit at the latest.
+    tmp = tempfile.mkdtemp(prefix="tellnorm-tokenizer-")
+    try:
+        tokenizer.save_pretrained(tmp)
+        reloaded = AutoTokenizer.from_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    weakref.finalize(reloaded, shutil.rmtree, tmp, ignore_errors=True)
+    return reloaded
+
+
+def _wrap(model, tokenizer, *, name: str, source: str, device: str, labeler=None) -> LoadedModel:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    arch = check_architecture(model.config.architectures or [type(model).__name__], name)
+    tokenizer = _stable_tokenizer(tokenizer)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    family = SUPPORTED_ARCHITECTURES[arch]
+    model.eval()
+    model.to(device)
+    wanted = family.attn_implementation
+    if wanted and getattr(model.config, "_attn_implementation", None) != wanted:
+        model.set_attn_implementation(wanted)
+    bridge = TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tokenizer, device=device)
+    cfg = model.config
+    # Llama and Gemma expect BOS (their chat templates write it); Qwen has none (STACK.md). Avoid a double BOS.
+    prepend_bos = wants_bos(family, tokenizer)
+    return LoadedModel(
+        bridge=bridge,
+        tokenizer=tokenizer,
+        name=name,
+        architecture=family.family,
+        n_layers=cfg.num_hidden_layers,
+        d_model=cfg.hidden_size,
+        max_positions=cfg.max_position_embeddings,
+        source=source,
+        info={"prepend_bos": prepend_bos, "hf_architecture": arch, "alrr_refusal": family.alrr},
+        token_labeler=labeler,
+    )
+
+
+def eos_ids(model) -> set[int]:
+    ids = set()
+    gen_eos = getattr(getattr(model.hf_model, "generation_config", None), "eos_token_id", None)
+    for value in (model.tokenizer.eos_token_id, gen_eos, model.hf_model.config.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+def _generate_batch(model, batch, sampling: SamplingConfig, observers, reuse_cache: bool = True,
+                    token_stats: bool = False) -> list[Generation]:
+    import torch
+    from transformers import DynamicCache
+
+    device = model.device
+    stop_ids = set() if sampling.ignore_eos else eos_ids(model)
+    input_ids, attention, positions = left_pad(model, [ids for _, ids in batch])
+
+    live = [rid for rid, _ in batch]  # request id of each row, in row order
+    prompt_of = {rid: ids for rid, ids in batch}
+    generated: dict = {rid: [] for rid in live}
+    stats: dict = {rid: {name: [] for name in TOKEN_STATS} for rid in live}
+    generators = {}
+    if not sampling.greedy:
+        for rid in live:
+            generators[rid] = torch.Generator(device="cpu").manual_seed(request_seed(sampling.seed, rid))
+    finished: dict = {}
+    cache = DynamicCache()
+    step = 0
+    fresh = None
+    with torch.no_grad():
+        while live:
+            info = StepInfo(list(live), positions, attention[:, -positions.shape[1]:].bool(),
+                            "prefill" if step == 0 else "decode", step, [len(prompt_of[rid]) for rid in live],
+                            cache=cache, attention_mask=attention, fresh=fresh)
+            for obs in observers:
+                obs.on_step(info)
+            out = model.hf_model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                                 past_key_values=cache, use_cache=True)
+            cache = out.past_key_values if reuse_cache else DynamicCache()
+            logits = out.logits[:, -1, :].float()
+            next_tokens = []
+            for row, rid in enumerate(live):
+                history = prompt_of[rid] + generated[rid]
+                token = pick_token(logits[row], history, sampling, generators.get(rid))
+                generated[rid].append(token)
+                next_tokens.append(token)
+            if token_stats:
+                for rid, *values in zip(live, *step_token_stats(logits, next_tokens)):
+                    for name, value in zip(TOKEN_STATS, values):
+                        stats[rid][name].append(value)
+            keep = []
+            for row, rid in enumerate(live):
+                if next_tokens[row] in stop_ids:
+                    finished[rid] = "eos"
+                elif len(generated[rid]) >= min(sampling.max_new_tokens, model.max_positions - len(prompt_of[rid])):
+                    finished[rid] = "length"
+                else:
+                    keep.append(row)
+            if not keep:
+                break
+            live = [live[r] for r in keep]
+            step += 1
+            if not reuse_cache:  # the reference: the whole sequence again, from scratch
+                input_ids, attention, positions = left_pad(model, [prompt_of[r] + generated[r] for r in live])
+                fresh = torch.zeros_like(attention, dtype=torch.bool)
+                fresh[:, -1] = True
+                continue
+            next_tokens = [next_tokens[r] for r in keep]
+            if len(keep) < attention.shape[0]:
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                attention = attention[index]
+                positions = positions[index]
+            input_ids = torch.tensor(next_tokens, device=device).unsqueeze(1)
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+    gens = []
+    for rid, _ in batch:
+        meta = {name: np.asarray(values, dtype=np.float32) for name, values in stats[rid].items()} if token_stats else {}
+        gens.append(Generation(rid, prompt_of[rid], generated[rid], finished[rid], meta=meta))
+    return gens
+
+
+def left_pad(model, sequences):
+    """``input_ids, attention_mask, position_ids`` for left-padded sequences; positions count real tokens only."""
+    import torch
+
+    device = model.device
+    width = max(len(ids) for ids in sequences)
+    if min(len(ids) for ids in sequences) < width and model.hf_model.dtype == torch.float64:
+        # The bridge's attention takes its softmax in float32, where a float64 mask value is -inf: fully masked
+        # padding rows turn NaN and spread into the real tokens of their row.
+        raise TellnormError("a float64 model cannot run left-padded batches (the bridge's float32 softmax turns the "
+                            "padding mask into NaN): use batch_size=1 or prompts of one length, or float32")
+    input_ids = torch.full((len(sequences), width), model.tokenizer.pad_token_id, dtype=torch.long, device=device)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
+    for row, ids in enumerate(sequences):
+        input_ids[row, width - len(ids):] = torch.tensor(list(ids), device=device)
+        attention[row, width - len(ids):] = 1
+    return input_ids, attention, (attention.cumsum(-1) - 1).clamp(min=0)
+
+
