@@ -17,8 +17,9 @@ export DO_NOT_TRACK := 1
 reproduce: $(STAMP)
 	$(BIN)/tellnorm reproduce
 
-# pytest exits 5 when it collects no test; make treats that as a failure, so an empty run never passes.
+# ruff first (its configuration is in pyproject.toml); pytest exits 5 when it collects no test; make treats that as a failure, so an empty run never passes.
 test: $(STAMP)
+	$(BIN)/ruff check tellnorm tests
 	TELLNORM_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q -ra
 
 test-fast: $(STAMP)

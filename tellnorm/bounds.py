@@ -60,18 +60,23 @@ default, as :func:`tellnorm.features.contrast_masks`).
 from __future__ import annotations
 
 import math
-import warnings
 import zlib
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tellnorm.errors import TellnormError
-from tellnorm.features import DEFAULT_TOP_K
-from tellnorm.generation import LayerHooks
-from tellnorm.io import check_output_dir
+from tellnorm.generation import LayerHooks, StepInfo
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+    import pandas as pd
+    import torch
+    from sae_lens import SAE
+
+    from tellnorm.backends.base import ModelAPI
 
 SUPPORTED_ARCHITECTURES = ("standard", "topk", "jumprelu", "gated")
 # Normalisations that are the identity inside sae_lens's encode (applied outside, folded at save).
@@ -148,7 +153,7 @@ class SaeGeometry:
     rel_tol: float
 
 
-def sae_geometry(sae) -> SaeGeometry:
+def sae_geometry(sae: SAE) -> SaeGeometry:
     """Read the value path, biases and decoder of ``sae`` (see the module docstring for each architecture)."""
     import torch
 
@@ -177,8 +182,9 @@ def sae_geometry(sae) -> SaeGeometry:
                        dec / dec_norm.clamp_min(1e-30)[:, None], coef_scale, TOL_ULPS * math.sqrt(sae.cfg.d_in) * eps)
 
 
-def encoder_input(geom: SaeGeometry, x, input_scale: float = 1.0):
-    """``z = s(x)·x − β·b_dec`` in float64 ([T, d_in]): what the encoder's weights multiply."""
+def encoder_input(geom: SaeGeometry, x: torch.Tensor, input_scale: float = 1.0) -> torch.Tensor:
+    """``z = s(x)·x − β·b_dec`` in float64 ``[T, d_in]`` from ``x`` ``[T, d_in]``: what the encoder's weights
+    multiply."""
     x = x.double() * input_scale
     if geom.normalization == "constant_norm_rescale":
         x = x * (math.sqrt(geom.d_in) / x.norm(dim=-1, keepdim=True))
@@ -188,8 +194,9 @@ def encoder_input(geom: SaeGeometry, x, input_scale: float = 1.0):
     return x - geom.b_dec_in
 
 
-def feature_bounds(geom: SaeGeometry, x, input_scale: float = 1.0):
-    """``(bound, tol)``, float64 ``[T, d_sae]``: ``‖u_i‖·‖z‖ + max(c_i, 0)`` and its float tolerance."""
+def feature_bounds(geom: SaeGeometry, x: torch.Tensor, input_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(bound, tol)``, float64 ``[T, d_sae]`` for ``x`` ``[T, d_in]``: the exact bound ``‖u_i‖·‖z‖ + max(c_i, 0)``
+    (PAPER.md §3) and its float tolerance."""
     core = encoder_input(geom, x, input_scale).norm(dim=-1, keepdim=True) * geom.u_norm
     return core + geom.c.clamp_min(0), geom.rel_tol * (core + geom.c.abs())
 
@@ -202,8 +209,11 @@ def input_norm_line(geom: SaeGeometry, input_scale: float = 1.0) -> tuple[float,
     return abs(float(input_scale)), offset
 
 
-def reasoning_line(geom: SaeGeometry, reasoning, input_scale: float = 1.0) -> tuple[float, float]:
-    """``(A_R, B_R)`` with ``Σ_{i∈R} ã_i ≤ A_R·‖x‖ + B_R``: the bound as a function of the norm alone."""
+def reasoning_line(geom: SaeGeometry, reasoning: torch.Tensor | Sequence[int],
+                   input_scale: float = 1.0) -> tuple[float, float]:
+    """``(A_R, B_R)`` with ``Σ_{i∈R} ã_i ≤ A_R·‖x‖ + B_R``: the bound as a function of the norm alone (PAPER.md §3).
+
+    ``reasoning``: the feature ids R (long ``[K]``)."""
     slope, offset = input_norm_line(geom, input_scale)
     weight = float((geom.dec_norm[reasoning] * geom.u_norm[reasoning]).sum())
     bias = float((geom.dec_norm[reasoning] * geom.c[reasoning].clamp_min(0)).sum())
@@ -220,21 +230,25 @@ class TokenCheck:
     recon: Any  # the SAE's own reconstruction, float64 [T, d_in]
 
     @property
-    def violations(self):
+    def violations(self) -> torch.Tensor:
+        """bool ``[T, d_sae]``: ``a_i > bound_i + tol_i``."""
         return self.acts > self.bound + self.tol
 
     @property
-    def tightness(self):
-        """``a_i / bound_i`` where a_i > 0 (inf where the bound is 0), 0 elsewhere."""
+    def tightness(self) -> torch.Tensor:
+        """``a_i / bound_i`` where a_i > 0 (inf where the bound is 0), 0 elsewhere; float64 ``[T, d_sae]``."""
         import torch
 
         active = self.acts > 0
-        ratio = torch.where(self.bound > 0, self.acts / self.bound.clamp_min(1e-300), torch.full_like(self.acts, math.inf))
+        ratio = torch.where(self.bound > 0, self.acts / self.bound.clamp_min(1e-300),
+                            torch.full_like(self.acts, math.inf))
         return torch.where(active, ratio, torch.zeros_like(self.acts))
 
 
-def check_tokens(sae, x, *, input_scale: float = 1.0, geometry: SaeGeometry | None = None) -> TokenCheck:
-    """Encode ``input_scale·x`` with ``sae`` (its own ``encode``) and compute the exact bound of every activation."""
+def check_tokens(sae: SAE, x: torch.Tensor, *, input_scale: float = 1.0,
+                 geometry: SaeGeometry | None = None) -> TokenCheck:
+    """Encode ``input_scale·x`` (``x`` ``[T, d_in]``) with ``sae`` (its own ``encode``) and compute the exact bound
+    of every activation (PAPER.md §3)."""
     import torch
 
     geom = geometry or sae_geometry(sae)
@@ -265,9 +279,11 @@ class Histogram:
 
     @property
     def n(self) -> int:
+        """How many values were added."""
         return int(self.counts.sum())
 
-    def add(self, values) -> None:
+    def add(self, values: npt.ArrayLike) -> None:
+        """Count ``values`` (any shape, flattened) on the grid and update the maximum."""
         v = np.asarray(values, dtype=np.float64).ravel()
         if v.size == 0:
             return
@@ -277,13 +293,15 @@ class Histogram:
         top = float(v.max())
         self.max = top if math.isnan(self.max) else max(self.max, top)
 
-    def merge(self, other: "Histogram") -> "Histogram":
+    def merge(self, other: Histogram) -> Histogram:
+        """A new histogram of both inputs' values (same grid only)."""
         if other.bins != self.bins:
             raise TellnormError("cannot merge histograms on different grids")
         tops = [m for m in (self.max, other.max) if not math.isnan(m)]
         return Histogram(self.bins, self.counts + other.counts, max(tops) if tops else math.nan)
 
     def quantile(self, q: float) -> float:
+        """The ``q`` quantile to within one bin (upper bin edge, capped at the maximum); NaN when empty."""
         n = self.n
         if n == 0:
             return math.nan
@@ -299,7 +317,8 @@ class PointSample:
     k: int = SCATTER_POINTS
     columns: dict = field(default_factory=dict)  # name -> ndarray; "priority" always present
 
-    def add(self, priority, **columns) -> None:
+    def add(self, priority: npt.ArrayLike, **columns: npt.ArrayLike) -> None:
+        """Add points (one ``priority`` and one value per column each) and keep the ``k`` lowest priorities."""
         new = {"priority": np.asarray(priority, dtype=np.float64),
                **{name: np.asarray(v) for name, v in columns.items()}}
         if self.columns:
@@ -307,13 +326,15 @@ class PointSample:
         keep = np.lexsort((np.arange(new["priority"].size), new["priority"]))[: self.k]
         self.columns = {name: v[keep] for name, v in new.items()}
 
-    def merge(self, other: "PointSample") -> "PointSample":
+    def merge(self, other: PointSample) -> PointSample:
+        """The sample of both inputs' points together (what one pass over all of them would keep)."""
         out = PointSample(self.k, dict(self.columns))
         if other.columns:
             out.add(**other.columns)
         return out
 
-    def frame(self):
+    def frame(self) -> pd.DataFrame:
+        """The sampled points, one row each, in priority order."""
         import pandas as pd
 
         return pd.DataFrame(self.columns).sort_values("priority", kind="stable").reset_index(drop=True)
@@ -335,8 +356,10 @@ class LayerBounds:
     line_tightness: Histogram = field(default_factory=Histogram)
     sample: PointSample = field(default_factory=PointSample)
 
-    def add(self, check: TokenCheck, geom: SaeGeometry, reasoning, line: tuple[float, float], norms, modes,
-            priority) -> None:
+    def add(self, check: TokenCheck, geom: SaeGeometry, reasoning: torch.Tensor, line: tuple[float, float],
+            norms: torch.Tensor, modes: Sequence[str], priority: npt.ArrayLike) -> None:
+        """Add T checked tokens: per-feature violations and tightness, the reasoning sum against its bound and
+        against the norm ``line``, and the figure sample (``norms`` float64 ``[T]``, one mode and priority each)."""
         t, d_sae = check.acts.shape
         self.n_tokens += t
         self.n_checked += t * d_sae
@@ -357,7 +380,8 @@ class LayerBounds:
         self.line_tightness.add((total[fired] / line_bound[fired]).numpy())
         self.sample.add(priority, norm=norms.numpy(), reasoning_sum=total.numpy(), mode=np.asarray(modes))
 
-    def merge(self, other: "LayerBounds") -> "LayerBounds":
+    def merge(self, other: LayerBounds) -> LayerBounds:
+        """The statistics of both shards together."""
         return LayerBounds(self.n_tokens + other.n_tokens, self.n_checked + other.n_checked,
                            self.n_active + other.n_active, self.violations + other.violations,
                            self.tightness.merge(other.tightness), self.sum_tokens + other.sum_tokens,
@@ -366,7 +390,7 @@ class LayerBounds:
                            self.line_tightness.merge(other.line_tightness), self.sample.merge(other.sample))
 
 
-def coactive_cosines(active, dec_unit):
+def coactive_cosines(active: torch.Tensor, dec_unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per token: mean and max |cos| over pairs of distinct co-active features' decoder rows, and the pair count.
 
     ``active`` bool ``[T, d_sae]``, ``dec_unit`` ``[d_sae, d_in]``; tokens with < 2 active features get NaN."""
@@ -414,7 +438,10 @@ class LayerAssumptions:
     fire_counts: dict = field(default_factory=dict)  # mode -> int64 [d_sae]
     mode_tokens: dict = field(default_factory=dict)  # mode -> int
 
-    def add(self, x, check: TokenCheck, geom: SaeGeometry, reasoning, modes, thinking_mask, input_scale) -> None:
+    def add(self, x: torch.Tensor, check: TokenCheck, geom: SaeGeometry, reasoning: torch.Tensor,
+            modes: Sequence[str], thinking_mask: Sequence[bool], input_scale: float) -> None:
+        """Add T tokens (``x`` ``[T, d_in]``, their check, one mode and thinking flag each) to the A1–A4
+        statistics (PAPER.md §3)."""
         import torch
 
         from tellnorm.saes.quality import QualitySums
@@ -451,7 +478,8 @@ class LayerAssumptions:
             self.fire_counts[mode] = self.fire_counts.get(mode, 0) + fired
             self.mode_tokens[mode] = self.mode_tokens.get(mode, 0) + int(rows.sum())
 
-    def merge(self, other: "LayerAssumptions") -> "LayerAssumptions":
+    def merge(self, other: LayerAssumptions) -> LayerAssumptions:
+        """The statistics of both shards together."""
         quality = (other.quality if self.quality is None else
                    self.quality if other.quality is None else self.quality.merge(other.quality))
         counts = dict(self.fire_counts)
@@ -486,7 +514,8 @@ class BoundsSums:
     assumptions: dict = field(default_factory=dict)  # layer -> LayerAssumptions
     states: dict = field(default_factory=dict)  # (request_id, position, layer) -> PairState
 
-    def merge(self, other: "BoundsSums") -> "BoundsSums":
+    def merge(self, other: BoundsSums) -> BoundsSums:
+        """Both shards' per-layer statistics merged and their captured states together."""
         out = BoundsSums(dict(self.bounds), dict(self.assumptions), {**self.states, **other.states})
         for layer, value in other.bounds.items():
             out.bounds[layer] = out.bounds[layer].merge(value) if layer in out.bounds else value
@@ -495,7 +524,7 @@ class BoundsSums:
         return out
 
 
-def token_priority(request_id, position: int) -> float:
+def token_priority(request_id: Hashable, position: int) -> float:
     """A token's sampling priority in [0, 1): a hash of (request, position), the same in any batch or shard."""
     return zlib.crc32(f"{request_id!r}:{int(position)}".encode()) / 2 ** 32
 
@@ -509,7 +538,7 @@ class _Batch:
     priority: Any
     capture: list  # (index into selected tokens, request_id, position)
 
-    def part(self, start: int, stop: int) -> "_Batch":
+    def part(self, start: int, stop: int) -> _Batch:
         """Tokens ``start:stop`` of the selection (capture indices shifted to the part)."""
         return _Batch(None, self.modes[start:stop], self.request_ids[start:stop], self.positions[start:stop],
                       self.priority[start:stop], [(i - start, r, p) for i, r, p in self.capture if start <= i < stop])
@@ -519,8 +548,9 @@ class BoundsObserver(LayerHooks):
     """Observer for :func:`tellnorm.generation.run_forward`: per layer, encodes the in-scope tokens with that
     layer's SAE and adds them to :class:`BoundsSums`; keeps the states at ``capture`` positions for the pairs."""
 
-    def __init__(self, model, saes: Mapping[int, Any], masks: Mapping, reasoning: Mapping[int, Sequence[int]],
-                 capture: Mapping | None = None, *, input_scale: float = 1.0, sample_size: int = SCATTER_POINTS):
+    def __init__(self, model: ModelAPI, saes: Mapping[int, SAE], masks: Mapping[Any, Mapping[str, Sequence[bool]]],
+                 reasoning: Mapping[int, Sequence[int]], capture: Mapping[Any, Iterable[int]] | None = None, *,
+                 input_scale: float = 1.0, sample_size: int = SCATTER_POINTS):
         import torch
 
         super().__init__(model, saes)
@@ -538,7 +568,8 @@ class BoundsObserver(LayerHooks):
         self._modes: list = []
         self._batch: _Batch | None = None
 
-    def on_step(self, info) -> None:
+    def on_step(self, info: StepInfo) -> None:
+        """Work out, once per pass, which tokens enter the statistics (their mode, priority, capture)."""
         import torch
 
         super().on_step(info)
@@ -563,7 +594,9 @@ class BoundsObserver(LayerHooks):
         priority = np.array([token_priority(r, p) for r, p in zip(rids, positions)], dtype=np.float64)
         self._batch = _Batch(select, modes, rids, positions, priority, capture)
 
-    def hook_for(self, layer: int):
+    def hook_for(self, layer: int) -> Callable[..., Any]:
+        """The hook at ``layer``: checks the selected tokens of ``x`` ``[batch, seq, d_model]``, ``TOKEN_CHUNK`` at
+        a time; returns ``x`` unchanged."""
         import torch
 
         def hook(x, hook):
@@ -634,7 +667,7 @@ def problem_pairs(modes: Sequence[str]) -> list[tuple[int, int]]:
     return list(zip(think, nothink))
 
 
-def pair_frame(states: Mapping, pairs: Sequence[tuple], layers: Sequence[int]):
+def pair_frame(states: Mapping, pairs: Sequence[tuple], layers: Sequence[int]) -> pd.DataFrame:
     """One row per (layer, problem, marker): Δ, S, |R_active| and the A3 base check, from captured states.
 
     ``pairs``: ``(problem, marker, request_t, position_t, request_n, position_n)``."""
@@ -657,8 +690,9 @@ def pair_frame(states: Mapping, pairs: Sequence[tuple], layers: Sequence[int]):
     return pd.DataFrame(rows, columns=columns)
 
 
-def fit_band(delta, s, r_active, band: BandConfig = BandConfig()) -> dict:
-    """The two-sided fit ``c₁·√Δ ≤ S ≤ c₂·√|R_active|·√Δ`` on pairs with Δ > 0 (definitions in the module docstring)."""
+def fit_band(delta: npt.ArrayLike, s: npt.ArrayLike, r_active: npt.ArrayLike, band: BandConfig = BandConfig()) -> dict:
+    """The two-sided fit ``c₁·√Δ ≤ S ≤ c₂·√|R_active|·√Δ`` (PAPER.md §3) on pairs with Δ > 0 (definitions in the
+    module docstring); ``delta``, ``s``, ``r_active``: one value per pair."""
     from tellnorm.stats import spearman
 
     delta, s, r = (np.asarray(v, dtype=np.float64) for v in (delta, s, r_active))
@@ -685,7 +719,7 @@ def fit_band(delta, s, r_active, band: BandConfig = BandConfig()) -> dict:
     return out
 
 
-def pairs_table(frame, layers: Sequence[int], band: BandConfig = BandConfig()):
+def pairs_table(frame: pd.DataFrame, layers: Sequence[int], band: BandConfig = BandConfig()) -> pd.DataFrame:
     """Per layer: c₁, c₂, in-band fractions, n, and the median A3 base check (see :func:`fit_band`)."""
     import pandas as pd
 
@@ -701,7 +735,7 @@ def pairs_table(frame, layers: Sequence[int], band: BandConfig = BandConfig()):
 
 # --- tables -------------------------------------------------------------------------------------------------------
 
-def bounds_table(sums: BoundsSums, geometry: Mapping[int, SaeGeometry]):
+def bounds_table(sums: BoundsSums, geometry: Mapping[int, SaeGeometry]) -> pd.DataFrame:
     """One row per layer: the exact check (per feature and for the reasoning sum) and its tightness."""
     import pandas as pd
 
@@ -728,7 +762,7 @@ def verdict(value: float, limits: tuple) -> str:
 
 
 def assumptions_table(sums: BoundsSums, reasoning: Mapping[int, Sequence[int]],
-                      thresholds: AssumptionThresholds = AssumptionThresholds()):
+                      thresholds: AssumptionThresholds = AssumptionThresholds()) -> pd.DataFrame:
     """One row per layer: the A1–A4 measurements and a verdict column per assumption."""
     import pandas as pd
 
@@ -774,7 +808,9 @@ def _jaccard(a, b) -> float:
     return int((a & b).sum()) / union if union else math.nan
 
 
-def collect_bounds(model, saes: Mapping[int, Any], sequences, masks, reasoning, *, capture=None, request_ids=None,
+def collect_bounds(model: ModelAPI, saes: Mapping[int, SAE], sequences: Sequence[Sequence[int]],
+                   masks: Mapping[Any, Mapping[str, Sequence[bool]]], reasoning: Mapping[int, Sequence[int]], *,
+                   capture: Mapping[Any, Iterable[int]] | None = None, request_ids: Sequence | None = None,
                    input_scale: float = 1.0, batch_size: int = 16) -> BoundsSums:
     """One teacher-forced pass accumulating :class:`BoundsSums` (shard by calling on prompt subsets, then merge)."""
     from tellnorm.generation import run_forward

@@ -16,11 +16,21 @@ merges, so the work can be sharded by prompt. Position 0 (massive activations) a
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tellnorm.errors import TellnormError
 from tellnorm.generation import LayerHooks
+
+if TYPE_CHECKING:
+    import random
+
+    import pandas as pd
+    import torch
+    from sae_lens import SAE
+
+    from tellnorm.backends.base import ModelAPI
 
 # ReasonScore vocabulary (PAPER.md §2, Galichin et al. 2025): 10 word groups.
 REASON_SCORE_GROUPS = ("alternatively", "hmm", "maybe", "wait", "perhaps", "let me", "therefore", "however", "but",
@@ -38,22 +48,26 @@ class FeatureSums:
     sums: dict = field(default_factory=dict)  # (layer, bucket) -> tensor [d_sae]
     counts: dict = field(default_factory=dict)  # (layer, bucket) -> int
 
-    def add(self, layer: int, bucket: str, acts) -> None:
+    def add(self, layer: int, bucket: str, acts: torch.Tensor) -> None:
+        """Add ``acts`` ``[n_tokens, d_sae]`` (one row per token) to the (layer, bucket) sum and token count."""
         key = (layer, bucket)
         total = acts.double().sum(0)
         self.sums[key] = self.sums[key] + total if key in self.sums else total
         self.counts[key] = self.counts.get(key, 0) + acts.shape[0]
 
-    def mean(self, layer: int, bucket: str):
+    def mean(self, layer: int, bucket: str) -> torch.Tensor:
+        """Mean activation of each feature over the bucket's tokens, float64 ``[d_sae]``; raises when it has none."""
         key = (layer, bucket)
         if not self.counts.get(key):
             raise TellnormError(f"no tokens fell in bucket {bucket!r} at layer {layer}: nothing to average")
         return self.sums[key] / self.counts[key]
 
     def has(self, layer: int, bucket: str) -> bool:
+        """Whether any token fell in ``bucket`` at ``layer``."""
         return bool(self.counts.get((layer, bucket)))
 
-    def merge(self, other: "FeatureSums") -> "FeatureSums":
+    def merge(self, other: FeatureSums) -> FeatureSums:
+        """A new FeatureSums holding both shards' sums and counts added (neither input changes)."""
         out = FeatureSums(dict(self.sums), dict(self.counts))
         for key, value in other.sums.items():
             out.sums[key] = out.sums[key] + value if key in out.sums else value
@@ -68,7 +82,8 @@ class FeatureSumsObserver(LayerHooks):
     """Observer for :func:`tellnorm.generation.run_forward`: encodes each SAE's hook activations and adds them to
     the buckets each token belongs to. ``fold_decoder_norm`` multiplies activation i by ‖W_dec[i]‖."""
 
-    def __init__(self, model, saes: Mapping[int, object], bucket_masks: BucketMasks, *, fold_decoder_norm=False):
+    def __init__(self, model: ModelAPI, saes: Mapping[int, SAE], bucket_masks: BucketMasks, *,
+                 fold_decoder_norm: bool = False):
         import torch
 
         super().__init__(model, saes)
@@ -79,7 +94,8 @@ class FeatureSumsObserver(LayerHooks):
         self._scale = {layer: (sae.W_dec.detach().norm(dim=-1) if fold_decoder_norm else None)
                        for layer, sae in self.saes.items()}
 
-    def hook_for(self, layer: int):
+    def hook_for(self, layer: int) -> Callable[..., Any]:
+        """The hook at ``layer``: encodes ``x`` ``[batch, seq, d_model]`` and adds each token to its buckets."""
         import torch
 
         def hook(x, hook):
@@ -104,8 +120,12 @@ class FeatureSumsObserver(LayerHooks):
         return hook
 
 
-def collect_feature_sums(model, saes, sequences, bucket_masks: BucketMasks, *, request_ids=None,
+def collect_feature_sums(model: ModelAPI, saes: Mapping[int, SAE], sequences: Sequence[Sequence[int]],
+                         bucket_masks: BucketMasks, *, request_ids: Sequence | None = None,
                          fold_decoder_norm: bool = False, batch_size: int = 16) -> FeatureSums:
+    """One teacher-forced pass over ``sequences`` summing each SAE's activations per bucket (PAPER.md §2).
+
+    Shard by calling on prompt subsets, then :meth:`FeatureSums.merge`."""
     from tellnorm.generation import run_forward
 
     observer = FeatureSumsObserver(model, saes, bucket_masks, fold_decoder_norm=fold_decoder_norm)
@@ -115,7 +135,8 @@ def collect_feature_sums(model, saes, sequences, bucket_masks: BucketMasks, *, r
 
 # --- (a) the paper's thinking vs non-thinking contrast -----------------------------------------------------------
 
-def contrast_masks(sequences, n_prompt: Sequence[int], modes: Sequence[str], *, scope: str = "generated"):
+def contrast_masks(sequences: Sequence[Sequence[int]], n_prompt: Sequence[int], modes: Sequence[str], *,
+                   scope: str = "generated") -> dict[int, dict[str, list[bool]]]:
     """Bucket masks for the contrast: each request's tokens go to its mode's bucket.
 
     ``scope="generated"`` (paper code: decode steps only) or ``"all"`` (prompt and response)."""
@@ -133,7 +154,7 @@ MATCHED_REQUEST_BUCKET = "@matched/{}"  # one request's matched tokens: per-prob
 
 
 def matched_contrast_masks(matched_positions: Sequence[Sequence[int]], lengths: Sequence[int],
-                           modes: Sequence[str]):
+                           modes: Sequence[str]) -> dict[int, dict[str, list[bool]]]:
     """Bucket masks of a token-matched contrast: only positions both modes' responses have (e.g. the closing
     ``answer : X``) enter the buckets ``"<mode>@matched"``, and each request's own ``"@matched/<i>"``."""
     masks = {}
@@ -144,8 +165,10 @@ def matched_contrast_masks(matched_positions: Sequence[Sequence[int]], lengths: 
     return masks
 
 
-def contrast_table(sums: FeatureSums, layers: Sequence[int], buckets: tuple[str, str] = ("thinking", "non-thinking")):
-    """Per layer and feature: mean activation in each mode, absolute and relative differential, rank by Δ.
+def contrast_table(sums: FeatureSums, layers: Sequence[int],
+                   buckets: tuple[str, str] = ("thinking", "non-thinking")) -> pd.DataFrame:
+    """Per layer and feature: mean activation in each mode, absolute and relative differential Δ (PAPER.md §2),
+    rank by Δ.
 
     ``buckets`` names the thinking and the non-thinking bucket (e.g. the token-matched ones)."""
     import pandas as pd
@@ -162,10 +185,10 @@ def contrast_table(sums: FeatureSums, layers: Sequence[int], buckets: tuple[str,
     return pd.concat(frames, ignore_index=True)
 
 
-def top_k_scores(table, *, k: int = DEFAULT_TOP_K, by: str = "delta"):
-    """The per-layer "mean top-K feature score": mean activation of the layer's top-K features by ``by``, in each
-    mode (features are chosen by the contrast itself, so the thinking curve is above the other by design; the
-    question is how the gap and the level change with depth)."""
+def top_k_scores(table: pd.DataFrame, *, k: int = DEFAULT_TOP_K, by: str = "delta") -> pd.DataFrame:
+    """The per-layer "mean top-K feature score" (PAPER.md §2): mean activation of the layer's top-K features by
+    ``by``, in each mode (features are chosen by the contrast itself, so the thinking curve is above the other by
+    design; the question is how the gap and the level change with depth)."""
     import pandas as pd
 
     if k < 1:
@@ -186,7 +209,8 @@ def word_variants(word: str) -> list[str]:
     return sorted(forms | {" " + f for f in forms})
 
 
-def vocabulary_token_ids(tokenizer, groups: Sequence[str] = REASON_SCORE_GROUPS) -> dict[str, list[tuple[int, ...]]]:
+def vocabulary_token_ids(tokenizer: Any,
+                         groups: Sequence[str] = REASON_SCORE_GROUPS) -> dict[str, list[tuple[int, ...]]]:
     """Token-id sequences of every variant of every group; words the tokenizer cannot encode are skipped loudly."""
     vocab: dict[str, list[tuple[int, ...]]] = {}
     unk = tokenizer.unk_token_id
@@ -206,9 +230,10 @@ def vocabulary_token_ids(tokenizer, groups: Sequence[str] = REASON_SCORE_GROUPS)
     return vocab
 
 
-def reason_score_masks(sequences, vocab: Mapping[str, list[tuple[int, ...]]], *, ignore_ids: set[int] = frozenset(),
-                       start: Sequence[int] | None = None):
-    """Bucket masks: "P" (union of windows), "N" (other tokens), "group:<r>" (windows of group r).
+def reason_score_masks(sequences: Sequence[Sequence[int]], vocab: Mapping[str, list[tuple[int, ...]]], *,
+                       ignore_ids: set[int] | frozenset[int] = frozenset(),
+                       start: Sequence[int] | None = None) -> dict[int, dict[str, list[bool]]]:
+    """Bucket masks (PAPER.md §2): "P" (union of windows), "N" (other tokens), "group:<r>" (windows of group r).
 
     Matches are token-id subsequences; each occurrence [s, e) becomes the window [s − 1, e − 1 + 2]. Tokens in
     ``ignore_ids`` (BOS/EOS/padding) and positions before ``start[i]`` belong to no bucket."""
@@ -234,8 +259,10 @@ def reason_score_masks(sequences, vocab: Mapping[str, list[tuple[int, ...]]], *,
     return masks
 
 
-def reason_score(mu_pos, mu_neg, mu_groups, *, alpha: float = REASON_SCORE_ALPHA):
-    """ReasonScore from the three kinds of means (tensors over features; ``mu_groups`` is [|R|, d_sae])."""
+def reason_score(mu_pos: torch.Tensor, mu_neg: torch.Tensor, mu_groups: torch.Tensor, *,
+                 alpha: float = REASON_SCORE_ALPHA) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReasonScore (PAPER.md §2) from the three kinds of means: ``mu_pos``, ``mu_neg`` ``[d_sae]``, ``mu_groups``
+    ``[|R|, d_sae]``. Returns ``(score, normalised entropy H)``, both float64 ``[d_sae]``."""
     import math
 
     import torch
@@ -255,7 +282,9 @@ def reason_score(mu_pos, mu_neg, mu_groups, *, alpha: float = REASON_SCORE_ALPHA
 
 
 def reason_score_table(sums: FeatureSums, layers: Sequence[int], groups: Sequence[str], *,
-                       alpha: float = REASON_SCORE_ALPHA):
+                       alpha: float = REASON_SCORE_ALPHA) -> pd.DataFrame:
+    """Per layer and feature: ReasonScore (PAPER.md §2), its entropy, μ⁺, μ⁻ and rank, from the bucket sums of
+    :func:`reason_score_masks`."""
     import pandas as pd
     import torch
 
@@ -278,7 +307,7 @@ def reason_score_table(sums: FeatureSums, layers: Sequence[int], groups: Sequenc
 # --- (c) controls -------------------------------------------------------------------------------------------------
 
 def inject_words(sequence: Sequence[int], word_ids: Sequence[tuple[int, ...]], *, every: int, start: int,
-                 rng) -> tuple[list[int], list[int]]:
+                 rng: random.Random) -> tuple[list[int], list[int]]:
     """Paste reasoning words into a token sequence after position ``start`` every ``every`` tokens; returns the new
     sequence and the positions where injected words begin."""
     out, injected = list(sequence[:start]), []
@@ -291,8 +320,9 @@ def inject_words(sequence: Sequence[int], word_ids: Sequence[tuple[int, ...]], *
     return out, injected
 
 
-def label_overlap(model, saes, sequences, labels: Sequence[Sequence[str]], features: Mapping[int, Sequence[int]], *,
-                  batch_size: int = 16):
+def label_overlap(model: ModelAPI, saes: Mapping[int, SAE], sequences: Sequence[Sequence[int]],
+                  labels: Sequence[Sequence[str]], features: Mapping[int, Sequence[int]], *,
+                  batch_size: int = 16) -> pd.DataFrame:
     """For chosen features: mean activation on tokens of each ground-truth label, and the share of the
     feature's total activation that falls on each label (organism only: labels from the task grammar)."""
     import pandas as pd
@@ -304,17 +334,18 @@ def label_overlap(model, saes, sequences, labels: Sequence[Sequence[str]], featu
     for layer, feats in features.items():
         present = [lab for lab in label_names if sums.has(layer, lab)]
         totals = {lab: sums.sums[(layer, lab)] for lab in present}
+        n_present = sum(sums.counts[(layer, x)] for x in present)
         for f in feats:
             mass = sum(float(totals[lab][f]) for lab in present)
             for lab in present:
                 rows.append({"layer": layer, "feature": f, "label": lab,
                              "mean_activation": float(sums.mean(layer, lab)[f]),
                              "share_of_activation": float(totals[lab][f]) / mass if mass > 0 else float("nan"),
-                             "share_of_tokens": sums.counts[(layer, lab)] / sum(sums.counts[(layer, x)] for x in present)})
+                             "share_of_tokens": sums.counts[(layer, lab)] / n_present})
     return pd.DataFrame(rows)
 
 
-def check_features(saes: Mapping[int, object], features: Mapping[int, Sequence[int]]) -> dict[int, list[int]]:
+def check_features(saes: Mapping[int, SAE], features: Mapping[int, Sequence[int]]) -> dict[int, list[int]]:
     """``{layer: [feature id, ...]}`` with every id an integer that exists in its layer's SAE (duplicates dropped,
     order kept), or one TellnormError line saying which id or layer is wrong. The one feature-id check of tellnorm."""
     import numbers
@@ -343,8 +374,8 @@ def check_features(saes: Mapping[int, object], features: Mapping[int, Sequence[i
 
 # --- choosing SAEs and the reasoning features for an analysis ------------------------------------------------
 
-def select_saes(model, saes: Mapping[int, Any], *, top_k: int, layers: Sequence[int] | None = None,
-                architectures: Sequence[str] | None = None, min_layers: int = 1) -> dict:
+def select_saes(model: ModelAPI, saes: Mapping[int, SAE], *, top_k: int, layers: Sequence[int] | None = None,
+                architectures: Sequence[str] | None = None, min_layers: int = 1) -> dict[int, SAE]:
     """The SAEs of ``layers`` (default: all), each checked: on the model, reading the residual stream after its
     block, K within its width, and (``architectures``) one of the SAE architectures an analysis is derived for."""
     from tellnorm.saes.loading import validate_sae
@@ -378,8 +409,9 @@ def select_saes(model, saes: Mapping[int, Any], *, top_k: int, layers: Sequence[
     return {layer: saes[layer] for layer in chosen}
 
 
-def check_corpus(corpus) -> None:
-    """One line unless ``corpus`` (sequences, n_prompt, modes) has response tokens in both modes."""
+def check_corpus(corpus: Any) -> None:
+    """One TellnormError line unless ``corpus`` (with ``sequences``, ``n_prompt``, ``modes``, e.g. what
+    :func:`tellnorm.studies.corpus.contrast_corpus` returns) has response tokens in both modes."""
     if corpus is None or not getattr(corpus, "sequences", None):
         raise TellnormError("the corpus is empty: generate responses first (e.g. --n 1 or more problems per level)")
     for mode in ("thinking", "non-thinking"):
@@ -388,8 +420,9 @@ def check_corpus(corpus) -> None:
             raise TellnormError(f"the corpus has no {mode} response tokens: the contrast needs both modes")
 
 
-def reasoning_features(model, saes: Mapping[int, Any], corpus, *, top_k: int = DEFAULT_TOP_K,
-                       scope: str = "generated", batch_size: int = 16, collect=None):
+def reasoning_features(model: ModelAPI, saes: Mapping[int, SAE], corpus: Any, *, top_k: int = DEFAULT_TOP_K,
+                       scope: str = "generated", batch_size: int = 16,
+                       collect: Callable[..., FeatureSums] | None = None) -> tuple[dict[int, list[int]], pd.DataFrame]:
     """R per layer: the top-K features by the paper's contrast Δ (decoder-norm folded, exactly as
     :func:`tellnorm.studies.features.feature_study` and :func:`tellnorm.features.top_k_scores` choose them).
 

@@ -12,10 +12,15 @@ import os
 import shutil
 import threading
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tellnorm.io import atomic_path
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 THINKING_COLOR = "#c0392b"
 NON_THINKING_COLOR = "#2471a3"
@@ -25,9 +30,9 @@ FONT = "Inter, Helvetica, Arial, sans-serif"
 PNG_SCALE = 2  # crisp on high-density screens and in the README
 
 
-def style(fig, *, title: str | None = None, x_title: str | None = None, y_title: str | None = None, height: int = 420,
-          width: int = 720):
-    """Apply tellnorm's style: white background, light grid, titles, legend on top."""
+def style(fig: go.Figure, *, title: str | None = None, x_title: str | None = None, y_title: str | None = None,
+          height: int = 420, width: int = 720) -> go.Figure:
+    """Apply tellnorm's style (white background, light grid, titles, legend on top) to ``fig``; returns it."""
     fig.update_layout(
         template="plotly_white", font={"family": FONT, "size": 13}, height=height, width=width,
         title={"text": title, "x": 0.02, "xanchor": "left"} if title else None,
@@ -43,6 +48,7 @@ def style(fig, *, title: str | None = None, x_title: str | None = None, y_title:
 
 
 def chromium_path() -> str | None:
+    """The first Chrome/Chromium executable on PATH (kaleido's browser for PNGs), or None."""
     for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
         found = shutil.which(name)
         if found:
@@ -50,7 +56,7 @@ def chromium_path() -> str | None:
     return None
 
 
-def write_figure(fig, stem: str | Path, *, png: bool = True) -> list[Path]:
+def write_figure(fig: go.Figure, stem: str | Path, *, png: bool = True) -> list[Path]:
     """Write ``stem.html`` (with ``plotly.min.js`` beside it) and, when a browser is available, ``stem.png``.
 
     Files are written to a temporary name and renamed, so an interrupted export leaves no half-written figure.
@@ -64,7 +70,8 @@ def write_figure(fig, stem: str | Path, *, png: bool = True) -> list[Path]:
     if png:
         browser = chromium_path()
         if browser is None:
-            warnings.warn("no Chromium found: wrote HTML only; install Debian's 'chromium' for PNG figures", stacklevel=2)
+            warnings.warn("no Chromium found: wrote HTML only; install Debian's 'chromium' for PNG figures",
+                          stacklevel=2)
         else:
             os.environ.setdefault("BROWSER_PATH", browser)  # kaleido looks here for its browser
             with atomic_path(stem.with_suffix(".png")) as tmp:
@@ -94,7 +101,7 @@ PNG_SESSION_START_S = 60  # a cold browser start on a busy machine takes seconds
 
 
 @contextmanager
-def png_session():
+def png_session() -> Iterator[None]:
     """Keep one browser open for every PNG written inside the block (otherwise kaleido starts one per figure,
     about 2 s each); nothing happens without a browser."""
     browser = chromium_path()

@@ -16,16 +16,23 @@ Design points, each a correctness trap:
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol, Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tellnorm.errors import TellnormError
+
+if TYPE_CHECKING:
+    import torch
+
+# ``model`` parameters below are loaded models (tellnorm.backends.base.ModelAPI), typed Any: the backends import this
+# module, so importing their class back, even for type checking only, would be an import cycle (tests/test_layers.py).
 
 
 @dataclass
 class SamplingConfig:
+    """How to pick each next token: greedy (``temperature=0``) or sampled, with HF's logit processing."""
+
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
@@ -35,7 +42,7 @@ class SamplingConfig:
     ignore_eos: bool = False  # vLLM's SamplingParams.ignore_eos: always generate max_new_tokens (benchmarks)
 
     @classmethod
-    def paper(cls, **overrides) -> "SamplingConfig":
+    def paper(cls, **overrides: Any) -> SamplingConfig:
         """The paper code's sampling (PAPER.md §7): temperature 0.7, top-p 0.8, top-k 20, repetition penalty 1.05."""
         return cls(**{"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, **overrides})
 
@@ -48,6 +55,7 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
+        """Whether tokens are picked by argmax (temperature 0)."""
         return self.temperature == 0
 
 
@@ -69,12 +77,12 @@ class StepInfo:
     backend: Any = None  # the backend's per-step context for techniques that re-run layers (vLLM: the Session)
 
     @property
-    def new_tokens(self):
-        """Tokens seen for the first time in this run: what recording observers should record."""
+    def new_tokens(self) -> torch.Tensor:
+        """Tokens seen for the first time in this run (bool ``[batch, seq]``): what recording observers record."""
         return self.valid if self.fresh is None else self.fresh
 
     @classmethod
-    def default(cls, batch: int, seq: int) -> "StepInfo":
+    def default(cls, batch: int, seq: int) -> StepInfo:
         """What a bare forward pass of ``batch`` unpadded rows is: requests 0..batch-1, positions 0..seq-1."""
         import torch
 
@@ -83,34 +91,45 @@ class StepInfo:
 
 
 class Observer(Protocol):
-    def hooks(self, model) -> list[tuple[str, Any]]: ...
+    """What generation and teacher-forced passes call: TransformerLens hooks to install, and each pass's rows."""
 
-    def on_step(self, info: StepInfo) -> None: ...
+    def hooks(self, model: Any) -> list[tuple[str, Any]]:
+        """``(hook name, hook function)`` pairs to install on ``model`` for the whole run."""
+        ...
+
+    def on_step(self, info: StepInfo) -> None:
+        """Called before every forward pass with what its rows are."""
+        ...
 
 
 class LayerHooks:
     """Base for observers that hook one point on each of some layers: ``hook_for(layer)`` builds each hook, and
     ``self.info`` is the :class:`StepInfo` of the forward pass running now (None outside generation)."""
 
-    def __init__(self, model, layers: Iterable[int], point: str = "resid_post"):
+    def __init__(self, model: Any, layers: Iterable[int], point: str = "resid_post"):
         self.model = model
         self.layers = list(layers)
         self.point = point
         self.hook_names = [model.hook_name(layer, point) for layer in self.layers]  # validates both
         self.info: StepInfo | None = None
 
-    def hooks(self, model=None) -> list[tuple[str, Any]]:
+    def hooks(self, model: Any = None) -> list[tuple[str, Any]]:
+        """One ``(hook name, hook_for(layer))`` pair per layer."""
         return [(name, self.hook_for(layer)) for layer, name in zip(self.layers, self.hook_names)]
 
     def on_step(self, info: StepInfo) -> None:
+        """Keep the coming pass's :class:`StepInfo` as ``self.info``."""
         self.info = info
 
-    def hook_for(self, layer: int):
+    def hook_for(self, layer: int) -> Callable[..., Any]:
+        """The TransformerLens hook ``(activation, hook) -> activation | None`` to install at ``layer``."""
         raise NotImplementedError
 
 
 @dataclass
 class Generation:
+    """One request's result: prompt and generated token ids, why it stopped, decoded text and per-token extras."""
+
     request_id: Any
     prompt_ids: list[int]
     generated_ids: list[int]
@@ -120,16 +139,17 @@ class Generation:
 
     @property
     def ids(self) -> list[int]:
+        """Prompt followed by generated token ids."""
         return self.prompt_ids + self.generated_ids
 
 
-def request_seed(seed: int, request_id) -> int:
+def request_seed(seed: int, request_id: Any) -> int:
     """A request's own sampling seed: independent of batch composition and slot."""
     return zlib.crc32(f"{seed}:{request_id}".encode())
 
 
 def generate(
-    model,
+    model: Any,
     prompts: Sequence[Sequence[int]],
     sampling: SamplingConfig | None = None,
     *,
@@ -175,9 +195,11 @@ TOKEN_STATS = ("token_logprob", "topk_mean_logprob", "mean_logprob")
 TOKEN_STATS_TOP_K = 20  # DEEPCONF (Fu et al. 2025): confidence from vLLM's top-20 logprobs
 
 
-def step_token_stats(logits, tokens):
-    """Per row: log p of the picked token, the mean of the top-20 log-probabilities, the mean log p over the
-    vocabulary (DeepConf's token confidence is minus the second; self-certainty comes from the third)."""
+def step_token_stats(logits: torch.Tensor, tokens: Sequence[int] | torch.Tensor,
+                     ) -> tuple[list[float], list[float], list[float]]:
+    """Per row of ``logits`` ``[batch, vocab]`` and picked ``tokens`` ``[batch]``: log p of the picked token, the
+    mean of the top-20 log-probabilities, the mean log p over the vocabulary (DeepConf's token confidence is minus the
+    second; self-certainty comes from the third)."""
     import torch
 
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -186,13 +208,14 @@ def step_token_stats(logits, tokens):
     return chosen.tolist(), top.tolist(), logp.mean(-1).tolist()
 
 
-def run_forward(model, sequences: Sequence[Sequence[int]], *, request_ids: Sequence | None = None,
+def run_forward(model: Any, sequences: Sequence[Sequence[int]], *, request_ids: Sequence | None = None,
                 batch_size: int = 16, observers: Iterable[Observer] = (), return_logits: bool = False,
-                n_prompt: Sequence[int] | None = None):
+                n_prompt: Sequence[int] | None = None) -> dict[Any, torch.Tensor] | None:
     """Teacher-forced forward passes over full sequences (left-padded batches), observed like generation.
 
     ``n_prompt[i]`` (optional) says how many leading tokens of sequence i are its prompt; observers see it as
-    ``StepInfo.n_prompt``, so edits that act on generated tokens act on the same tokens as in generation."""
+    ``StepInfo.n_prompt``, so edits that act on generated tokens act on the same tokens as in generation. Returns
+    ``{request_id: [T, vocab] logits}`` when ``return_logits``, else None."""
     request_ids = list(request_ids) if request_ids is not None else list(range(len(sequences)))
     observers = list(observers)
     if n_prompt is not None and len(n_prompt) != len(sequences):
@@ -206,8 +229,8 @@ def run_forward(model, sequences: Sequence[Sequence[int]], *, request_ids: Seque
                              batch_size=batch_size, return_logits=return_logits)
 
 
-def process_logits(logits, history: list[int], sampling: SamplingConfig):
-    """Next-token logits after repetition penalty, temperature, top-k and top-p (HF's order and rules)."""
+def process_logits(logits: torch.Tensor, history: list[int], sampling: SamplingConfig) -> torch.Tensor:
+    """Next-token logits ``[vocab]`` after repetition penalty, temperature, top-k and top-p (HF's order and rules)."""
     import torch
 
     logits = logits.clone()
@@ -232,7 +255,9 @@ def process_logits(logits, history: list[int], sampling: SamplingConfig):
     return logits
 
 
-def pick_token(logits, history: list[int], sampling: SamplingConfig, generator) -> int:
+def pick_token(logits: torch.Tensor, history: list[int], sampling: SamplingConfig,
+               generator: torch.Generator | None) -> int:
+    """The next token id from logits ``[vocab]``: argmax when greedy, else a draw with the request's ``generator``."""
     import torch
 
     logits = process_logits(logits, history, sampling)

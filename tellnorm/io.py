@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
-def check_output_dir(out) -> Path:
+def check_output_dir(out: str | Path) -> Path:
     """Refuse an output folder that cannot be one (an existing file, an unwritable place) before any work."""
     from tellnorm.errors import TellnormError
 
@@ -22,7 +27,7 @@ def check_output_dir(out) -> Path:
 
 
 @contextmanager
-def atomic_path(path: str | Path):
+def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; it replaces ``path`` only if the block finishes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,30 +42,32 @@ def atomic_path(path: str | Path):
 CSV_SIGNIFICANT_DIGITS = 5  # tables report 3–4 digits; 5 keeps reruns on other machines byte-identical
 
 
-def write_csv(df, path, *, significant_digits: int = CSV_SIGNIFICANT_DIGITS) -> Path:
+def write_csv(df: pd.DataFrame, path: str | Path, *, significant_digits: int = CSV_SIGNIFICANT_DIGITS) -> Path:
     """Write a table rounded to what is reported, so a rerun elsewhere leaves ``git status`` clean."""
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False, float_format=f"%.{significant_digits}g")
     return Path(path)
 
 
-def write_json(obj, path) -> Path:
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Write ``obj`` as indented JSON (numpy numbers as floats), atomically; returns the path."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
     return Path(path)
 
 
-def write_parquet(df, path) -> Path:
+def write_parquet(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write a table as parquet (no index), atomically; returns the path."""
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
     return Path(path)
 
 
-def markdown_table(df, *, float_format: str = "{:.3g}") -> str:
+def markdown_table(df: pd.DataFrame, *, float_format: str = "{:.3g}") -> str:
     """A DataFrame as a GitHub markdown table (floats through ``float_format``; NaN as a dash)."""
     import math
 
-    def cell(value) -> str:
+    def cell(value: Any) -> str:
         if isinstance(value, float):
             return "—" if math.isnan(value) else float_format.format(value)
         return str(value)

@@ -9,15 +9,25 @@ default), and the organism's ground-truth labels when the model is the organism.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Any
 
 from tellnorm.errors import TellnormError
 from tellnorm.generation import Generation, LayerHooks, SamplingConfig, StepInfo, generate, run_forward
 
+if TYPE_CHECKING:
+    from pathlib import Path
 
-def l2_norm(x, *, keepdim: bool = False):
-    """‖x‖₂ over the last axis, accumulated in float32 (float64 for float64 models), detached."""
+    import pandas as pd
+    import torch
+
+    from tellnorm.backends.base import ModelAPI
+
+
+def l2_norm(x: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
+    """‖x‖₂ over the last axis (PAPER.md §1), accumulated in float32 (float64 for float64 models), detached:
+    ``x`` ``[..., d_model]`` -> ``[...]`` (``[..., 1]`` with ``keepdim``)."""
     import torch
 
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -31,15 +41,16 @@ class NormTracer(LayerHooks):
     context manager around any forward pass of ``model.bridge`` (rows are then requests 0..B-1).
     """
 
-    def __init__(self, model, layers: Sequence[int] | None = None, point: str = "resid_post"):
+    def __init__(self, model: ModelAPI, layers: Sequence[int] | None = None, point: str = "resid_post"):
         super().__init__(model, range(model.n_layers) if layers is None else layers, point)
         self._records: list = []  # (layer, request_ids, positions [b,s], valid [b,s], norms [b,s])
         self._context = None
 
-    def hook_for(self, layer: int):
+    def hook_for(self, layer: int) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+        """A hook that records ‖activation‖₂ ``[batch, seq]`` at ``layer`` for the pass's new tokens."""
         import torch
 
-        def record(activation, hook):
+        def record(activation: torch.Tensor, hook: Any) -> torch.Tensor:
             norms = l2_norm(activation)
             info = self.info or _default_info(norms.shape)
             if not torch.isfinite(norms).all():
@@ -62,7 +73,7 @@ class NormTracer(LayerHooks):
         context, self._context, self.info = self._context, None, None
         return context.__exit__(*exc)
 
-    def frame(self):
+    def frame(self) -> pd.DataFrame:
         """Recorded norms as a DataFrame: request_id, position, layer, norm."""
         import numpy as np
         import pandas as pd
@@ -82,7 +93,7 @@ class NormTracer(LayerHooks):
         return pd.concat(parts, ignore_index=True)
 
 
-def generated_rows(frame, generations):
+def generated_rows(frame: pd.DataFrame, generations: Sequence[Generation]) -> pd.DataFrame:
     """The rows of a :class:`NormTracer` frame that are generated tokens (at or after their request's prompt)."""
     if frame.empty:
         return frame
@@ -102,13 +113,14 @@ def _default_info(shape) -> StepInfo:
 class NormTrace:
     """Generations (or forward inputs) and their per-token norms with token-level masks."""
 
-    frame: "object"  # pandas DataFrame, one row per (request, position, layer)
+    frame: pd.DataFrame  # one row per (request, position, layer)
     generations: list[Generation]
 
-    def to_parquet(self, path) -> None:
+    def to_parquet(self, path: str | Path) -> None:
+        """Write the frame to a parquet file (no index)."""
         self.frame.to_parquet(path, index=False)
 
-    def statistics_rows(self, *, include_position_zero: bool = False, generated_only: bool = True):
+    def statistics_rows(self, *, include_position_zero: bool = False, generated_only: bool = True) -> pd.DataFrame:
         """Rows that enter statistics by default: generated tokens, position 0 excluded (massive activations)."""
         f = self.frame
         keep = f["is_generated"] if generated_only else f["norm"].notna()
@@ -117,9 +129,10 @@ class NormTrace:
         return f[keep]
 
 
-def trace_generation(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig | None = None, *,
-                     request_ids=None, layers=None, point: str = "resid_post", batch_size: int = 16,
-                     progress: bool = False, extra_columns: dict | None = None) -> NormTrace:
+def trace_generation(model: ModelAPI, prompts: Sequence[Sequence[int]], sampling: SamplingConfig | None = None, *,
+                     request_ids: Sequence | None = None, layers: Sequence[int] | None = None,
+                     point: str = "resid_post", batch_size: int = 16, progress: bool = False,
+                     extra_columns: dict | None = None) -> NormTrace:
     """Generate and trace: norms of the prompt and every generated token that went through the model."""
     tracer = NormTracer(model, layers, point)
     gens = generate(model, prompts, sampling, request_ids=request_ids, batch_size=batch_size,
@@ -127,8 +140,9 @@ def trace_generation(model, prompts: Sequence[Sequence[int]], sampling: Sampling
     return NormTrace(annotate(model, tracer.frame(), gens, extra_columns), gens)
 
 
-def trace_forward(model, sequences: Sequence[Sequence[int]], *, request_ids=None, layers=None,
-                  point: str = "resid_post", batch_size: int = 16, n_prompt: Sequence[int] | None = None) -> NormTrace:
+def trace_forward(model: ModelAPI, sequences: Sequence[Sequence[int]], *, request_ids: Sequence | None = None,
+                  layers: Sequence[int] | None = None, point: str = "resid_post", batch_size: int = 16,
+                  n_prompt: Sequence[int] | None = None) -> NormTrace:
     """Trace full sequences in teacher-forced forward passes; ``n_prompt[i]`` tokens of each count as prompt."""
     tracer = NormTracer(model, layers, point)
     ids = list(request_ids) if request_ids is not None else list(range(len(sequences)))
@@ -138,7 +152,8 @@ def trace_forward(model, sequences: Sequence[Sequence[int]], *, request_ids=None
     return NormTrace(annotate(model, tracer.frame(), gens), gens)
 
 
-def token_table(model, generations: Sequence[Generation], extra_columns: dict | None = None):
+def token_table(model: ModelAPI, generations: Sequence[Generation], extra_columns: dict | None = None,
+                ) -> pd.DataFrame:
     """One row per token of every request: its string and masks (prompt, think block, position 0, label)."""
     import pandas as pd
 
@@ -167,14 +182,15 @@ def token_table(model, generations: Sequence[Generation], extra_columns: dict | 
     return table
 
 
-def annotate(model, norms, generations: Sequence[Generation], extra_columns: dict | None = None):
+def annotate(model: ModelAPI, norms: pd.DataFrame, generations: Sequence[Generation],
+             extra_columns: dict | None = None) -> pd.DataFrame:
     """Join recorded norms with the token table (the final generated token, never fed back, has no norm)."""
     tokens = token_table(model, generations, extra_columns)
     merged = norms.merge(tokens, on=["request_id", "position"], how="left", validate="many_to_one")
     return merged.sort_values(["request_id", "layer", "position"], kind="stable").reset_index(drop=True)
 
 
-def layer_profile(frame, by: Sequence[str] = (), *, seed: int = 0):
+def layer_profile(frame: pd.DataFrame, by: Sequence[str] = (), *, seed: int = 0) -> pd.DataFrame:
     """Mean norm per layer (and per ``by`` groups) with n and a bootstrap 95% CI over requests.
 
     The CI resamples requests, not tokens: tokens of one response are not independent.

@@ -8,14 +8,20 @@ the normalised hidden state, the attention entropy, and the final output entropy
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tellnorm.errors import TellnormError
-from tellnorm.generation import LayerHooks
+from tellnorm.generation import LayerHooks, StepInfo
+
+if TYPE_CHECKING:
+    import torch
+    from sae_lens import SAE
+
+    from tellnorm.backends.base import ModelAPI
 
 REFERENCE = "reasoning_activation"
 LAYER_SIGNALS = ("norm", "layer_output_entropy", "hidden_state_entropy", "attention_entropy")
@@ -25,8 +31,9 @@ MIN_LAYERS = 3  # a rank correlation across fewer layers says nothing
 ENTROPY_CHUNK = 256  # tokens per chunk of SAE encoding and float64 softmax (a real vocabulary is ~150k wide)
 # --- pure core: entropies and Spearman ----------------------------------------------------------------------------
 
-def entropy_from_logits(logits, chunk: int = ENTROPY_CHUNK):
-    """``H(softmax(logits))`` per row in nats, float64 ``[T]`` (computed in float64, ``chunk`` rows at a time)."""
+def entropy_from_logits(logits: torch.Tensor, chunk: int = ENTROPY_CHUNK) -> torch.Tensor:
+    """``H(softmax(logits))`` of ``logits`` ``[T, vocab]`` per row in nats, float64 ``[T]`` (computed in float64,
+    ``chunk`` rows at a time)."""
     import torch
 
     out = []
@@ -36,7 +43,7 @@ def entropy_from_logits(logits, chunk: int = ENTROPY_CHUNK):
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
-def distribution_entropy(p, dim: int = -1):
+def distribution_entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """``−Σ p log p`` along ``dim`` (0·log 0 = 0), float64."""
     import torch
 
@@ -44,14 +51,16 @@ def distribution_entropy(p, dim: int = -1):
     return -torch.special.xlogy(p, p).sum(dim)
 
 
-def hidden_state_entropy(h):
-    """Entropy of ``h_j² / ‖h‖²`` over the coordinates, per row (float64 ``[T]``; 0 for a zero vector)."""
+def hidden_state_entropy(h: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``h_j² / ‖h‖²`` over the coordinates of ``h`` ``[T, d_model]``, per row (float64 ``[T]``; 0 for a
+    zero vector). PAPER.md §4's hidden-state entropy."""
     sq = h.double() ** 2
     return distribution_entropy(sq / sq.sum(-1, keepdim=True).clamp_min(1e-300))
 
 
-def attention_entropy(rows):
-    """Mean over heads of the entropy of each attention row: ``rows`` ``[T, heads, keys]`` → float64 ``[T]``."""
+def attention_entropy(rows: torch.Tensor) -> torch.Tensor:
+    """PAPER.md §4's attention entropy: mean over heads of the entropy of each attention row: ``rows``
+    ``[T, heads, keys]`` → float64 ``[T]``."""
     return distribution_entropy(rows).mean(-1)
 
 
@@ -66,13 +75,15 @@ class SignalSums:
     layers: list
     problems: dict = field(default_factory=dict)  # problem id -> {"count": int, FINAL: float, signal: ndarray[L]}
 
-    def entry(self, problem) -> dict:
+    def entry(self, problem: Hashable) -> dict:
+        """The sums of ``problem`` (created empty on first use): ``{"count", FINAL, signal: ndarray [L]}``."""
         if problem not in self.problems:
             self.problems[problem] = {"count": 0, FINAL: 0.0,
                                       **{s: np.zeros(len(self.layers)) for s in PROFILE_SIGNALS}}
         return self.problems[problem]
 
-    def merge(self, other: "SignalSums") -> "SignalSums":
+    def merge(self, other: SignalSums) -> SignalSums:
+        """A new SignalSums of both shards (a problem in both adds up); the layers must match."""
         if list(other.layers) != list(self.layers):
             raise TellnormError("cannot merge signal sums over different layers")
         out = SignalSums(list(self.layers))
@@ -83,7 +94,7 @@ class SignalSums:
                     mine[key] = mine[key] + value
         return out
 
-    def arrays(self):
+    def arrays(self) -> tuple[list, np.ndarray, dict[str, np.ndarray], np.ndarray]:
         """``(problem ids, counts [P], {signal: sums [P, L]}, final sums [P])`` over problems with tokens."""
         ids = [p for p in self.problems if self.problems[p]["count"] > 0]
         counts = np.array([self.problems[p]["count"] for p in ids], dtype=np.float64)
@@ -97,9 +108,10 @@ def _original(module):
     return getattr(module, "_original_component", module)
 
 
-def lens_logits(model, h):
-    """The logit lens: ``h`` through the model's own final norm, unembedding and HF's post-unembedding steps
-    (Granite's ``logits_scaling``, Gemma 2/3's final-logit soft cap), so at the last layer it is the model's output."""
+def lens_logits(model: ModelAPI, h: torch.Tensor) -> torch.Tensor:
+    """The logit lens, ``[T, vocab]`` from ``h`` ``[T, d_model]``: ``h`` through the model's own final norm,
+    unembedding and HF's post-unembedding steps (Granite's ``logits_scaling``, Gemma 2/3's final-logit soft cap), so
+    at the last layer it is the model's output."""
     import torch
 
     config = model.hf_model.config
@@ -117,7 +129,7 @@ class SignalObserver(LayerHooks):
     """Observer for :func:`tellnorm.generation.run_forward`: adds every signal of the selected tokens (those at or
     after ``starts[request_id]``, position 0 never) to per-problem :class:`SignalSums`."""
 
-    def __init__(self, model, saes: Mapping[int, Any], reasoning: Mapping[int, Sequence[int]],
+    def __init__(self, model: ModelAPI, saes: Mapping[int, SAE], reasoning: Mapping[int, Sequence[int]],
                  starts: Mapping[Any, int]):
         import torch
 
@@ -133,11 +145,13 @@ class SignalObserver(LayerHooks):
         self._slot_ids: list = []  # request ids of this batch's selected tokens, in first-seen order
         self._slot = np.zeros(0, dtype=np.int64)  # per selected token: index into _slot_ids
 
-    def hooks(self, model=None):
+    def hooks(self, model: ModelAPI | None = None) -> list[tuple[str, Any]]:
+        """The layer hooks, plus each layer's attention-pattern hook and the final-logits hook."""
         patterns = [(f"blocks.{layer}.attn.hook_pattern", self._pattern_hook(i)) for i, layer in enumerate(self.layers)]
         return super().hooks(model) + patterns + [("unembed.hook_out", self._logits_hook)]
 
-    def on_step(self, info) -> None:
+    def on_step(self, info: StepInfo) -> None:
+        """Select the pass's tokens (real, position ≥ the request's start, never 0) and count them per problem."""
         import torch
 
         super().on_step(info)
@@ -162,7 +176,9 @@ class SignalObserver(LayerHooks):
     def _selected(self, tensor):
         return tensor[self._select.to(tensor.device)]
 
-    def hook_for(self, layer: int):
+    def hook_for(self, layer: int) -> Callable[..., Any]:
+        """The hook at ``layer``: adds the norm, reasoning activation, logit-lens and hidden-state entropies of the
+        selected tokens of ``x`` ``[batch, seq, d_model]``; returns ``x`` unchanged."""
         import torch
 
         i = self.layers.index(layer)
@@ -182,8 +198,9 @@ class SignalObserver(LayerHooks):
             return x
         return hook
 
-    def logit_lens_entropy(self, h):
-        """``H(softmax(lens_logits(h)))`` per row, ``ENTROPY_CHUNK`` rows at a time."""
+    def logit_lens_entropy(self, h: torch.Tensor) -> torch.Tensor:
+        """``H(softmax(lens_logits(h)))`` per row of ``h`` ``[T, d_model]`` (float64 ``[T]``), ``ENTROPY_CHUNK`` rows
+        at a time: PAPER.md §4's layer output entropy."""
         import torch
 
         parts = [entropy_from_logits(lens_logits(self.model, h[s : s + ENTROPY_CHUNK]))
@@ -205,7 +222,9 @@ class SignalObserver(LayerHooks):
         return logits
 
 
-def collect_signals(model, saes, reasoning, sequences, starts, *, request_ids=None, batch_size: int = 16):
+def collect_signals(model: ModelAPI, saes: Mapping[int, SAE], reasoning: Mapping[int, Sequence[int]],
+                    sequences: Sequence[Sequence[int]], starts: Mapping[Any, int], *,
+                    request_ids: Sequence | None = None, batch_size: int = 16) -> SignalObserver:
     """One teacher-forced pass; returns the observer (its ``sums``, and which layers exposed attention)."""
     from tellnorm.generation import run_forward
 

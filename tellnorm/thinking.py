@@ -15,6 +15,8 @@ models, :func:`contrast_models`. The model's own chat template always renders th
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -57,6 +59,7 @@ class ThinkingSwitch:
         return self.kind not in ("none", UNKNOWN)
 
     def supports(self, thinking: bool) -> bool:
+        """Whether this model can give a prompt in the asked mode."""
         if self.kind == UNKNOWN:
             return thinking  # the model's own default; nothing says how to switch thinking off
         if self.kind == "none":
@@ -80,7 +83,7 @@ class ThinkingSwitch:
             f"non-thinking prompt to contrast; name its family (LoadedModel.thinking_family or family=: one of "
             f"{', '.join(families())}) or pair two models with tellnorm.thinking.contrast_models")
 
-    def render(self, tokenizer, user_text: str, thinking: bool = True) -> str:
+    def render(self, tokenizer: Any, user_text: str, thinking: bool = True) -> str:
         """The chat-formatted prompt of ``user_text`` with the generation prompt, in the asked mode."""
         if not user_text or not user_text.strip():
             raise TellnormError("empty prompt: give the model some text to respond to")
@@ -108,7 +111,7 @@ class ThinkingSwitch:
             return _prefill(text, value, opener=self.thinking)
         return text  # none (in its own mode) and unknown (thinking): the template as it is
 
-    def render_messages(self, tokenizer, messages: list[dict], thinking: bool = True, *,
+    def render_messages(self, tokenizer: Any, messages: list[dict], thinking: bool = True, *,
                         add_generation_prompt: bool = True) -> str:
         """A whole chat history rendered in the asked mode (lm-eval's multi-turn and few-shot prompts): the switch's
         kwarg, a system flag merged into an existing system message, or the pre-filled think block.
@@ -133,7 +136,7 @@ class ThinkingSwitch:
             text = _prefill(text, value, opener=self.thinking)
         return text
 
-    def contrast(self, tokenizer, user_text: str) -> tuple[str, str]:
+    def contrast(self, tokenizer: Any, user_text: str) -> tuple[str, str]:
         """(thinking prompt, non-thinking prompt) of one model; they must differ."""
         on, off = self.render(tokenizer, user_text, True), self.render(tokenizer, user_text, False)
         if on == off:
@@ -159,7 +162,7 @@ def _prefill(text: str, prefill: str, *, opener: str | None) -> str:
     return text + prefill
 
 
-def template_text(tokenizer) -> str:
+def template_text(tokenizer: Any) -> str:
     """The tokenizer's chat template as text ('' if none); named templates are joined (for marker search)."""
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):
@@ -260,10 +263,12 @@ def load_registry(path: str | Path | None = None) -> tuple[ThinkingSwitch, ...]:
 
 
 def families(registry: str | Path | None = None) -> list[str]:
+    """The registry's family names, in priority order."""
     return [e.family for e in load_registry(registry)]
 
 
 def get_family(name: str, registry: str | Path | None = None) -> ThinkingSwitch:
+    """The registry entry of family ``name``; an unknown name raises one TellnormError line."""
     for entry in load_registry(registry):
         if entry.family == name:
             return entry
@@ -308,7 +313,7 @@ def _tokenizer_of(model):
     return model if hasattr(model, "apply_chat_template") else getattr(model, "tokenizer", None)
 
 
-def detect(names, architectures, template: str,
+def detect(names: Iterable[str | None], architectures: Iterable[str], template: str,
            registry: str | Path | None = None) -> tuple[ThinkingSwitch | None, str]:
     """The first entry whose name pattern matches (on a listed architecture, when known), else the first whose
     template markers all occur in ``template``: (entry, "name" | "template"), or (None, "")."""
@@ -328,7 +333,7 @@ def detect(names, architectures, template: str,
     return None, ""
 
 
-def switch_for(model, *, family: str | None = None, registry: str | Path | None = None) -> ThinkingSwitch:
+def switch_for(model: Any, *, family: str | None = None, registry: str | Path | None = None) -> ThinkingSwitch:
     """The thinking switch of ``model`` (a LoadedModel, a tokenizer, or anything with ``.tokenizer``/``.name``).
 
     ``family`` (or the model's ``thinking_family``) names the registry entry and skips detection. A model no entry
@@ -340,17 +345,15 @@ def switch_for(model, *, family: str | None = None, registry: str | Path | None 
     family = family or getattr(model, "thinking_family", None)
     if family:
         return replace(get_family(family, registry), model_name=model_name, detected_by="family")
-    try:
+    with suppress(Exception):
         names.append(model.hf_model.config._name_or_path)
-    except Exception:
-        pass
     entry, how = detect(names, _architectures(model), template_text(tokenizer), registry)
     if entry is None:
         return ThinkingSwitch(family=None, kind=UNKNOWN, model_name=model_name)
     return replace(entry, model_name=model_name, detected_by=how)
 
 
-def require_contrast(model, *, family: str | None = None) -> ThinkingSwitch:
+def require_contrast(model: Any, *, family: str | None = None) -> ThinkingSwitch:
     """The switch of ``model`` if one model gives both modes; else one TellnormError line (before any work)."""
     switch = switch_for(model, family=family)
     if not switch.has_switch:
@@ -372,14 +375,17 @@ class ContrastPair:
     same_vocabulary: bool
     vocabulary_note: str = ""
 
-    def model_for(self, thinking: bool):
+    def model_for(self, thinking: bool) -> Any:
+        """The model of the asked mode."""
         return self.thinking_model if thinking else self.non_thinking_model
 
     def chat_prompt(self, user_text: str, thinking: bool = True) -> str:
+        """``user_text`` as a chat prompt of the asked mode's model, with its own template."""
         switch = self.thinking_switch if thinking else self.non_thinking_switch
         return switch.render(_tokenizer_of(self.model_for(thinking)), user_text, thinking)
 
     def prompts(self, user_text: str) -> tuple[str, str]:
+        """(thinking prompt, non-thinking prompt) of ``user_text``."""
         return self.chat_prompt(user_text, True), self.chat_prompt(user_text, False)
 
 
@@ -391,7 +397,7 @@ def _vocabulary_difference(a, b) -> str:
     return f"different vocabularies ({len(va)} vs {len(vb)} tokens, {differ} differ)"
 
 
-def contrast_models(thinking_model, non_thinking_model, *, thinking_family: str | None = None,
+def contrast_models(thinking_model: Any, non_thinking_model: Any, *, thinking_family: str | None = None,
                     non_thinking_family: str | None = None, allow_different_vocabulary: bool = False) -> ContrastPair:
     """Pair two models for a thinking contrast (families without a switch, e.g. OLMo 3 Think vs Instruct).
 

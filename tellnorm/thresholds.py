@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -42,8 +42,8 @@ QUANTILE_METHODS = (
 )
 FIXED_JSON_EXAMPLE = '{"layers": {"21": 123.4}}'
 
-Norms = Union[np.ndarray, torch.Tensor, Sequence[float], Mapping[int, float]]
-Layers = Union[int, Sequence[int]]
+Norms = np.ndarray | torch.Tensor | Sequence[float] | Mapping[int, float]
+Layers = int | Sequence[int]
 
 
 def _is_real(x) -> bool:
@@ -75,8 +75,10 @@ class ThresholdConfig:
                                 f"{', '.join(QUANTILE_METHODS)}")
 
 
-def iqr_threshold(q1, q3, k: float, iqr_floor: float):
-    """tau = q3 + k·max(q3 − q1, iqr_floor), elementwise on floats, numpy arrays or torch tensors; NaN stays NaN."""
+def iqr_threshold(q1: float | np.ndarray | torch.Tensor, q3: float | np.ndarray | torch.Tensor, k: float,
+                  iqr_floor: float) -> float | np.ndarray | torch.Tensor:
+    """tau = q3 + k·max(q3 − q1, iqr_floor) (PAPER.md §5), elementwise on floats, numpy arrays or torch tensors
+    (any shape, e.g. ``[layers]``); NaN stays NaN."""
     iqr = q3 - q1
     floored = torch.clamp(iqr, min=iqr_floor) if isinstance(iqr, torch.Tensor) else np.maximum(iqr, iqr_floor)
     return q3 + k * floored
@@ -88,8 +90,10 @@ def _to_numpy(values) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
-def exact_threshold(values, cfg: ThresholdConfig | None = None):
-    """tau from every value along axis 0 (one layer's 1-D stream, or steps × layers), with numpy quantiles.
+def exact_threshold(values: np.ndarray | torch.Tensor | Sequence, cfg: ThresholdConfig | None = None,
+                    ) -> np.floating | np.ndarray:
+    """tau (PAPER.md §5) from every value along axis 0 — ``[steps]`` (one layer's stream: a scalar) or
+    ``[steps, layers]`` (per-layer ``[layers]``) — with numpy quantiles.
 
     Pure: ignores ``cfg.warmup``, which is the trackers' business.
     """
@@ -147,9 +151,11 @@ class PeakThreshold:
     layers: tuple[int, ...]
 
     def threshold(self) -> np.ndarray:
+        """Per-layer tau ``[layers]`` in ``layers`` order; NaN where a layer has none yet."""
         raise NotImplementedError
 
     def update(self, norms: Norms) -> None:
+        """Record one step's norms (``[layers]``, a ``{layer: norm}`` dict, or ``[batch, layers]`` where pooled)."""
         raise NotImplementedError
 
     def threshold_by_layer(self) -> dict[int, float | None]:
@@ -184,7 +190,8 @@ class ExactThreshold(PeakThreshold):
         self._tau: np.ndarray | None = None  # cached until the next update
 
     @classmethod
-    def from_samples(cls, samples, layers: Layers, cfg: ThresholdConfig | None = None) -> ExactThreshold:
+    def from_samples(cls, samples: np.ndarray | torch.Tensor | Sequence, layers: Layers,
+                     cfg: ThresholdConfig | None = None) -> ExactThreshold:
         """A tracker that has already seen ``samples`` (steps × layers), e.g. a shard's saved state."""
         tracker = cls(layers, cfg)
         rows = _to_numpy(samples)
@@ -200,10 +207,12 @@ class ExactThreshold(PeakThreshold):
 
     @property
     def count(self) -> int:
+        """Steps recorded so far."""
         return self._count
 
     @property
     def ready(self) -> bool:
+        """Whether warm-up is over (at least ``cfg.warmup`` steps, and one): tau exists."""
         return self._count >= max(self.cfg.warmup, 1)
 
     def samples(self) -> np.ndarray:
@@ -290,6 +299,7 @@ class P2Quantile:
 
     @property
     def value(self) -> float:
+        """The current estimate of the p-quantile; NaN before any sample."""
         if self.count == 0:
             return math.nan
         if self.count <= 5:
@@ -297,6 +307,7 @@ class P2Quantile:
         return self._heights[2]
 
     def update(self, x: float) -> None:
+        """Add one finite sample and move the markers (P² step)."""
         x = float(x)
         if not math.isfinite(x):
             raise TellnormError(f"P² got a non-finite sample {x}: it would break the marker order")
@@ -348,13 +359,15 @@ class P2Quantiles:
 
     @property
     def value(self) -> np.ndarray:
+        """The current p-quantile estimate per stream ``[n_streams]``; NaN before any sample."""
         if self.count == 0:
             return np.full(self.n_streams, np.nan)
         if self.count <= 5:
             return np.quantile(self._first[: self.count], self.p, axis=0)
         return self._heights[:, 2].copy()
 
-    def update(self, x) -> None:
+    def update(self, x: np.ndarray | torch.Tensor | Sequence[float]) -> None:
+        """Add one finite sample per stream, ``x`` ``[n_streams]``."""
         x = _to_numpy(x)
         if x.shape != (self.n_streams,):
             raise TellnormError(f"P² expected one sample per stream, shape ({self.n_streams},), got {x.shape}")
@@ -413,10 +426,12 @@ class PooledP2Threshold(PeakThreshold):
 
     @property
     def count(self) -> int:
+        """Steps recorded since the last reset."""
         return self._q1.count
 
     @property
     def ready(self) -> bool:
+        """Whether warm-up is over (at least ``cfg.warmup`` steps, and one): tau exists."""
         return self.count >= max(self.cfg.warmup, 1)
 
     def update(self, norms: Norms) -> None:
@@ -431,16 +446,16 @@ class PooledP2Threshold(PeakThreshold):
             return np.full(len(self.layers), np.nan)
         return iqr_threshold(self._q1.value, self._q3.value, self.cfg.k, self.cfg.iqr_floor)
 
-    def merge(self, other) -> None:
+    def merge(self, other: PeakThreshold) -> None:
+        """Always raises: P² markers do not merge (use ``ExactThreshold`` for sharded runs)."""
         raise TellnormError("pooled P² trackers cannot be merged exactly (they keep markers, not samples): "
                             "use mode 'exact' for sharded runs")
 
 
 def _layer_index(key) -> int | None:
     """A JSON layer key ("21") or int as a layer index; None when it is not a whole number >= 0."""
-    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-        index = int(key)
-    elif isinstance(key, str) and key.strip().isdigit():
+    if ((isinstance(key, (int, np.integer)) and not isinstance(key, bool))
+            or (isinstance(key, str) and key.strip().isdigit())):
         index = int(key)
     else:
         return None
@@ -477,22 +492,27 @@ class FixedThresholds(PeakThreshold):
         _layer_array(norms, self.layers)
 
     def threshold(self) -> np.ndarray:
+        """The constants ``[layers]`` in ``layers`` order."""
         return np.array(list(self.values.values()))
 
     def to_dict(self) -> dict:
+        """The JSON form ``{"layers": {"21": tau, ...}}``."""
         return {"layers": {str(layer): tau for layer, tau in self.values.items()}}
 
     @classmethod
     def from_dict(cls, data: Mapping, *, source: str = "fixed thresholds") -> FixedThresholds:
+        """Thresholds from the JSON form (``data["layers"]``); ``source`` names it in error messages."""
         if not isinstance(data, Mapping) or not isinstance(data.get("layers"), Mapping):
             raise TellnormError(f"{source}: expected an object with a \"layers\" mapping, like {FIXED_JSON_EXAMPLE}")
         return cls(data["layers"], source=source)
 
     def to_json(self, path: str | Path) -> None:
+        """Write the JSON form to ``path``."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_json(cls, path: str | Path) -> FixedThresholds:
+        """Thresholds read from a JSON file; a missing or malformed file raises one TellnormError line."""
         path = Path(path)
         try:
             text = path.read_text()
@@ -568,7 +588,18 @@ def _check_fixed_layers(thresholds: FixedThresholds, n_layers: Layers) -> None:
 
 
 __all__ = [
-    "WARMUP_SUPPRESSION", "WARMUP_ERSS", "MODES", "ThresholdConfig", "iqr_threshold", "exact_threshold",
-    "PeakThreshold", "ExactThreshold", "P2Quantile", "P2Quantiles", "PooledP2Threshold", "FixedThresholds",
-    "make_threshold", "calibrated_thresholds",
+    "MODES",
+    "WARMUP_ERSS",
+    "WARMUP_SUPPRESSION",
+    "ExactThreshold",
+    "FixedThresholds",
+    "P2Quantile",
+    "P2Quantiles",
+    "PeakThreshold",
+    "PooledP2Threshold",
+    "ThresholdConfig",
+    "calibrated_thresholds",
+    "exact_threshold",
+    "iqr_threshold",
+    "make_threshold",
 ]

@@ -114,7 +114,8 @@ def build_tiny_tokenizer_for(arch: str):
 
 
 def build_tiny_hf_model(arch: str, n_layers: int = 3, seed: int = 0):
-    """A random-init tiny ``*ForCausalLM`` of ``arch`` in float32 eval mode; same (arch, n_layers, seed) -> same weights."""
+    """A random-init tiny ``*ForCausalLM`` of ``arch`` in float32 eval mode; same (arch, n_layers, seed) -> same
+    weights."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 

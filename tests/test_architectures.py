@@ -24,14 +24,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    BOS,
+    LLAMA_CHAT_TEMPLATE,
+    PAD,
+    QWEN_CHAT_TEMPLATE,
+    SPECIAL,
+    TINY_INIT_RANGE,
+    WORDS,
+    build_tiny_tokenizer,
+)
+from helpers import ExtraPassProbe, active_hook_count
 
-from conftest import (BOS, LLAMA_CHAT_TEMPLATE, PAD, QWEN_CHAT_TEMPLATE, SPECIAL, TINY_INIT_RANGE, WORDS,
-                      build_tiny_tokenizer)
-from helpers import ExtraPassProbe, active_hook_count, cache_snapshot
+from tellnorm.backends import load_model
+from tellnorm.backends.base import HOOK_POINTS, REFUSED_ARCHITECTURES, SUPPORTED_ARCHITECTURES
 from tellnorm.errors import TellnormError
 from tellnorm.generation import SamplingConfig, generate
-from tellnorm.backends.base import HOOK_POINTS, REFUSED_ARCHITECTURES, SUPPORTED_ARCHITECTURES
-from tellnorm.backends import load_model
 
 TOL = 1e-5
 VOCAB = {tok: i for i, tok in enumerate(SPECIAL + WORDS)}
@@ -312,7 +320,8 @@ def test_alrr_is_refused_in_one_line_where_the_layer_cannot_rerun(arch, tiny):
 
 @pytest.mark.parametrize("arch", list(TINY))
 def test_the_logit_lens_at_the_last_layer_is_the_models_output(arch, tiny):
-    """tellnorm.studies.correlation's logit lens applies the family's own post-unembedding steps (soft caps, scaling)."""
+    """tellnorm.studies.correlation's logit lens applies the family's own post-unembedding steps (soft caps,
+    scaling)."""
     from tellnorm.signals import lens_logits
 
     lm, ref = tiny(arch)

@@ -12,9 +12,9 @@ import torch
 
 from tellnorm import bounds as B
 from tellnorm import features as F
+from tellnorm.errors import TellnormError
 from tellnorm.organism.task import ORGANISM_MARKERS
 from tellnorm.studies import bounds as BS
-from tellnorm.errors import TellnormError
 
 ARCHS = ("standard", "topk", "jumprelu", "gated")
 
@@ -23,8 +23,16 @@ def random_sae(arch, *, d_in=16, d_sae=48, apply_b_dec=True, normalize="none", r
                seed=0):
     """An sae_lens SAE of ``arch`` with random weights: mixed-sign biases (so max(b, 0) matters), decoder rows of
     unequal norms, positive JumpReLU thresholds, random gated r_mag."""
-    from sae_lens import (GatedSAE, GatedSAEConfig, JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig,
-                          TopKSAE, TopKSAEConfig)
+    from sae_lens import (
+        GatedSAE,
+        GatedSAEConfig,
+        JumpReLUSAE,
+        JumpReLUSAEConfig,
+        StandardSAE,
+        StandardSAEConfig,
+        TopKSAE,
+        TopKSAEConfig,
+    )
 
     common = dict(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=apply_b_dec, normalize_activations=normalize)
     sae = {"standard": lambda: StandardSAE(StandardSAEConfig(**common)),
@@ -199,13 +207,13 @@ def test_coactive_cosines_match_brute_force():
 # --- pairs --------------------------------------------------------------------------------------------------------
 
 def test_markers_and_pair_positions():
-    think = "<|im_start|> assistant <think> a = 5 . </think> answer : 5 <|im_end|>".split()
-    direct = "<|im_start|> assistant 5 + 3 = 8 . answer : 8 <|im_end|>".split()
+    think = ["<|im_start|>", "assistant", "<think>", "a", "=", "5", ".", "</think>", "answer", ":", "5", "<|im_end|>"]
+    direct = ["<|im_start|>", "assistant", "5", "+", "3", "=", "8", ".", "answer", ":", "8", "<|im_end|>"]
     pairs = B.pair_positions(think, direct, ORGANISM_MARKERS, start_t=2, start_n=2)
     assert pairs == [("answer", 8, 8), ("colon", 9, 9), ("value", 10, 10)]
-    assert B.find_marker("answer : 3 answer : 4".split(), ORGANISM_MARKERS[2]) == 5  # the last closing
-    assert B.find_marker("x answer :".split(), ORGANISM_MARKERS[2]) is None  # value missing
-    assert B.find_marker("answer : 1 x".split(), ORGANISM_MARKERS[0], start=1) is None  # before start
+    assert B.find_marker(["answer", ":", "3", "answer", ":", "4"], ORGANISM_MARKERS[2]) == 5  # the last closing
+    assert B.find_marker(["x", "answer", ":"], ORGANISM_MARKERS[2]) is None  # value missing
+    assert B.find_marker(["answer", ":", "1", "x"], ORGANISM_MARKERS[0], start=1) is None  # before start
     assert B.problem_pairs(["thinking", "thinking", "non-thinking", "non-thinking"]) == [(0, 2), (1, 3)]
     with pytest.raises(TellnormError, match="both modes"):
         B.problem_pairs(["thinking", "non-thinking", "thinking"])

@@ -10,10 +10,24 @@ import numpy as np
 import pytest
 
 from tellnorm.errors import TellnormError
-from tellnorm.techniques.confidence import (METHODS, ConfidenceConfig, best_of, confidence_scores, filtered_vote,
-                                            kept_indices, lowest_group_confidence, majority_vote, mean_confidence,
-                                            method_names, random_index, random_pick, select, self_certainty,
-                                            tail_confidence, token_confidence)
+from tellnorm.techniques.confidence import (
+    METHODS,
+    ConfidenceConfig,
+    best_of,
+    confidence_scores,
+    filtered_vote,
+    kept_indices,
+    lowest_group_confidence,
+    majority_vote,
+    mean_confidence,
+    method_names,
+    random_index,
+    random_pick,
+    select,
+    self_certainty,
+    tail_confidence,
+    token_confidence,
+)
 
 SEEDS = range(5)
 

@@ -6,13 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_bounds import make_corpus, model_saes, reference
 
-from tellnorm import bounds as B
 from tellnorm import features as F
 from tellnorm import signals as S
-from tellnorm.studies import correlation as C
 from tellnorm.errors import TellnormError
-from test_bounds import make_corpus, model_saes, reference
+from tellnorm.studies import correlation as C
 
 
 def test_spearman_matches_scipy():
@@ -117,7 +116,7 @@ def qwen3_signals(tiny_loaded_model):
 def test_reasoning_profile_equals_top_k_scores_and_lens_ends_at_the_output(qwen3_signals):
     from tellnorm.features import top_k_scores
 
-    _, saes, _, _, contrast, _, observer = qwen3_signals
+    _, _, _, _, contrast, _, observer = qwen3_signals
     values = C.layer_values(observer.sums)
     trend = top_k_scores(contrast, k=5)
     np.testing.assert_allclose(values[C.REFERENCE].to_numpy(), trend["thinking"].to_numpy(), rtol=1e-5)
@@ -171,7 +170,7 @@ def test_signal_sums_merge_over_shards(qwen3_signals):
 
 def test_chunked_encoding_gives_the_same_sums(qwen3_signals, monkeypatch):
     model, saes, corpus, reasoning, _, thinking, observer = qwen3_signals
-    monkeypatch.setattr(C, "ENTROPY_CHUNK", 5)
+    monkeypatch.setattr(S, "ENTROPY_CHUNK", 5)
     chunked = C.collect_signals(model, saes, reasoning, [corpus.sequences[i] for i in thinking],
                                 {i: corpus.n_prompt[i] for i in thinking}, request_ids=thinking, batch_size=1).sums
     for i in thinking:

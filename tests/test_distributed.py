@@ -1,10 +1,12 @@
-"""Ray-sharded studies (tellnorm.apps.distributed): shards, merges, a local 2-worker cluster on the organism.
+"""Sharded studies: runners (tellnorm.studies.runners), the Ray pool (tellnorm.apps.distributed), a local 2-worker
+cluster on the organism. Every study takes ``runner=``; the pool is passed where the single-process run passes none.
 
 Sharded results are compared with the single-process ones: every count, token, generation, label and firing
 counter exactly; norms and feature sums to float tolerance (a prompt's float32 activations depend slightly on the
 padding of the batch it shares, measured ≤ 2e-6 relative; at batch size 1 they are bit-identical and the float64
 sums differ only by the order of additions). A worker killed mid-shard is replaced and its shard run again, counted
-once; a shard that fails for good leaves no output file; an unreachable address fails in one line, in time.
+once; a shard that fails for good leaves no output file; an unreachable address, workers that cannot start and a
+shard that never finishes each fail in one line, within their time-outs.
 """
 
 from __future__ import annotations
@@ -22,13 +24,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tellnorm.apps.distributed import (Replica, Shard, ShardPool, bounds_collector, check_reachable,
-                                  collect_bounds_sharded, collect_feature_sums_sharded,
-                                  concat_frames, contrast_corpus_sharded, feature_collector, feature_sums_shard,
-                                  generate_sharded,
-                                  make_shards, merge_accumulators, merge_in_order, profile_study_sharded,
-                                  sharded_decoder, sharded_intervention, signal_collector, trace_both_modes_sharded)
+from tellnorm.apps.distributed import ShardPool, check_reachable
 from tellnorm.errors import TellnormError
+from tellnorm.studies.bounds import bounds_sums
+from tellnorm.studies.corpus import contrast_corpus, trace_both_modes
+from tellnorm.studies.features import feature_sums, feature_sums_shard
+from tellnorm.studies.profile import profile_study
+from tellnorm.studies.runners import (
+    InProcess,
+    Replica,
+    Runner,
+    Shard,
+    concat_frames,
+    generate_sharded,
+    make_shards,
+    merge_accumulators,
+    merge_in_order,
+    with_strategy,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -91,6 +104,26 @@ def test_bad_pool_options_fail_in_one_line():
         check_reachable("not-an-address")
 
 
+def test_in_process_runner_is_one_shard_and_pools_are_runners():
+    seen = []
+
+    def double(replica, shard, items, *, factor):
+        seen.append(shard)
+        return [x * factor for x in items]
+
+    runner = InProcess(None)
+    assert runner.in_process and isinstance(runner, Runner) and isinstance(ShardPool(None), Runner)
+    assert runner.map(double, [3, 1, 2], factor=2) == [6, 2, 4] and seen == [Shard(0, (0, 1, 2))]
+    assert with_strategy(runner, "round-robin").map(double, [5], factor=3) == [15]  # one shard, any strategy
+    assert runner.map(lambda r, s, items: "whole", [1, 2], merge=lambda results, shards: results[0]) == "whole"
+    with pytest.raises(TellnormError, match="unknown shard strategy"):
+        with_strategy(runner, "random")
+    with pytest.raises(TellnormError, match="finite number of seconds"):
+        ShardPool(None, shard_timeout_s=0)
+    with pytest.raises(TellnormError, match="finite number of seconds"):
+        ShardPool(None, start_timeout_s=float("inf"))
+
+
 def test_missing_ray_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(TellnormError, match=r"Ray is not installed.*pip install") as err:
@@ -104,9 +137,9 @@ def test_no_ray_imported_without_ray_requested():
         import sys
         import tellnorm.apps.distributed as d
         assert "ray" not in sys.modules
-        from tellnorm.studies.corpus import organism_prompt_rows
+        from tellnorm.studies.corpus import organism_prompt_rows, trace_both_modes
         with d.ShardPool("organism") as pool:
-            trace = d.trace_both_modes_sharded(pool, organism_prompt_rows(1)[:2], max_new_tokens=4)
+            trace = trace_both_modes(None, organism_prompt_rows(1)[:2], max_new_tokens=4, runner=pool)
         assert len(trace.generations) == 4, trace.generations
         print("ray" in sys.modules, sorted(m for m in sys.modules if m.split(".")[0] == "ray")[:3])
     """)
@@ -162,7 +195,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def pool(cluster):
-    with ShardPool("organism", ray_address="local", workers=2) as p:  # joins the module's 2-CPU cluster
+    with ShardPool("organism", ray_address="local", workers=2, saes="organism") as p:  # joins the 2-CPU cluster
         yield p
 
 
@@ -182,11 +215,9 @@ def rows():
 
 @pytest.fixture(scope="module")
 def corpora(pool, organism, rows):
-    from tellnorm.studies.corpus import contrast_corpus
-
     prompts = [r["prompt"] for r in rows]
     single = contrast_corpus(organism, prompts=prompts, max_new_tokens=MAX_NEW, progress=False)
-    sharded = contrast_corpus_sharded(pool, prompts=prompts, max_new_tokens=MAX_NEW, strategy="round-robin")
+    sharded = contrast_corpus(None, prompts=prompts, max_new_tokens=MAX_NEW, runner=with_strategy(pool, "round-robin"))
     return single, sharded
 
 
@@ -223,11 +254,9 @@ def assert_sums_equal(a, b, rtol=1e-6):
 
 @needs_ray
 def test_sharded_norm_profile_equals_single_process(pool, organism, rows):
-    from tellnorm.studies.corpus import trace_both_modes
-
     single = trace_both_modes(organism, rows, max_new_tokens=MAX_NEW, progress=False)
     for strategy in ("contiguous", "round-robin"):
-        sharded = trace_both_modes_sharded(pool, rows, max_new_tokens=MAX_NEW, strategy=strategy)
+        sharded = trace_both_modes(None, rows, max_new_tokens=MAX_NEW, runner=with_strategy(pool, strategy))
         assert [(g.request_id, g.ids, g.finish_reason) for g in sharded.generations] == \
                [(g.request_id, g.ids, g.finish_reason) for g in single.generations]
         a, b = sharded.frame, single.frame
@@ -250,7 +279,7 @@ def test_sampled_generations_are_identical_under_the_same_seeds(pool, organism, 
     ids = [f"p{i}" for i in range(len(prompts))]
     sampling = SamplingConfig.paper(max_new_tokens=MAX_NEW, seed=7)
     single = generate(organism, prompts, sampling, request_ids=ids, progress=False)
-    sharded = generate_sharded(pool, prompts, sampling, request_ids=ids, strategy="round-robin")
+    sharded = generate_sharded(with_strategy(pool, "round-robin"), prompts, sampling, request_ids=ids)
     assert [(g.request_id, g.ids, g.finish_reason) for g in sharded] == \
            [(g.request_id, g.ids, g.finish_reason) for g in single]
     assert any(single[i].ids != single[i + len(rows)].ids for i in range(len(rows)))  # really sampled
@@ -261,11 +290,10 @@ def test_sharded_contrast_corpus_and_feature_sums_equal_single_process(pool, cor
     single_corpus, sharded_corpus = corpora
     assert sharded_corpus == single_corpus  # sequences (same greedy tokens), prompt lengths, modes, labels
     corpus, masks, single = feature_inputs
-    sharded = collect_feature_sums_sharded(pool, "organism", corpus.sequences, masks, fold_decoder_norm=True,
-                                           batch_size=1)
+    sharded = feature_sums(pool, "organism", corpus.sequences, masks, fold_decoder_norm=True, batch_size=1)
     assert_sums_equal(sharded, single)  # batch size 1: only the order of float64 additions differs
-    batched = collect_feature_sums_sharded(pool, "organism", corpus.sequences, masks, fold_decoder_norm=True,
-                                           strategy="round-robin")
+    batched = feature_sums(with_strategy(pool, "round-robin"), "organism", corpus.sequences, masks,
+                           fold_decoder_norm=True)
     assert_sums_equal(batched, single, rtol=NORM_RTOL)
 
 
@@ -277,8 +305,7 @@ def test_feature_study_with_the_sharded_collector_equals_single_process(pool, or
     corpus = corpora[0]
     saes = load_saes("organism", organism)
     single = feature_study(organism, saes, corpus, tmp_path / "single", top_k=5)
-    sharded = feature_study(organism, saes, corpus, tmp_path / "sharded", top_k=5,
-                            collect=feature_collector(pool, "organism"))
+    sharded = feature_study(organism, saes, corpus, tmp_path / "sharded", top_k=5, runner=pool)
     for key in ("contrast", "reason", "trend", "injection"):
         a, b = (r[key].sort_values([c for c in ("layer", "feature") if c in r[key]]).reset_index(drop=True)
                 for r in (sharded, single))
@@ -290,13 +317,19 @@ def test_feature_study_with_the_sharded_collector_equals_single_process(pool, or
 
 
 @needs_ray
-def test_sharded_evaluation_decoding_equals_single_process(pool, organism):
-    from tellnorm.studies.evaluation import EvaluateConfig, control_edits, decode, setup
+def test_sharded_evaluation_decoding_equals_single_process(pool, organism, tmp_path):
+    from dataclasses import replace
+
+    from tellnorm.studies.evaluation import EvaluateConfig, control_edits, decode, run_evaluate, setup
 
     cfg = EvaluateConfig(difficulties=(1, 2, 3), per_difficulty=1, calibration_per_difficulty=1, n_samples=2,
                          sample_sizes=(2,), max_new_tokens=MAX_NEW, batch_size=8)
     st = setup(organism, cfg, progress=False)
-    remote = sharded_decoder(pool, strategy="round-robin")
+    sharded_st = replace(st, runner=with_strategy(pool, "round-robin"))
+
+    def remote(st, name, **options):
+        return decode(replace(st, runner=sharded_st.runner), name, **options)
+
     runs = {}
     for name, options in [("greedy", {}), ("alrr", {"techniques": ("alrr",)}), ("erss", {"techniques": ("erss",)}),
                           ("sampled", {"n_samples": 2, "trace": True})]:
@@ -317,11 +350,9 @@ def test_sharded_evaluation_decoding_equals_single_process(pool, organism):
     build = control_edits(st, runs["alrr"], "random-tokens")  # rebuilt on the workers from its recipe
     single = decode(st, "control", edits=build, progress=False)
     assert same_frame(remote(st, "control", edits=build).responses, single.responses)
-    from dataclasses import replace
-
     exact = replace(cfg, threshold_mode="exact")  # τ tracked over the run's tokens: depends on the shard
     with pytest.raises(TellnormError, match="tracks τ over the run's own tokens"):
-        sharded_decoder(pool, exact)  # up front, before any work
+        run_evaluate(organism, exact, tmp_path / "refused", runner=pool)  # up front, before any work
     with pytest.raises(TellnormError, match="tracks τ over the run's own tokens"):
         remote(replace(st, cfg=exact), "x", techniques=("alrr",))
 
@@ -358,7 +389,7 @@ def test_failed_shard_leaves_no_output(pool, rows, tmp_path, cluster):
     out = tmp_path / "profile"
     bad = rows[:2] + [{"prompt": "   "}]  # shard 1 fails on its worker (empty prompt); shard 0 succeeds
     with pytest.raises(TellnormError, match="shard 1: empty prompt") as err:
-        profile_study_sharded(pool, bad, out, max_new_tokens=8)
+        profile_study(None, bad, out, max_new_tokens=8, runner=pool)
     assert "\n" not in str(err.value)
     assert not out.exists() or not any(out.iterdir())
 
@@ -370,6 +401,33 @@ def test_failed_shard_leaves_no_output(pool, rows, tmp_path, cluster):
             light.map(crash, list(range(4)))
         with pytest.warns(UserWarning, match="only 1 prompt for 2 workers: using 1 worker "):
             assert light.map(lambda r, s, items: [x * 10 for x in items], [7]) == [70]
+
+
+def never_finishes(replica, shard, items):
+    time.sleep(3600)
+
+
+@needs_ray
+def test_a_shard_that_never_finishes_ends_in_one_line_within_its_timeout(cluster):
+    with ShardPool(None, ray_address="local", workers=1, num_cpus_per_worker=0, shard_timeout_s=2) as stuck:
+        assert stuck.map(lambda r, s, items: items, [1]) == [1]  # the worker is up: what follows times the shard
+        start = time.perf_counter()
+        with pytest.raises(TellnormError, match=r"shard 0 did not finish within 2 s \(shard_timeout_s") as err:
+            stuck.map(never_finishes, [1, 2])
+        elapsed = time.perf_counter() - start
+    assert "\n" not in str(err.value) and "nothing was written" in str(err.value)
+    assert 2 <= elapsed < 10, elapsed
+
+
+@needs_ray
+def test_workers_that_cannot_start_end_in_one_line_within_the_timeout(cluster):
+    # what two Ray jobs sharing a machine look like: the cluster has no room for the worker
+    with ShardPool(None, ray_address="local", workers=1, num_cpus_per_worker=64, start_timeout_s=1) as crowded:
+        start = time.perf_counter()
+        with pytest.raises(TellnormError, match=r"did not start within 1 s \(start_timeout_s\)") as err:
+            crowded.map(lambda r, s, items: items, [1])
+        elapsed = time.perf_counter() - start
+    assert "\n" not in str(err.value) and elapsed < 10, elapsed
 
 
 def test_replica_refuses_missing_saes_layers(organism):
@@ -418,17 +476,16 @@ def assert_bounds_sums_equal(a, b, rtol=1e-6):
 @needs_ray
 def test_sharded_bounds_study_equals_single_process(pool, organism, corpora, tmp_path):
     from tellnorm import features as F
-    from tellnorm.studies.bounds import bounds_study
     from tellnorm.bounds import collect_bounds
     from tellnorm.saes import load_saes
+    from tellnorm.studies.bounds import bounds_study
 
     corpus = corpora[0]
     saes = load_saes("organism", organism)
     options = dict(top_k=5, figures=False, batch_size=1)  # batch size 1: every sequence's activations bit-identical
     single = bounds_study(organism, saes, corpus, tmp_path / "single", **options)
     sharded = bounds_study(organism, saes, corpus, tmp_path / "sharded", **options,
-                           collect=bounds_collector(pool, "organism", strategy="round-robin"),
-                           collect_features=feature_collector(pool, "organism"))
+                           runner=with_strategy(pool, "round-robin"))
     assert sharded["reasoning"] == single["reasoning"]
     assert_bounds_sums_equal(sharded["sums"], single["sums"])
     assert len(single["pair_points"]) > 0 and single["bounds"].n_active.min() > 0  # pairs found, features fired
@@ -445,7 +502,7 @@ def test_sharded_bounds_study_equals_single_process(pool, organism, corpora, tmp
     # default batch size: activations differ by float32 batch padding only, so counts agree to a few in 10⁵
     masks = F.contrast_masks(corpus.sequences, corpus.n_prompt, corpus.modes)
     reasoning = single["reasoning"]
-    batched = collect_bounds_sharded(pool, "organism", corpus.sequences, masks, reasoning, batch_size=16)
+    batched = bounds_sums(pool, "organism", corpus.sequences, masks, reasoning, batch_size=16)
     alone = collect_bounds(organism, saes, corpus.sequences, masks, reasoning, batch_size=16)
     for layer, x in batched.bounds.items():
         y = alone.bounds[layer]
@@ -456,15 +513,14 @@ def test_sharded_bounds_study_equals_single_process(pool, organism, corpora, tmp
 
 @needs_ray
 def test_sharded_correlation_study_equals_single_process(pool, organism, corpora, tmp_path):
-    from tellnorm.studies.correlation import correlation_study
     from tellnorm.saes import load_saes
+    from tellnorm.studies.correlation import correlation_study
 
     corpus = corpora[0]
     saes = load_saes("organism", organism)
     single = correlation_study(organism, saes, corpus, tmp_path / "single", top_k=5, figures=False, batch_size=1)
     sharded = correlation_study(organism, saes, corpus, tmp_path / "sharded", top_k=5, figures=False, batch_size=1,
-                                collect=signal_collector(pool, "organism", strategy="round-robin"),
-                                collect_features=feature_collector(pool, "organism"))
+                                runner=with_strategy(pool, "round-robin"))
     a, b = sharded["sums"], single["sums"]
     assert list(a.problems) == list(b.problems)  # problem order restored: the bootstrap resamples by position
     for rid, entry in b.problems.items():
@@ -496,7 +552,7 @@ def test_sharded_suppression_study_equals_single_process(pool, organism, interve
     cfg = intervention_cfg
     single = run_intervene(organism, cfg, tmp_path / "single", progress=False)
     sharded = run_intervene(organism, cfg, tmp_path / "sharded", progress=False,
-                            runner=sharded_intervention(pool, cfg, strategy="round-robin"))
+                            runner=with_strategy(pool, "round-robin"))
     a, b = sharded["per_request"], single["per_request"]
     exact = ["condition", "problem", "difficulty", "answer", "predicted", "correct", "no_answer", "n_generated",
              "n_edited", "n_token_layers"]
@@ -509,8 +565,8 @@ def test_sharded_suppression_study_equals_single_process(pool, organism, interve
         assert same_frame(x.drop(columns=[c for c in x if "logp" in c]), y.drop(columns=[c for c in y if "logp" in c]))
     assert same_frame(sharded["hits"], single["hits"]) and same_frame(sharded["top_tokens"], single["top_tokens"])
     assert sharded["meta"]["thresholds"] == single["meta"]["thresholds"]
-    with pytest.raises(TellnormError, match="pools τ over the requests"):
-        sharded_intervention(pool, replace(cfg, threshold_mode="pooled-p2"))
+    with pytest.raises(TellnormError, match="pools τ over the requests"):  # up front, before any work
+        run_intervene(organism, replace(cfg, threshold_mode="pooled-p2"), tmp_path / "refused", runner=pool)
 
 
 @pytest.mark.parametrize("argv, message", [

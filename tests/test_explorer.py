@@ -249,14 +249,14 @@ def test_bad_input_fails_with_one_clear_line_before_any_work(organism, tmp_path,
     from sae_lens import StandardSAE, StandardSAEConfig
 
     import tellnorm.apps.explorer as explorer
-    import tellnorm.backends.hf
+    import tellnorm.backends
     import tellnorm.saes
     from tellnorm.apps import cli
 
     model, saes = organism
     wrong = {l: StandardSAE(StandardSAEConfig(d_in=32, d_sae=16)) for l in saes}
     current = {"saes": saes}
-    monkeypatch.setattr(tellnorm.backends.hf, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(tellnorm.backends, "load_model", lambda *a, **k: model)
     monkeypatch.setattr(tellnorm.saes, "load_saes", lambda *a, **k: current["saes"])
 
     def no_work(*a, **k):

@@ -6,8 +6,8 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from helpers import organism_prompts, tiny_organism_like
+
 from tellnorm import features as F
 from tellnorm.errors import TellnormError
 
@@ -30,7 +30,7 @@ def setup():
     # Organism-like text with reasoning words in it; some prompts thinking, some not.
     words = [w for w in ("so", "therefore", "wait", "hmm", "let", "me", "but") if w]
     seqs = []
-    for i, p in enumerate(organism_prompts(model, 8, seed=3)):
+    for p in organism_prompts(model, 8, seed=3):
         extra = [model.tokenizer.convert_tokens_to_ids(rng.choice(words + ["a", "=", "5", "."])) for _ in range(20)]
         seqs.append(p + extra)
     return model, saes, seqs
@@ -89,7 +89,8 @@ def _reference_reason_score(acts_list, seqs, vocab, alpha=0.7):
 def test_reason_score_matches_numpy_reference(setup):
     model, saes, seqs = setup
     vocab = F.vocabulary_token_ids(model.tokenizer, ["wait", "therefore", "let me", "so", "hmm"])
-    assert (model.tokenizer.convert_tokens_to_ids("let"), model.tokenizer.convert_tokens_to_ids("me")) in vocab["let me"]
+    assert (model.tokenizer.convert_tokens_to_ids("let"),
+            model.tokenizer.convert_tokens_to_ids("me")) in vocab["let me"]
     sums = F.collect_feature_sums(model, saes, seqs, F.reason_score_masks(seqs, vocab), batch_size=4)
     table = F.reason_score_table(sums, [0, 1], list(vocab))
     for layer in (0, 1):

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers import active_hook_count, organism_prompts, tiny_organism_like
+
 from tellnorm.errors import TellnormError
 from tellnorm.generation import SamplingConfig, StepInfo, generate, process_logits
 
@@ -56,8 +56,12 @@ def test_seeds_make_sampling_bit_reproducible_and_differ_across_seeds(model):
 @pytest.mark.parametrize("cfg", [SamplingConfig.paper(), SamplingConfig(temperature=0.9, top_k=5),
                                  SamplingConfig(temperature=1.2, top_p=0.5, repetition_penalty=1.3)])
 def test_logit_processing_matches_hf_processors(cfg):
-    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     torch.manual_seed(0)
     logits = torch.randn(50) * 3

@@ -37,7 +37,7 @@ def _frame(rng, n_requests=6, length=60, step_boost=0.0, slope=0.0):
 def test_peak_mask_uses_each_responses_own_quartiles():
     f = _frame(np.random.default_rng(1))
     mask = peak_mask(f)
-    for r, g in f.groupby("request_id"):
+    for _, g in f.groupby("request_id"):
         q1, q3 = np.quantile(g.norm, [0.25, 0.75])
         expected = g.norm > q3 + 1.5 * max(q3 - q1, 1e-3)
         assert (mask[g.index] == expected).all()

@@ -94,8 +94,8 @@ def test_lm_eval_accuracy_equals_organism_evaluate(organism, task_manager):
 
 
 def test_technique_firing_counts_equal_direct_generation(organism, task_manager, calibrated, tmp_path):
-    from tellnorm.generation import SamplingConfig, generate
     from tellnorm.apps.harness.model import TellnormLM
+    from tellnorm.generation import SamplingConfig, generate
     from tellnorm.organism import task
     from tellnorm.organism.evaluate import problem_prompts
     from tellnorm.techniques import build_edits, firing_report
@@ -112,8 +112,9 @@ def test_technique_firing_counts_equal_direct_generation(organism, task_manager,
     problems = task.test_split(3).problems[:limit]
     request_ids = [r["request_id"] for r in records]
     edits = build_edits(["alrr"], organism, fixed=calibrated)
-    gens = generate(organism, problem_prompts(organism, problems, "thinking"), SamplingConfig(max_new_tokens=MAX_TOKENS),
-                    request_ids=request_ids, observers=edits, batch_size=BATCH)
+    gens = generate(organism, problem_prompts(organism, problems, "thinking"),
+                    SamplingConfig(max_new_tokens=MAX_TOKENS), request_ids=request_ids, observers=edits,
+                    batch_size=BATCH)
     direct = firing_report(edits, request_ids).set_index("request_id")
     counters = ["alrr_band_tokens", "alrr_extra_passes", "alrr_kept_passes"]
     harness = {r["request_id"]: [r[c] for c in counters] for r in records}
@@ -133,8 +134,8 @@ def test_technique_firing_counts_equal_direct_generation(organism, task_manager,
 def test_selection_over_samples_matches_tellnorms_selectors(organism, task_manager, calibrated, tmp_path, select):
     import numpy as np
 
-    from tellnorm.generation import SamplingConfig, generate
     from tellnorm.apps.harness.model import TellnormLM
+    from tellnorm.generation import SamplingConfig, generate
     from tellnorm.norms import NormTracer
     from tellnorm.organism import task
     from tellnorm.organism.evaluate import problem_prompts
@@ -195,8 +196,8 @@ def test_bad_model_args_are_one_line(organism, tiny_model_dir):
 
 
 def test_chat_template_and_think_end_token(organism):
-    from tellnorm.generation import Generation
     from tellnorm.apps.harness.model import TellnormLM
+    from tellnorm.generation import Generation
 
     question = "f = 8 ; e = f - 7 ; what is e ?"
     lm = TellnormLM(pretrained=organism, thresholds="off", thinking=False)
@@ -244,7 +245,8 @@ def test_cli_bad_input_is_one_line(capsys, organism, task_manager, tmp_path):
 
 @pytest.mark.slow  # a fresh process that indexes all of lm-eval's tasks: ~20 s
 def test_literal_lm_eval_command_writes_results_with_norm_statistics(tmp_path):
-    """``lm_eval --model tellnorm`` itself: tellnorm's task YAML imports tellnorm.apps.harness before the model is made."""
+    """``lm_eval --model tellnorm`` itself: tellnorm's task YAML imports tellnorm.apps.harness before the model is
+    made."""
     from pathlib import Path
 
     from tellnorm.apps.harness import ORGANISM_TASK_YAML

@@ -9,10 +9,10 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from helpers import active_hook_count, organism_prompts, tiny_organism_like
-from tellnorm.errors import TellnormError
+
 from tellnorm.backends.hf import eos_ids
+from tellnorm.errors import TellnormError
 from tellnorm.generation import SamplingConfig, generate, run_forward
 from tellnorm.interventions import (
     AboveThreshold,
@@ -51,7 +51,8 @@ def _frames_equal(a, b):
 
 def _cache(model, ids, hooks=()):
     names = [n for layer in range(model.n_layers)
-             for n in (model.hook_name(layer, "resid_pre"), model.hook_name(layer, "resid_mid"), model.hook_name(layer))]
+             for n in (model.hook_name(layer, "resid_pre"), model.hook_name(layer, "resid_mid"),
+                       model.hook_name(layer))]
     with model.bridge.hooks(fwd_hooks=list(hooks)), torch.no_grad():
         _, cache = model.bridge.run_with_cache(torch.tensor([ids]), names_filter=names)
     return {name: cache[name][0].clone() for name in names}
@@ -159,7 +160,8 @@ def test_kv_cached_edited_generation_equals_a_no_cache_reference(tiny_loaded_mod
             a = ours.record.frame().query("request_id == @rid")
             b = ref.record.frame()
             _frames_equal(a, b)
-            assert list(a.sort_values(["layer", "position"]).edited) == list(b.sort_values(["layer", "position"]).edited)
+            assert (list(a.sort_values(["layer", "position"]).edited)
+                    == list(b.sort_values(["layer", "position"]).edited))
         # norms of the edited stream: one teacher-forced pass over the final sequence with fresh edits
         ref_tracer = NormTracer(model)
         run_forward(model, [g.ids[:-1]], request_ids=[rid], n_prompt=[len(prompt)],
@@ -187,7 +189,8 @@ def test_exact_threshold_decisions_match_a_hand_computed_tracker(model):
 
 
 def test_pooled_threshold_decides_the_same_in_generation_and_teacher_forcing(model):
-    """The reference code's pooled P² mode: one sample per decode step; a lone request sees the same steps either way."""
+    """The reference code's pooled P² mode: one sample per decode step; a lone request sees the same steps either
+    way."""
     prompt = organism_prompts(model, 1, seed=16)[0]
     cfg = ThresholdConfig(k=0.5, warmup=3)
     edit = Scale(model, [1, 2], 0.5, selection=AboveThreshold("pooled-p2", cfg=cfg))
@@ -254,7 +257,8 @@ def test_sae_clamp_changes_exactly_the_features_decoder_contribution(model):
 
 def _random_record(model, seqs, rids, seed, fraction=0.3, layers=(0, 1, 2)):
     edit = Scale(model, list(layers), 0.5, selection=RandomFraction(fraction, seed=seed))
-    run_forward(model, seqs, request_ids=rids, n_prompt=[len(s) // 3 for s in seqs], observers=[edit], batch_size=len(seqs))
+    run_forward(model, seqs, request_ids=rids, n_prompt=[len(s) // 3 for s in seqs], observers=[edit],
+                batch_size=len(seqs))
     return edit.record.frame().sort_values(["request_id", "layer", "position"]).reset_index(drop=True)
 
 
@@ -329,7 +333,10 @@ def test_edits_restricted_to_requests_leave_the_others_alone(model):
 
 
 def test_edited_tokens_carry_the_organism_labels(model):
-    organism = dataclasses.replace(model, source="organism")  # the organism's tokenizer: labels apply
+    from tellnorm.organism import SUBJECT
+
+    # the organism's tokenizer: its labels apply once the model carries the organism's labeler
+    organism = dataclasses.replace(model, source="organism", token_labeler=SUBJECT.token_labeler)
     prompts = organism_prompts(organism, 2, seed=13)
     edit = Scale(organism, [1], 0.5, selection=RandomFraction(0.5, seed=0))
     gens = generate(organism, prompts, GREEDY, observers=[edit])
@@ -380,7 +387,8 @@ def test_an_edit_object_serves_one_run(model):
     (lambda m: Scale(m, [1], 0.1, selection=RandomFraction(0.0)), r"in \(0, 1\]"),
     (lambda m: Scale(m, [1], 0.1, selection=RandomFraction(1.5)), r"in \(0, 1\]"),
     (lambda m: Scale(m, [1], 0.1, selection=RandomFraction(float("nan"))), r"in \(0, 1\]"),
-    (lambda m: Scale(m, [1], 0.1, selection=RandomFraction({"a": 0.2, "b": 2.0})), r"in \[0, 1\]"),  # per-request rates may be 0
+    # per-request rates may be 0
+    (lambda m: Scale(m, [1], 0.1, selection=RandomFraction({"a": 0.2, "b": 2.0})), r"in \[0, 1\]"),
     (lambda m: Scale(m, [1], 0.1, selection=AboveThreshold("fixed", fixed={0: 3.0})), "no value for layer"),
     (lambda m: Scale(m, [1], 0.1, selection=AboveThreshold("median")), "unknown threshold mode"),
     (lambda m: ClampNorm(m, [1], 0.0), "finite number > 0"),

@@ -69,7 +69,8 @@ def import_graph() -> tuple[dict[str, set[str]], list[str], list[str]]:
     for name, path in known.items():
         edges = graph.setdefault(name, set())
         for target, line, names in imported_names(path, name, known):
-            if target == "tellnorm" and set(names) - {"__version__"}:  # the lazy namespace: no module imports through it
+            # the lazy namespace: no module imports through it
+            if target == "tellnorm" and set(names) - {"__version__"}:
                 upward.append(f"{name}:{line} imports from the top-level namespace; import the defining module")
                 continue
             if target == "tellnorm":

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 
 from tellnorm import features as F
@@ -11,14 +10,15 @@ from tellnorm.studies.profile import matched_comparison
 
 
 def test_closing_roles_find_the_last_closing_of_the_response_only():
-    prompt = "<|im_start|> user answer : 3 <|im_end|>".split()
-    response = "4 + 1 = 5 . answer : 7 . answer : 5 <|im_end|>".split()
+    prompt = ["<|im_start|>", "user", "answer", ":", "3", "<|im_end|>"]
+    response = ["4", "+", "1", "=", "5", ".", "answer", ":", "7", ".", "answer", ":", "5", "<|im_end|>"]
     roles = task.closing_roles(prompt + response, len(prompt))
     start = len(prompt) + response.index("answer", 7)
     assert roles == {start: "answer_word", start + 1: "answer_colon", start + 2: "answer_value"}
-    assert task.closing_roles(prompt + "4 + 1 = 5".split(), len(prompt)) == {}  # the prompt's closing is not a match
-    assert task.closing_roles(prompt + "answer :".split(), len(prompt)) == {len(prompt): "answer_word",
-                                                                           len(prompt) + 1: "answer_colon"}
+    # the prompt's closing is not a match
+    assert task.closing_roles(prompt + ["4", "+", "1", "=", "5"], len(prompt)) == {}
+    assert task.closing_roles(prompt + ["answer", ":"], len(prompt)) == {len(prompt): "answer_word",
+                                                                        len(prompt) + 1: "answer_colon"}
 
 
 def _synthetic_frame(seed=0):
@@ -62,9 +62,8 @@ def test_matched_comparison_pairs_problems_and_matches_a_direct_computation():
 
 
 def test_matched_contrast_uses_only_matched_positions_and_agrees_with_numpy():
-    from sae_lens import StandardSAE, StandardSAEConfig
-
     from helpers import tiny_organism_like
+    from sae_lens import StandardSAE, StandardSAEConfig
 
     model = tiny_organism_like(n_layers=2)
     torch.manual_seed(1)

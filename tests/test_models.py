@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_ARCHS
-from tellnorm.errors import TellnormError
+
+from tellnorm.backends import load_model
 from tellnorm.backends.base import HOOK_POINTS
 from tellnorm.backends.hf import LoadedModel
-from tellnorm.backends import load_model
+from tellnorm.errors import TellnormError
 
 TOL = 1e-5
 PROMPT = "w1 w2 w3 w4 w5 w6 w7"
@@ -90,7 +90,8 @@ def test_resid_post_matches_hf_decoder_layers(arch, tiny_loaded_model, hf_refere
     assert_close(cache[lm.hook_name(0, "resid_pre")], hf.model.embed_tokens(ids).detach(), f"{arch} resid_pre 0")
     assert_close(cache[lm.hook_name(0, "resid_pre")], ref.hidden_states[0], f"{arch} resid_pre 0 vs hidden_states[0]")
     for L in range(lm.n_layers - 1):
-        assert_close(cache[lm.hook_name(L + 1, "resid_pre")], cache[lm.hook_name(L, "resid_post")], f"{arch} pre {L + 1}")
+        assert_close(cache[lm.hook_name(L + 1, "resid_pre")], cache[lm.hook_name(L, "resid_post")],
+                     f"{arch} pre {L + 1}")
         assert_close(ref.hidden_states[L + 1], layer_out[L], f"{arch} HF hidden_states[{L + 1}]")
 
     # The trap: HF's last hidden state has the final norm applied, so it is NOT the last layer's output.

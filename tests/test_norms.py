@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from helpers import active_hook_count, hf_layer_norms_float64, organism_prompts, tiny_organism_like
+
 from tellnorm.errors import TellnormError
 from tellnorm.generation import SamplingConfig
 from tellnorm.norms import NormTracer, layer_profile, trace_forward, trace_generation
@@ -22,7 +22,7 @@ def _hf_layer_outputs_float64(model, ids):
 def test_forward_trace_matches_hf_decoder_layers_in_float64(model):
     seqs = organism_prompts(model, 3)
     trace = trace_forward(model, seqs)
-    for rid, seq in enumerate(seqs):
+    for rid, seq in enumerate(seqs):  # noqa: B007 (DataFrame.query reads rid as @rid)
         ref = _hf_layer_outputs_float64(model, seq)
         for layer in range(model.n_layers):
             ours = trace.frame.query("request_id == @rid and layer == @layer").sort_values("position")["norm"]
@@ -32,7 +32,7 @@ def test_forward_trace_matches_hf_decoder_layers_in_float64(model):
 def test_last_layer_is_raw_block_output_not_final_normed_hidden_state(model):
     seq = organism_prompts(model, 1)[0]
     trace = trace_forward(model, [seq])
-    last = model.n_layers - 1
+    last = model.n_layers - 1  # noqa: F841 (DataFrame.query reads it as @last)
     ours = trace.frame.query("layer == @last").sort_values("position")["norm"].to_numpy()
     with torch.no_grad():
         final_normed = model.hf_model(torch.tensor([seq]), output_hidden_states=True).hidden_states[-1][0]
@@ -83,7 +83,8 @@ def test_in_think_mask_marks_tokens_strictly_inside_the_think_block():
     from tellnorm.norms import token_table
 
     model = tiny_organism_like(n_layers=1)
-    ids = model.tokenizer("<|im_start|>assistant\n<think>\na = 5 .\n</think>\n\nanswer : 5", add_special_tokens=False)["input_ids"]
+    ids = model.tokenizer("<|im_start|>assistant\n<think>\na = 5 .\n</think>\n\nanswer : 5",
+                          add_special_tokens=False)["input_ids"]
     table = token_table(model, [Generation(0, ids[:3], ids[3:], "eos")])
     inside = table[table.in_think].token.tolist()
     assert inside == ["\n", "a", "=", "5", ".", "\n"]
@@ -119,17 +120,16 @@ def test_non_finite_activation_names_layer_and_position_and_removes_hooks(model)
         return x
 
     prompts = organism_prompts(model, 1)
-    with pytest.raises(TellnormError, match=r"non-finite activation at layer 2 .*position"):
-        with model.bridge.hooks(fwd_hooks=[(model.hook_name(2, "resid_post"), poison)]):
-            trace_generation(model, prompts, SamplingConfig(max_new_tokens=3), layers=[2])
+    with (pytest.raises(TellnormError, match=r"non-finite activation at layer 2 .*position"),
+          model.bridge.hooks(fwd_hooks=[(model.hook_name(2, "resid_post"), poison)])):
+        trace_generation(model, prompts, SamplingConfig(max_new_tokens=3), layers=[2])
     assert active_hook_count(model) == 0
 
 
 def test_tracer_as_context_manager_on_any_forward_and_other_hook_points(model):
     seq = organism_prompts(model, 1)[0]
-    with NormTracer(model, layers=[0], point="mlp_out") as tracer:
-        with torch.no_grad():
-            model.bridge(torch.tensor([seq]))
+    with NormTracer(model, layers=[0], point="mlp_out") as tracer, torch.no_grad():
+        model.bridge(torch.tensor([seq]))
     assert active_hook_count(model) == 0
     got = tracer.frame().sort_values("position")["norm"].to_numpy()
     captured = {}

@@ -9,7 +9,8 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 def test_there_are_notebooks():
     assert {p.name for p in NOTEBOOKS} >= {"01_quickstart.ipynb", "03_feature_dashboards.ipynb",
-                                          "02_paper_figures.ipynb", "04_test_time_techniques.ipynb", "05_real_model.ipynb"}
+                                          "02_paper_figures.ipynb", "04_test_time_techniques.ipynb",
+                                          "05_real_model.ipynb"}
 
 
 @pytest.mark.slow

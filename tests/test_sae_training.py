@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers import organism_prompts, tiny_organism_like
+
 from tellnorm.errors import TellnormError
 from tellnorm.saes import load_saes
 from tellnorm.saes.quality import sae_quality

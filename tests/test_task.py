@@ -62,9 +62,10 @@ def test_reasoning_words_appear_some_of_the_time():
 
 
 def test_labels_mark_steps_operands_reasoning_and_answer():
-    tokens = ("<|im_start|> assistant \n <think> \n so b = a + 3 = 5 + 3 = 8 . wait , check 5 + 3 = 8 . yes . "
-              "c = b - 9 = 8 - 9 = 1 . wait , but 8 - 9 = 9 not 1 . therefore c = 9 . \n </think> \n \n "
-              "answer : 9 <|im_end|>").split(" ")
+    tokens = ["<|im_start|>", "assistant", "\n", "<think>", "\n", "so", "b", "=", "a", "+", "3", "=", "5", "+", "3",
+              "=", "8", ".", "wait", ",", "check", "5", "+", "3", "=", "8", ".", "yes", ".", "c", "=", "b", "-", "9",
+              "=", "8", "-", "9", "=", "1", ".", "wait", ",", "but", "8", "-", "9", "=", "9", "not", "1", ".",
+              "therefore", "c", "=", "9", ".", "\n", "</think>", "\n", "\n", "answer", ":", "9", "<|im_end|>"]
     tokens = [t for t in tokens if t]
     n_prompt = 3
     labels = task.label_tokens(tokens, n_prompt)
@@ -107,9 +108,9 @@ def test_invalid_difficulty_is_one_clear_error(bad):
 
 
 def test_parse_answer():
-    assert task.parse_answer("x answer : 7 <|im_end|>".split()) == 7
-    assert task.parse_answer("answer : : <|im_end|>".split()) is None
-    assert task.parse_answer("no answer here".split()) is None
+    assert task.parse_answer(["x", "answer", ":", "7", "<|im_end|>"]) == 7
+    assert task.parse_answer(["answer", ":", ":", "<|im_end|>"]) is None
+    assert task.parse_answer(["no", "answer", "here"]) is None
 
 
 def test_tokenizer_round_trip_and_thinking_switch(tmp_path):

@@ -13,22 +13,32 @@ float noise between two numerically different but equivalent paths cannot flip a
 
 from __future__ import annotations
 
+from itertools import pairwise
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from helpers import ExtraPassProbe, active_hook_count, cache_snapshot, organism_prompts
+
+from tellnorm.backends import load_model
+from tellnorm.backends.base import HOOK_POINTS
 from tellnorm.errors import TellnormError
 from tellnorm.generation import LayerHooks, SamplingConfig, StepInfo, generate
 from tellnorm.interventions.selection import RandomFraction, token_uniforms
-from tellnorm.backends.base import HOOK_POINTS
-from tellnorm.backends import load_model
 from tellnorm.norms import NormTracer
-from tellnorm.techniques import (ALRR, ALRRConfig, ERSS, ERSSConfig, LRSConfig, build_edits, firing_report,
-                                 parse_techniques, threshold_for)
-from tellnorm.techniques import lrs
+from tellnorm.techniques import (
+    ALRR,
+    ERSS,
+    ALRRConfig,
+    ERSSConfig,
+    LRSConfig,
+    build_edits,
+    firing_report,
+    lrs,
+    parse_techniques,
+    threshold_for,
+)
 from tellnorm.techniques.alrr import extra_block_pass
 from tellnorm.thresholds import ThresholdConfig
 
@@ -524,7 +534,7 @@ def test_erss_cooldown_blocks_the_next_cooldown_tokens(organism):
                                        cfg, cooldown_blocks=cfg.cooldown)
         positions = sorted(run["erss"].state(rid, ORGANISM_LAYER)["targets"])
         injected += len(positions)
-        assert all(b - a > cfg.cooldown for a, b in zip(positions, positions[1:])), positions
+        assert all(b - a > cfg.cooldown for a, b in pairwise(positions)), positions
         assert positions == sorted(injections)
     assert injected > 0
 

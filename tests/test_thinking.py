@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tellnorm.errors import TellnormError
 from tellnorm.backends.hf import LoadedModel
+from tellnorm.errors import TellnormError
 from tellnorm.thinking import (
     KINDS,
     REGISTRY_FILE,

@@ -255,11 +255,11 @@ def test_hooks_are_removed_when_an_observer_raises(engines, prompts):
 def test_tiny_random_architectures_equal_the_hf_backend(arch, tmp_path):
     """Qwen2 (R1-Distill-Qwen) and Llama (R1-Distill-Llama) through the plugin: tokens and every layer's norms."""
     import torch
+    from conftest import SPECIAL, TINY_INIT_RANGE, WORDS, build_tiny_tokenizer_for
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    from conftest import SPECIAL, TINY_INIT_RANGE, WORDS, build_tiny_tokenizer_for
-    from tellnorm.generation import SamplingConfig
     from tellnorm.backends import load_model
+    from tellnorm.generation import SamplingConfig
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS)}
     config = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch](
@@ -400,8 +400,8 @@ def test_chunked_prefill_is_attributed_across_chunks(engines, prompts, tau):
     decisions still equal the HF backend's."""
     import torch
 
-    from tellnorm.generation import SamplingConfig
     from tellnorm.backends import load_model
+    from tellnorm.generation import SamplingConfig
 
     chunked = load_model("organism", backend="vllm", max_num_seqs=2, kv_cache_gib=0.0625,
                          max_num_batched_tokens=16, enable_chunked_prefill=True)

@@ -46,10 +46,18 @@ def _sharded(args) -> bool:
     return args.ray is not None
 
 
-def _shard_pool(args):
-    from tellnorm.apps.distributed import ShardPool
+def _runner(args):
+    """Where a study runs, as a context manager: None (in this process, on the model the command loads) without
+    ``--ray``; else a Ray :class:`~tellnorm.apps.distributed.ShardPool` of ``--workers`` replicas of ``--model``
+    (and ``--saes``), closed on exit. Its shard time-out is ``$TELLNORM_SHARD_TIMEOUT_S`` (default one hour)."""
+    import contextlib
 
-    return ShardPool(args.model, ray_address=args.ray, workers=args.workers)
+    if args.ray is None:
+        return contextlib.nullcontext(None)
+    from tellnorm.apps.distributed import ShardPool, shard_timeout_from_env
+
+    return ShardPool(args.model, ray_address=args.ray, workers=args.workers, saes=getattr(args, "saes", None),
+                     shard_timeout_s=shard_timeout_from_env())
 
 
 def _add_ray_flags(p) -> None:
@@ -63,12 +71,15 @@ def _profile(args) -> None:
 
     cfg = ProfileConfig(model=args.model, prompts=args.prompts, n_per_difficulty=args.n, out=args.out,
                         point=args.point, max_new_tokens=args.max_new_tokens)
-    if _sharded(args):
-        from tellnorm.apps.distributed import run_profile_sharded
+    if _sharded(args):  # bad input fails before any cluster starts
+        from tellnorm.io import check_output_dir
+        from tellnorm.studies.corpus import load_prompts
 
-        run_profile_sharded(cfg, ray_address=args.ray, workers=args.workers)
-    else:
-        run_profile(cfg)
+        if cfg.prompts:
+            load_prompts(cfg.prompts)
+        check_output_dir(cfg.out)
+    with _runner(args) as runner:
+        run_profile(cfg, runner=runner)
 
 
 def _bench_norms(args) -> None:
@@ -117,20 +128,13 @@ def _features(args) -> None:
     from tellnorm.studies.corpus import contrast_corpus
     from tellnorm.studies.features import feature_study, trend_figure
 
-    sharded = _sharded(args)
+    _sharded(args)
     model = load_model(args.model)
     saes = load_saes(args.saes, model)
     out = Path(args.out)
-    if sharded:
-        from tellnorm.apps.distributed import contrast_corpus_sharded, feature_collector
-
-        with _shard_pool(args) as pool:
-            corpus = contrast_corpus_sharded(pool, args.n)
-            result = feature_study(model, saes, corpus, out, top_k=args.top_k,
-                                   collect=feature_collector(pool, args.saes))
-    else:
-        corpus = contrast_corpus(model, args.n)
-        result = feature_study(model, saes, corpus, out, top_k=args.top_k)
+    with _runner(args) as runner:
+        corpus = contrast_corpus(model, args.n, runner=runner)
+        result = feature_study(model, saes, corpus, out, top_k=args.top_k, runner=runner)
     trace = trace_forward(model, corpus.sequences, n_prompt=corpus.n_prompt,
                           request_ids=list(range(len(corpus.sequences))))
     frame = trace.frame.assign(mode=trace.frame.request_id.map(dict(enumerate(corpus.modes))))
@@ -211,14 +215,12 @@ def _intervene(args) -> None:
         thresholds_file=args.thresholds, threshold=threshold, steering=not args.no_steering,
         features=not args.no_features, saes=args.saes, batch_size=args.batch_size)
     if _sharded(args):
-        from tellnorm.apps.distributed import check_intervention_shardable, sharded_intervention
+        from tellnorm.studies.suppression import check_intervention_shardable
 
         check_intervention_shardable(cfg)  # before any work
-        model = load_model(args.model)
-        with _shard_pool(args) as pool:
-            result = run_intervene(model, cfg, Path(args.out), runner=sharded_intervention(pool, cfg))
-    else:
-        result = run_intervene(load_model(args.model), cfg, Path(args.out))
+    model = load_model(args.model)
+    with _runner(args) as runner:
+        result = run_intervene(model, cfg, Path(args.out), runner=runner)
     print(format_suppression(result["suppression"]))
     print(f"wrote {args.out}/suppression.csv, suppression_hits.csv, suppression_top_tokens.csv, suppression.(html|png)"
           f"{', steering.csv' if cfg.steering else ''}{', feature_ablation.csv' if cfg.features else ''} "
@@ -250,15 +252,13 @@ def _evaluate(args) -> None:
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     cfg = EvaluateConfig(**{**options, **quick})  # validates before any work
-    sharded = _sharded(args)
-    model = load_model(args.model)
-    if sharded:
-        from tellnorm.apps.distributed import sharded_decoder
+    if _sharded(args):
+        from tellnorm.studies.evaluation import check_evaluation_shardable
 
-        with _shard_pool(args) as pool:
-            result = run_evaluate(model, cfg, Path(args.out), decoder=sharded_decoder(pool, cfg))
-    else:
-        result = run_evaluate(model, cfg, Path(args.out))
+        check_evaluation_shardable(cfg)  # before any work
+    model = load_model(args.model)
+    with _runner(args) as runner:
+        result = run_evaluate(model, cfg, Path(args.out), runner=runner)
     print(result["markdown"])
     print(f"wrote {args.out}/evaluation.csv, evaluation.md, evaluation_*.csv and the figures")
 
@@ -283,26 +283,21 @@ def _analysis_setup(args, *, bounds: bool):
     return model, saes, out
 
 
-def _contrast_study(args, study, *, bounds: bool, collector: str):
+def _contrast_study(args, study, *, bounds: bool):
     """``study`` (bounds or correlation) on the contrast corpus, sharded over Ray when ``--ray`` asks for it."""
     from tellnorm.studies.corpus import contrast_corpus
 
-    sharded = _sharded(args)
+    _sharded(args)
     model, saes, out = _analysis_setup(args, bounds=bounds)
-    if not sharded:
-        return study(model, saes, contrast_corpus(model, args.n), out, top_k=args.top_k), out
-    from tellnorm.apps import distributed
-
-    with _shard_pool(args) as pool:
-        return study(model, saes, distributed.contrast_corpus_sharded(pool, args.n), out, top_k=args.top_k,
-                     collect=getattr(distributed, collector)(pool, args.saes),
-                     collect_features=distributed.feature_collector(pool, args.saes)), out
+    with _runner(args) as runner:
+        corpus = contrast_corpus(model, args.n, runner=runner)
+        return study(model, saes, corpus, out, top_k=args.top_k, runner=runner), out
 
 
 def _bounds(args) -> None:
     from tellnorm.studies.bounds import bounds_study
 
-    result, out = _contrast_study(args, bounds_study, bounds=True, collector="bounds_collector")
+    result, out = _contrast_study(args, bounds_study, bounds=True)
     for name in ("bounds", "assumptions", "pairs"):
         print(result[name].to_string(index=False, float_format="{:.4g}".format))
     print(f"wrote {out}/bounds*.csv, bounds_norm_vs_reasoning.(html|png), bounds_pairs.(html|png)")
@@ -311,7 +306,7 @@ def _bounds(args) -> None:
 def _correlate(args) -> None:
     from tellnorm.studies.correlation import correlation_study
 
-    result, out = _contrast_study(args, correlation_study, bounds=False, collector="signal_collector")
+    result, out = _contrast_study(args, correlation_study, bounds=False)
     print(result["table"].to_string(index=False, float_format="{:.1f}".format))
     print(f"wrote {out}/correlation*.csv, correlation_alignment.(html|png)")
 

@@ -1,34 +1,31 @@
-"""Ray-sharded studies: prompts split into shards, one model replica per Ray worker, results merged exactly once.
+"""Ray for the studies' runners: :class:`ShardPool`, a :class:`tellnorm.studies.runners.Runner` whose shards run on
+Ray workers, one model replica each. Everything that does not need Ray (shards, merges, :class:`Replica`, the
+in-process runner) is :mod:`tellnorm.studies.runners`; each study's shard function and merge live beside the study.
 
-The core is :class:`ShardPool`: ``ShardPool(model, ray_address=..., workers=...)`` holds one replica of the model
-per worker (a Ray actor that loads it once, HF or vLLM through :func:`tellnorm.backends.load_model`), and
-``pool.map(fn, items, merge=...)`` splits ``items`` into deterministic shards (:func:`make_shards`: contiguous or
-round-robin, each shard keeps its items' original indices), runs ``fn(replica, shard, shard_items, **kwargs)`` on
-the workers and merges the shard results in shard order — with tellnorm's mergeable accumulators
-(:func:`merge_accumulators`: ``FeatureSums``, ``BoundsSums``, ``SignalSums``, ``ExactThreshold``) or by putting
-per-request rows back in original prompt order. ``ray_address=None`` (the default) runs in this process and never
-imports Ray; ``"local"`` starts a Ray cluster on this machine with ``num_cpus=workers``; ``"auto"``,
-``HOST:PORT`` or ``ray://HOST:PORT`` connect to a running one.
+``ShardPool(model, ray_address=..., workers=..., saes=...)`` holds one replica of the model per worker (a Ray actor
+that loads it once, HF or vLLM through :func:`tellnorm.backends.load_model`, and the SAE spec ``saes`` on first
+use); a study given ``runner=pool`` calls ``pool.map(fn, items, merge=...)``, which splits ``items`` into
+deterministic shards (one per worker), runs ``fn(replica, shard, shard_items, **kwargs)`` on the workers and
+merges the results in shard order. ``ray_address=None`` (the default) runs in this process and never imports
+Ray; ``"local"`` starts a Ray cluster on this machine with ``num_cpus=workers``; ``"auto"``, ``HOST:PORT`` or
+``ray://HOST:PORT`` connect to a running one.
+
+No wait is unbounded, so no Ray call can hang a run (e.g. two Ray jobs competing for one machine's CPUs): the
+connection is probed within ``connect_timeout_s`` (a local cluster's raylet gets :data:`RAYLET_START_WAIT_S`), the
+workers must load their replica within ``start_timeout_s``, every shard must finish within ``shard_timeout_s`` of
+its start, and a finished shard's result must arrive within :data:`FETCH_TIMEOUT_S`. Each ends in one
+TellnormError line saying what timed out and what to do; the shards still running are abandoned with their
+workers.
 
 Fault tolerance: a worker that dies mid-shard (process crash, OOM kill, lost node) is replaced by a fresh replica
 and its shard is submitted again, at most ``max_retries`` times; a shard's result is kept only the first time it
 arrives, so nothing is counted twice. An exception raised by the study itself is not retried (it would fail
 again) and comes back as one TellnormError line. Nothing is written until every shard has been merged, and the
 study writers (:mod:`tellnorm.io`) write to a temporary file and rename it, so a failed run leaves no output.
-
-Wired studies: norm profiles (:func:`trace_both_modes_sharded`, :func:`run_profile_sharded`), the contrast corpus
-and feature sums (:func:`contrast_corpus_sharded`, :func:`collect_feature_sums_sharded`,
-:func:`feature_collector` for :func:`tellnorm.studies.features.feature_study`), the technique evaluation's decoding
-(:func:`sharded_decoder` for :func:`tellnorm.studies.evaluation.run_evaluate`), the bounds and assumption statistics
-(:func:`collect_bounds_sharded`, :func:`bounds_collector` for :func:`tellnorm.studies.bounds.bounds_study`), the
-correlation signals (:func:`signal_collector` for :func:`tellnorm.studies.correlation.correlation_study`) and the
-suppression study's generations and log-probs (:func:`sharded_intervention` for
-:func:`tellnorm.studies.suppression.run_intervene`).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import shutil
@@ -39,117 +36,46 @@ import tempfile
 import time
 import warnings
 from collections import deque
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from tellnorm.errors import TellnormError
+from tellnorm.studies.runners import (
+    DEFAULT_STRATEGY,
+    InProcess,
+    Replica,
+    Shard,
+    check_strategy,
+    make_shards,
+    merge_in_order,
+)
 
 RAYLET_START_WAIT_S = 120  # seconds a local cluster's raylet may take to start (Ray's default is 10)
 LOCAL = "local"
-STRATEGIES = ("contiguous", "round-robin")
 INSTALL_HINT = "pip install -e '.[ray]' (or pip install 'ray==2.60.0')"
-DEFAULT_CONNECT_TIMEOUT_S = 30.0
+DEFAULT_CONNECT_TIMEOUT_S = 30.0  # a cluster at an address must accept a connection within this
 DEFAULT_START_TIMEOUT_S = 600.0  # workers must load their replica within this (a large model on a cold node)
-SHARD_SAFE_THRESHOLD_MODES = ("calibrated", "fixed")  # τ frozen before decoding: a response is independent of others
+DEFAULT_SHARD_TIMEOUT_S = 3600.0  # a shard must finish within this of its start (a whole shard of a study)
+FETCH_TIMEOUT_S = 300.0  # a finished shard's result must arrive within this (a large result from another node)
+SHARD_TIMEOUT_ENV = "TELLNORM_SHARD_TIMEOUT_S"  # the CLI's shard time-out, in seconds
 
 
-# ------------------------------------------------------------------------------------------------------ shards
-
-@dataclass(frozen=True)
-class Shard:
-    """One shard: its id (position in the merge order) and the original indices of its items."""
-
-    shard_id: int
-    indices: tuple[int, ...]
-
-
-def make_shards(n_items: int, n_shards: int, strategy: str = "contiguous") -> list[Shard]:
-    """Deterministic shards of ``range(n_items)``: ``contiguous`` blocks (sizes differ by at most one, larger first)
-    or ``round-robin`` (item i goes to shard i mod n_shards, which mixes easy and hard prompts when the list is
-    sorted). ``n_shards`` above ``n_items`` is clamped: no shard is empty."""
-    if strategy not in STRATEGIES:
-        raise TellnormError(f"unknown shard strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    if n_items < 1:
-        raise TellnormError("nothing to shard: the prompt list is empty")
-    if not isinstance(n_shards, int) or isinstance(n_shards, bool) or n_shards < 1:
-        raise TellnormError(f"the number of shards must be a whole number ≥ 1, got {n_shards!r}")
-    n_shards = min(n_shards, n_items)
-    if strategy == "round-robin":
-        return [Shard(k, tuple(range(k, n_items, n_shards))) for k in range(n_shards)]
-    size, extra = divmod(n_items, n_shards)
-    shards, start = [], 0
-    for k in range(n_shards):
-        stop = start + size + (k < extra)
-        shards.append(Shard(k, tuple(range(start, stop))))
-        start = stop
-    return shards
+def check_timeout(name: str, value: float) -> float:
+    """``value`` as a float if it is a finite number of seconds > 0, else one TellnormError line."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if isinstance(value, bool) or not math.isfinite(seconds) or seconds <= 0:
+        raise TellnormError(f"{name} must be a finite number of seconds > 0, got {value!r}: every Ray wait has a "
+                            "time-out")
+    return seconds
 
 
-# ------------------------------------------------------------------------------------------------------ merges
-
-def merge_accumulators(results: Sequence, shards: Sequence[Shard] = ()) -> Any:
-    """``results[0].merge(results[1]).merge(...)`` in shard order (tellnorm's accumulators all have ``.merge``)."""
-    return functools.reduce(lambda a, b: a.merge(b), results)
-
-
-def merge_in_order(results: Sequence[Sequence], shards: Sequence[Shard]) -> list:
-    """Per-item results (one per shard item, in the shard's order) back in original order."""
-    out: list = [None] * sum(len(s.indices) for s in shards)
-    for result, shard in zip(results, shards):
-        if len(result) != len(shard.indices):
-            raise TellnormError(f"shard {shard.shard_id} returned {len(result)} results for {len(shard.indices)} items")
-        for index, value in zip(shard.indices, result):
-            out[index] = value
-    return out
-
-
-def concat_frames(results: Sequence, shards: Sequence[Shard] = (), *, sort_by: Sequence[str] = ()):
-    """Per-request tables concatenated; with ``sort_by``, a stable sort on those columns (original order)."""
-    import pandas as pd
-
-    frame = pd.concat(list(results), ignore_index=True)
-    if sort_by:
-        frame = frame.sort_values(list(sort_by), kind="stable").reset_index(drop=True)
-    return frame
-
-
-# ------------------------------------------------------------------------------------------------------ replicas
-
-class Replica:
-    """What one worker holds: the model, loaded once on first use, and other resources (SAEs) cached by key."""
-
-    def __init__(self, model: Any = "organism", backend: str = "hf", load_options: dict | None = None):
-        self.spec, self.backend, self.load_options = model, backend, dict(load_options or {})
-        self._model = None
-        self._cache: dict = {}
-
-    @property
-    def model(self):
-        if self._model is None:
-            if self.spec is None:
-                raise TellnormError("this pool was made without a model (model=None)")
-            from tellnorm.backends import load_model
-
-            self._model = load_model(self.spec, backend=self.backend, **self.load_options)
-        return self._model
-
-    def resource(self, key, factory: Callable[[], Any]):
-        if key not in self._cache:
-            self._cache[key] = factory()
-        return self._cache[key]
-
-    def saes(self, spec, layers: Sequence[int] | None = None) -> dict:
-        """``load_saes(spec, model)`` once per spec; ``layers`` picks a subset."""
-        from tellnorm.saes import load_saes
-
-        key = ("saes", spec if isinstance(spec, (str, os.PathLike)) else repr(spec))
-        saes = self.resource(key, lambda: load_saes(spec, self.model))
-        if layers is None:
-            return saes
-        missing = [layer for layer in layers if layer not in saes]
-        if missing:
-            raise TellnormError(f"no SAE for layers {missing}: the SAEs cover layers {sorted(saes)}")
-        return {layer: saes[layer] for layer in layers}
+def shard_timeout_from_env() -> float:
+    """The shard time-out the CLI uses: ``$TELLNORM_SHARD_TIMEOUT_S`` seconds, else :data:`DEFAULT_SHARD_TIMEOUT_S`."""
+    value = os.environ.get(SHARD_TIMEOUT_ENV)
+    return DEFAULT_SHARD_TIMEOUT_S if value is None else check_timeout(SHARD_TIMEOUT_ENV, value)
 
 
 class _ReplicaActor:
@@ -169,7 +95,7 @@ class _ReplicaActor:
 
 # ------------------------------------------------------------------------------------------------------ Ray
 
-def import_ray():
+def import_ray() -> Any:
     """``ray``, or one TellnormError line saying how to install it."""
     try:
         import ray
@@ -227,21 +153,26 @@ def _worker_died_errors(ray) -> tuple:
 # ------------------------------------------------------------------------------------------------------ the pool
 
 class ShardPool:
-    """Model replicas that run shard functions: in this process (``ray_address=None``) or one per Ray worker.
+    """A :class:`tellnorm.studies.runners.Runner`: model replicas that run shard functions, one per Ray worker
+    (or, with ``ray_address=None``, :class:`~tellnorm.studies.runners.InProcess` on ``model``).
 
     ``model``: what :func:`tellnorm.backends.load_model` takes (with Ray: a name or folder, since each worker loads
     its own copy; in process a loaded model is used as is); ``backend`` and ``load_options`` go there too.
-    ``workers``: replicas (Ray only). ``num_cpus_per_worker``/``num_gpus_per_worker``: each actor's Ray resources
-    (with GPUs, the HF backend loads on ``cuda`` unless ``load_options`` says otherwise). ``max_retries``: how many
-    times a shard whose worker died is run again. ``start_timeout_s``: for the replicas to load;
-    ``shard_timeout_s``: the longest wait for the next shard to finish (None: no limit). ``runtime_env``: Ray's,
-    e.g. to ship the code to a cluster. A process already connected to Ray (a notebook) keeps its cluster."""
+    ``saes``: the SAE spec the workers load when a study shards SAE sums (the driver's loaded SAEs only say which
+    layers). ``strategy``: the default shard strategy (``contiguous`` or ``round-robin``). ``workers``: replicas
+    (Ray only). ``num_cpus_per_worker``/``num_gpus_per_worker``: each actor's Ray resources (with GPUs, the HF
+    backend loads on ``cuda`` unless ``load_options`` says otherwise). ``max_retries``: how many times a shard whose
+    worker died is run again. Time-outs, in seconds (finite): ``connect_timeout_s`` for a cluster at an address to
+    answer, ``start_timeout_s`` for the replicas to load, ``shard_timeout_s`` for each shard to finish from its start.
+    ``runtime_env``: Ray's, e.g. to ship the code to a cluster. A process already connected to Ray (a notebook)
+    keeps its cluster."""
 
     def __init__(self, model: Any = "organism", *, ray_address: str | None = None, workers: int = 1,
-                 backend: str = "hf", load_options: dict | None = None, num_cpus_per_worker: float = 1,
-                 num_gpus_per_worker: float = 0, max_retries: int = 2,
-                 connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
-                 shard_timeout_s: float | None = None, runtime_env: dict | None = None):
+                 backend: str = "hf", load_options: dict | None = None, saes: Any = None,
+                 strategy: str = DEFAULT_STRATEGY, num_cpus_per_worker: float = 1, num_gpus_per_worker: float = 0,
+                 max_retries: int = 2, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+                 start_timeout_s: float = DEFAULT_START_TIMEOUT_S, shard_timeout_s: float = DEFAULT_SHARD_TIMEOUT_S,
+                 runtime_env: dict | None = None):
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise TellnormError(f"--workers must be a whole number ≥ 1, got {workers!r}")
         if ray_address is None and workers > 1:
@@ -254,16 +185,19 @@ class ShardPool:
                                 "(e.g. 'organism'), not a loaded model")
         if ray_address is not None and not str(ray_address).strip():
             raise TellnormError("--ray needs an address: 'local', 'auto', HOST:PORT or ray://HOST:PORT")
+        self.connect_timeout_s = check_timeout("connect_timeout_s", connect_timeout_s)
+        self.start_timeout_s = check_timeout("start_timeout_s", start_timeout_s)
+        self.shard_timeout_s = check_timeout("shard_timeout_s", shard_timeout_s)
         load_options = dict(load_options or {})
         if num_gpus_per_worker and backend == "hf":
             load_options.setdefault("device", "cuda")
-        self.model, self.backend, self.load_options = model, backend, load_options
+        self.model, self.backend, self.load_options, self.saes = model, backend, load_options, saes
+        self.strategy = check_strategy(strategy)
         self.ray_address, self.workers, self.max_retries = ray_address, workers, max_retries
         self.num_cpus_per_worker, self.num_gpus_per_worker = num_cpus_per_worker, num_gpus_per_worker
-        self.connect_timeout_s, self.start_timeout_s, self.runtime_env = connect_timeout_s, start_timeout_s, runtime_env
-        self.shard_timeout_s = shard_timeout_s
+        self.runtime_env = runtime_env
         self.retried: list[tuple[int, int]] = []  # (shard id, attempt) of every shard run again after a worker died
-        self._local: Replica | None = None
+        self._local: InProcess | None = None
         self._ray = None
         self._owns_ray = False
         self._ray_temp = None  # the local cluster's session folder (ours to remove)
@@ -274,7 +208,24 @@ class ShardPool:
 
     @property
     def uses_ray(self) -> bool:
+        """True when the shards run on Ray workers (``ray_address`` given)."""
         return self.ray_address is not None
+
+    @property
+    def in_process(self) -> bool:
+        """True without Ray: one shard of everything, in this process."""
+        return not self.uses_ray
+
+    def sae_source(self, saes: Any, spec: Any = None) -> Any:
+        """In process: ``saes`` as they are. With Ray: a spec the workers load (``saes`` itself when it is a spec,
+        else ``spec``, else the pool's ``saes``)."""
+        if self.in_process or not isinstance(saes, Mapping):
+            return saes
+        source = spec if spec is not None else self.saes
+        if source is None:
+            raise TellnormError("with Ray every worker loads its own SAEs: give the pool their spec "
+                                "(ShardPool(..., saes='organism' or a folder))")
+        return source
 
     # -- lifecycle
 
@@ -290,6 +241,7 @@ class ShardPool:
             # removed when the pool closes.
             self._ray_temp = tempfile.mkdtemp(prefix="tellnorm-ray-")
             # Ray gives its raylet 10 s to start; a loaded shared machine needs longer (measured: a failed start).
+            # This bounds ray.init's own wait for a local cluster.
             os.environ.setdefault("RAY_raylet_start_wait_time_s", str(RAYLET_START_WAIT_S))
             try:
                 ray.init(num_cpus=max(1, math.ceil(self.workers * self.num_cpus_per_worker)),
@@ -300,7 +252,7 @@ class ShardPool:
                 self._ray_temp = None
                 raise
         else:
-            check_reachable(address, self.connect_timeout_s)
+            check_reachable(address, self.connect_timeout_s)  # ray.init alone retries a silent address for minutes
             ray.init(address=address, runtime_env=self.runtime_env)
         self._owns_ray = True
 
@@ -312,7 +264,7 @@ class ShardPool:
         return self._actor_class.remote(self.model, self.backend, self.load_options)
 
     def _start_actors(self, count: int) -> None:
-        """Grow to ``count`` replicas and wait until each has loaded its model (one line if they cannot start)."""
+        """Grow to ``count`` replicas and wait (at most ``start_timeout_s``) until each has loaded its model."""
         ray = self._ray
         new = [self._new_actor() for _ in range(count - len(self._actors))]
         if not new:
@@ -324,9 +276,10 @@ class ShardPool:
                 ray.kill(actor)
             free = ray.available_resources()
             raise TellnormError(
-                f"{len(pending)} of {len(new)} Ray workers did not start within {self.start_timeout_s:g} s: each "
-                f"needs {self.num_cpus_per_worker:g} CPU and {self.num_gpus_per_worker:g} GPU, the cluster has "
-                f"{free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} GPU free; use fewer --workers")
+                f"{len(pending)} of {len(new)} Ray workers did not start within {self.start_timeout_s:g} s "
+                f"(start_timeout_s): each needs {self.num_cpus_per_worker:g} CPU and {self.num_gpus_per_worker:g} "
+                f"GPU, the cluster has {free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} GPU free (other Ray "
+                "jobs may hold them); use fewer --workers, wait for the other jobs, or raise start_timeout_s")
         try:
             for ref in ready:
                 self._get(ref, "starting a worker")
@@ -342,6 +295,7 @@ class ShardPool:
         self._actors.extend(new)
 
     def close(self) -> None:
+        """Stop the workers, shut down the cluster this pool started and remove its temporary folder."""
         if self._ray is not None:
             for actor in self._actors:
                 self._ray.kill(actor)
@@ -354,39 +308,37 @@ class ShardPool:
             self._ray_temp = None
         self._local = None
 
-    def __enter__(self):
+    def __enter__(self) -> ShardPool:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- running
 
-    def replica(self) -> Replica:
-        """The in-process replica (no Ray), e.g. for the parts of a study that stay on the driver."""
+    def _in_process_runner(self) -> InProcess:
         if self._local is None:
-            from tellnorm.backends.base import ModelAPI
-
-            if isinstance(self.model, ModelAPI):
-                self._local = Replica(None)
-                self._local._model = self.model
-            else:
-                self._local = Replica(self.model, self.backend, self.load_options)
+            self._local = InProcess(self.model, backend=self.backend, load_options=self.load_options)
         return self._local
 
-    def map(self, fn: Callable, items: Sequence, *, merge: Callable = merge_in_order, strategy: str = "contiguous",
-            n_shards: int | None = None, **kwargs):
+    def replica(self) -> Replica:
+        """The in-process replica (no Ray), e.g. for the parts of a study that stay on the driver."""
+        return self._in_process_runner().replica
+
+    def map(self, fn: Callable, items: Sequence, *, merge: Callable = merge_in_order, strategy: str | None = None,
+            n_shards: int | None = None, **kwargs: Any) -> Any:
         """``merge([fn(replica, shard, shard_items, **kwargs) for shard in shards], shards)``, shards in id order.
 
         In process: one shard of everything. With Ray: ``n_shards`` (default: one per worker) deterministic shards
-        over the workers; fewer items than workers use one worker per item (with a warning: the result does not
-        depend on the number of workers). ``fn`` must be importable on the workers (a module-level function)."""
+        (``strategy``, default the pool's) over the workers; fewer items than workers use one worker per item (with
+        a warning: the result does not depend on the number of workers). ``fn`` must be importable on the workers
+        (a module-level function)."""
+        strategy = check_strategy(strategy or self.strategy)
+        if not self.uses_ray:
+            return self._in_process_runner().map(fn, items, merge=merge, strategy=strategy, **kwargs)
         items = list(items)
         if not items:
             raise TellnormError("nothing to run: the prompt list is empty")
-        if not self.uses_ray:
-            shard = Shard(0, tuple(range(len(items))))
-            return merge([fn(self.replica(), shard, items, **kwargs)], [shard])
         if len(items) < self.workers:
             n = len(items)
             warnings.warn(f"only {n} prompt{'s' * (n > 1)} for {self.workers} workers: using {n} worker{'s' * (n > 1)}"
@@ -398,9 +350,14 @@ class ShardPool:
         return merge([results[s.shard_id] for s in shards], shards)
 
     def _get(self, ref, what: str):
+        """``ray.get`` of a finished task's result, within :data:`FETCH_TIMEOUT_S`; a study's TellnormError as one
+        line."""
         ray = self._ray
         try:
-            return ray.get(ref)
+            return ray.get(ref, timeout=FETCH_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise TellnormError(f"{what}: its result did not arrive within {FETCH_TIMEOUT_S:g} s of finishing: check "
+                                "the network between the nodes and the object store's memory") from None
         except ray.exceptions.RayTaskError as err:
             cause = getattr(err, "cause", None)
             if isinstance(cause, TellnormError):
@@ -408,13 +365,14 @@ class ShardPool:
             raise
 
     def _run_shards(self, fn, shards: list[Shard], items: list, kwargs: dict) -> dict:
-        """Every shard's result, each exactly once; a shard whose worker died goes to a fresh replica."""
+        """Every shard's result, each exactly once; a shard whose worker died goes to a fresh replica; a shard still
+        running ``shard_timeout_s`` after its start ends the run in one line."""
         ray = self._ray
         died = _worker_died_errors(ray)
         pending = deque(shards)
         attempts = {s.shard_id: 0 for s in shards}
         idle = list(range(len(self._actors)))
-        in_flight: dict = {}  # ref -> (shard, actor slot)
+        in_flight: dict = {}  # ref -> (shard, actor slot, deadline)
         results: dict = {}
         try:
             while pending or in_flight:
@@ -422,14 +380,22 @@ class ShardPool:
                     shard, slot = pending.popleft(), idle.pop(0)
                     attempts[shard.shard_id] += 1
                     ref = self._actors[slot].run.remote(fn, shard, [items[i] for i in shard.indices], kwargs)
-                    in_flight[ref] = (shard, slot)
-                done, _ = ray.wait(list(in_flight), num_returns=1, timeout=self.shard_timeout_s)
+                    in_flight[ref] = (shard, slot, time.monotonic() + self.shard_timeout_s)
+                wait_s = max(0.0, min(deadline for _, _, deadline in in_flight.values()) - time.monotonic())
+                done, _ = ray.wait(list(in_flight), num_returns=1, timeout=wait_s)
                 if not done:
-                    raise TellnormError(f"no shard finished within {self.shard_timeout_s:g} s (shards "
-                                        f"{sorted(s.shard_id for s, _ in in_flight.values())} still running); nothing "
-                                        "was written")
+                    now = time.monotonic()
+                    late = sorted(s.shard_id for s, _, deadline in in_flight.values() if deadline <= now)
+                    if not late:
+                        continue
+                    running = sorted(s.shard_id for s, _, _ in in_flight.values())
+                    raise TellnormError(
+                        f"shard {late[0]} did not finish within {self.shard_timeout_s:g} s (shard_timeout_s; shards "
+                        f"{running} were still running and were stopped): nothing was written; if a shard needs "
+                        f"longer, raise shard_timeout_s (CLI: {SHARD_TIMEOUT_ENV}=SECONDS) or use more --workers, "
+                        "else check the worker logs and whether other Ray jobs hold the cluster")
                 for ref in done:
-                    shard, slot = in_flight.pop(ref)
+                    shard, slot, _ = in_flight.pop(ref)
                     try:
                         value = self._get(ref, f"shard {shard.shard_id}")
                     except died as err:
@@ -450,7 +416,7 @@ class ShardPool:
                     idle.append(slot)
         except BaseException:
             # Shards still running are abandoned with their workers (idle ones stay warm for the next map).
-            busy = {slot for _, slot in in_flight.values()}
+            busy = {slot for _, slot, _ in in_flight.values()}
             for slot in busy:
                 ray.kill(self._actors[slot])
             self._actors = [actor for slot, actor in enumerate(self._actors) if slot not in busy]
@@ -459,475 +425,16 @@ class ShardPool:
 
 
 def run_sharded(model: Any, items: Sequence, fn: Callable, *, merge: Callable = merge_in_order,
-                ray_address: str | None = None, workers: int = 1, strategy: str = "contiguous",
-                backend: str = "hf", load_options: dict | None = None, max_retries: int = 2, **kwargs):
+                ray_address: str | None = None, workers: int = 1, strategy: str = DEFAULT_STRATEGY,
+                backend: str = "hf", load_options: dict | None = None, max_retries: int = 2, **kwargs: Any) -> Any:
     """One-shot :meth:`ShardPool.map` (a pool for one call, closed afterwards)."""
     with ShardPool(model, ray_address=ray_address, workers=workers, backend=backend, load_options=load_options,
-                   max_retries=max_retries) as pool:
-        return pool.map(fn, items, merge=merge, strategy=strategy, **kwargs)
-
-
-# ------------------------------------------------------------------------------------------------------ generation
-
-def generate_shard(replica: Replica, shard: Shard, items: list, *, sampling=None, batch_size: int = 16,
-                   token_stats: bool = False):
-    """:func:`tellnorm.generation.generate` of one shard's ``(request_id, prompt ids)`` items."""
-    from tellnorm.generation import generate
-
-    return generate(replica.model, [ids for _, ids in items], sampling, request_ids=[rid for rid, _ in items],
-                    batch_size=batch_size, progress=False, token_stats=token_stats)
-
-
-def generate_sharded(pool: ShardPool, prompts: Sequence[Sequence[int]], sampling=None, *, request_ids=None,
-                     batch_size: int = 16, token_stats: bool = False, strategy: str = "contiguous") -> list:
-    """:func:`tellnorm.generation.generate` by prompt over the pool's workers, Generations in prompt order.
-
-    Each request keeps its id (default: its index), so sampled requests draw from the same per-request seeds
-    (:func:`tellnorm.generation.request_seed`) as in one process."""
-    request_ids = list(request_ids) if request_ids is not None else list(range(len(prompts)))
-    if len(request_ids) != len(prompts) or len(set(request_ids)) != len(request_ids):
-        raise TellnormError("request_ids must be unique, one per prompt")
-    return pool.map(generate_shard, [(rid, list(ids)) for rid, ids in zip(request_ids, prompts)], strategy=strategy,
-                    sampling=sampling, batch_size=batch_size, token_stats=token_stats)
-
-
-# ------------------------------------------------------------------------------------------------------ norm profiles
-
-MODES = ("thinking", "non-thinking")
-
-
-def profile_shard(replica: Replica, shard: Shard, rows: list, *, point: str = "resid_post", max_new_tokens: int = 240,
-                  batch_size: int = 40, layers=None):
-    """:func:`tellnorm.studies.corpus.trace_both_modes` of one shard (request ids carry the rows' original indices)."""
-    from tellnorm.studies.corpus import trace_both_modes
-
-    trace = trace_both_modes(replica.model, rows, point=point, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             layers=layers, progress=False, indices=shard.indices)
-    return trace.frame, trace.generations
-
-
-def merge_traces(results: Sequence, shards: Sequence[Shard]):
-    """Shard traces as the one :func:`trace_both_modes` gives: rows by mode, then request id, layer, position;
-    generations by mode, then prompt index."""
-    import pandas as pd
-
-    from tellnorm.norms import NormTrace
-
-    frame = pd.concat([f for f, _ in results], ignore_index=True)
-    rank = frame["mode"].map({m: i for i, m in enumerate(MODES)})
-    frame = (frame.assign(_mode_rank=rank).sort_values(["_mode_rank", "request_id", "layer", "position"], kind="stable")
-             .drop(columns="_mode_rank").reset_index(drop=True))
-    # A shard whose responses lack a column's strings (e.g. no closing to match) holds it as object: infer again.
-    for column in frame.columns[frame.dtypes == object]:
-        frame[column] = frame[column].infer_objects()
-    gens = [g for _, shard_gens in results for g in shard_gens]
-    gens.sort(key=lambda g: (MODES.index(g.request_id.split("/")[0]), int(g.request_id.split("/")[1])))
-    return NormTrace(frame, gens)
-
-
-def trace_both_modes_sharded(pool: ShardPool, rows: list[dict], *, point: str = "resid_post",
-                             max_new_tokens: int = 240, batch_size: int = 40, layers=None,
-                             strategy: str = "contiguous"):
-    """:func:`tellnorm.studies.corpus.trace_both_modes` over the pool's workers (by prompt): the same NormTrace."""
-    return pool.map(profile_shard, rows, merge=merge_traces, strategy=strategy, point=point,
-                    max_new_tokens=max_new_tokens, batch_size=batch_size, layers=layers)
-
-
-def profile_study_sharded(pool: ShardPool, rows: list[dict], out, *, point: str = "resid_post",
-                          max_new_tokens: int = 240, batch_size: int = 40, strategy: str = "contiguous"):
-    """:func:`tellnorm.studies.profile.profile_study` with the tracing sharded: files are written only after every shard
-    has been merged (each through a temporary file), so a failed shard leaves ``out`` without outputs."""
-    from pathlib import Path
-
-    from tellnorm.io import check_output_dir
-    from tellnorm.studies.profile import profile_study
-
-    out = check_output_dir(out)
-    trace = trace_both_modes_sharded(pool, rows, point=point, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                     strategy=strategy)
-    out.mkdir(parents=True, exist_ok=True)
-    return profile_study(None, rows, Path(out), point=point, trace=trace)
-
-
-def run_profile_sharded(cfg, *, ray_address: str | None = LOCAL, workers: int = 2, backend: str = "hf",
-                        strategy: str = "contiguous", **pool_options):
-    """``tellnorm profile`` (a :class:`tellnorm.studies.profile.ProfileConfig`) with the generation sharded over Ray."""
-    from tellnorm.io import check_output_dir
-    from tellnorm.studies.corpus import load_prompts, organism_prompt_rows
-
-    rows = load_prompts(cfg.prompts) if cfg.prompts else organism_prompt_rows(cfg.n_per_difficulty)
-    out = check_output_dir(cfg.out)  # bad input fails before any cluster starts
-    with ShardPool(cfg.model, ray_address=ray_address, workers=workers, backend=backend, **pool_options) as pool:
-        trace, profile, _ = profile_study_sharded(pool, rows, out, point=cfg.point, max_new_tokens=cfg.max_new_tokens,
-                                                  batch_size=cfg.batch_size, strategy=strategy)
-    print(profile.pivot(index="layer", columns="mode", values="mean_norm").round(3).to_string())
-    print(f"wrote {out}/norms_per_token.parquet, norm_profile.csv, norm_trend.(html|png), norm_heatmap.(html|png)")
-    return trace, profile
-
-
-# ------------------------------------------------------------------------------------------------------ features
-
-def contrast_shard(replica: Replica, shard: Shard, prompts: list[str], *, max_new_tokens: int = 240):
-    from tellnorm.studies.corpus import contrast_corpus
-
-    return contrast_corpus(replica.model, prompts=prompts, max_new_tokens=max_new_tokens, progress=False)
-
-
-def merge_corpora(results: Sequence, shards: Sequence[Shard]):
-    """Shard corpora as one :func:`tellnorm.studies.corpus.contrast_corpus`: every thinking response in prompt order, then
-    every non-thinking one."""
-    from tellnorm.studies.corpus import ContrastCorpus
-
-    n = sum(len(s.indices) for s in shards)
-    slots: dict = {}
-    for corpus, shard in zip(results, shards):
-        k = len(shard.indices)
-        for j in range(2 * k):
-            mode_rank, local = divmod(j, k)
-            slots[mode_rank * n + shard.indices[local]] = (corpus.sequences[j], corpus.n_prompt[j], corpus.modes[j],
-                                                           corpus.labels[j])
-    columns = list(zip(*(slots[i] for i in range(2 * n))))
-    return ContrastCorpus(*(list(c) for c in columns))
-
-
-def contrast_corpus_sharded(pool: ShardPool, n_per_difficulty: int = 10, *, max_new_tokens: int = 240,
-                            prompts: list[str] | None = None, strategy: str = "contiguous"):
-    """:func:`tellnorm.studies.corpus.contrast_corpus` (validation problems, both modes, greedy) sharded by prompt."""
-    if prompts is None:
-        from tellnorm.organism import task
-
-        prompts = [p.prompt_text() for p in task.validation_split(n_per_difficulty).problems]
-    return pool.map(contrast_shard, prompts, merge=merge_corpora, strategy=strategy, max_new_tokens=max_new_tokens)
-
-
-def feature_sums_shard(replica: Replica, shard: Shard, items: list, *, saes, layers=None,
-                       fold_decoder_norm: bool = False, batch_size: int = 16):
-    """FeatureSums of one shard's ``(request_id, sequence, bucket masks)`` items."""
-    from tellnorm.features import collect_feature_sums
-
-    rids = [rid for rid, _, _ in items]
-    return collect_feature_sums(replica.model, replica.saes(saes, layers), [seq for _, seq, _ in items],
-                                {rid: masks for rid, _, masks in items}, request_ids=rids,
-                                fold_decoder_norm=fold_decoder_norm, batch_size=batch_size)
-
-
-def collect_feature_sums_sharded(pool: ShardPool, saes, sequences, bucket_masks, *, request_ids=None, layers=None,
-                                 fold_decoder_norm: bool = False, batch_size: int = 16,
-                                 strategy: str = "contiguous"):
-    """:func:`tellnorm.features.collect_feature_sums` sharded by sequence, merged with ``FeatureSums.merge``.
-
-    ``saes``: an SAE spec each worker loads once (``'organism'``, a folder, ...); ``layers``: a subset of them."""
-    request_ids = list(request_ids) if request_ids is not None else list(range(len(sequences)))
-    items = [(rid, list(seq), bucket_masks.get(rid, {})) for rid, seq in zip(request_ids, sequences)]
-    return pool.map(feature_sums_shard, items, merge=merge_accumulators, strategy=strategy, saes=saes, layers=layers,
-                    fold_decoder_norm=fold_decoder_norm, batch_size=batch_size)
-
-
-def feature_collector(pool: ShardPool, saes_spec, *, strategy: str = "contiguous") -> Callable:
-    """A stand-in for :func:`collect_feature_sums` (``feature_study(..., collect=...)``) that shards the sums; the
-    driver's own SAE dict only says which layers (the workers load ``saes_spec`` themselves)."""
-
-    def collect(model, saes, sequences, bucket_masks, *, request_ids=None, fold_decoder_norm=False, batch_size=16):
-        return collect_feature_sums_sharded(pool, saes_spec, sequences, bucket_masks, request_ids=request_ids,
-                                            layers=sorted(saes), fold_decoder_norm=fold_decoder_norm,
-                                            batch_size=batch_size, strategy=strategy)
-
-    return collect
-
-
-# ------------------------------------------------------------------------------------------------------ evaluation
-
-def decode_shard(replica: Replica, shard: Shard, item_indices: list[int], *, st, name: str, control=None, **options):
-    """:func:`tellnorm.studies.evaluation.decode` of the shard's items on the worker's model (edits built there)."""
-    from tellnorm.studies.evaluation import control_edits, decode
-
-    st = replace(st, model=replica.model, decoder=None)
-    edits = control_edits(st, control[1], control[0]) if control is not None else None
-    return decode(st, name, edits=edits, progress=False, item_indices=item_indices, **options)
-
-
-def merge_runs(results: Sequence, shards: Sequence[Shard]):
-    """Shard runs as one: responses in item/sample order, norms per request, token statistics joined."""
-    import pandas as pd
-
-    from tellnorm.studies.evaluation import Run
-
-    first = results[0]
-    responses = concat_frames([r.responses for r in results], sort_by=("item", "sample"))
-    for column in responses.columns[responses.dtypes == object]:  # e.g. a shard whose answers were all None
-        responses[column] = responses[column].infer_objects()
-    norms = None
-    if first.norms is not None:
-        norms = concat_frames([r.norms for r in results])
-        order = {rid: i for i, rid in enumerate(responses.request_id)}
-        norms = (norms.assign(_order=norms.request_id.map(order)).sort_values(["_order", "layer", "position"],
-                                                                               kind="stable")
-                 .drop(columns="_order").reset_index(drop=True))
-    stats = {rid: value for r in results for rid, value in r.token_stats.items()}
-    return Run(first.name, first.n_samples, first.greedy, responses, max(r.wall_s for r in results), norms, stats)
-
-
-def check_evaluation_shardable(cfg) -> None:
-    """One TellnormError line, before any work, if ``cfg`` (an EvaluateConfig) cannot be sharded exactly."""
-    uses_edits = bool(cfg.techniques or cfg.sampled_techniques or cfg.sensitivity)  # controls follow techniques
-    if uses_edits and cfg.threshold_mode not in SHARD_SAFE_THRESHOLD_MODES:
-        raise TellnormError(f"threshold mode {cfg.threshold_mode!r} tracks τ over the run's own tokens, so a "
-                            "response would depend on its shard: with --ray use --threshold-mode calibrated or fixed")
-
-
-def sharded_decoder(pool: ShardPool, cfg=None, *, strategy: str = "contiguous") -> Callable:
-    """A ``decoder`` for :func:`tellnorm.studies.evaluation.run_evaluate` that decodes the items on the pool's workers.
-
-    Per-response results (answers, firing counters, norms, token statistics) are independent of which other
-    responses share a batch as long as τ is frozen before decoding (threshold modes calibrated and fixed); the
-    modes that track τ over the run's own tokens are refused (up front when ``cfg`` is given). Edits without a
-    recipe for the workers run here. Calibration (setup) stays on the driver."""
-    if cfg is not None:
-        check_evaluation_shardable(cfg)
-
-    def decoder(st, name, *, techniques=(), n_samples=1, edits=None, trace=False, thresholds=None, alrr=None,
-                erss=None, progress=True):
-        from tellnorm.studies.evaluation import decode
-
-        edits_here = edits is not None and getattr(edits, "control", None) is None
-        if edits_here:
-            local = replace(st, decoder=None)
-            return decode(local, name, techniques=techniques, n_samples=n_samples, edits=edits, trace=trace,
-                          thresholds=thresholds, alrr=alrr, erss=erss, progress=progress)
-        if techniques or edits is not None:
-            check_evaluation_shardable(st.cfg)
-        lite = replace(st, model=None, decoder=None, calibration={},
-                       task=replace(st.task, calibration_prompts=[]))
-        start = time.perf_counter()
-        run = pool.map(decode_shard, list(range(len(st.task.items))), merge=merge_runs, strategy=strategy,
-                       st=lite, name=name, control=getattr(edits, "control", None), techniques=techniques,
-                       n_samples=n_samples, trace=trace, thresholds=thresholds, alrr=alrr, erss=erss)
-        run.wall_s = time.perf_counter() - start
-        return run
-
-    return decoder
-
-
-# ------------------------------------------------------------------------------------------------------ bounds
-
-def bounds_shard(replica: Replica, shard: Shard, items: list, *, saes, layers=None, reasoning, input_scale=1.0,
-                 batch_size: int = 16):
-    """:func:`tellnorm.bounds.collect_bounds` of one shard's ``(request_id, sequence, masks, capture)`` items."""
-    from tellnorm.bounds import collect_bounds
-
-    capture = {rid: positions for rid, _, _, positions in items if positions}
-    return collect_bounds(replica.model, replica.saes(saes, layers), [seq for _, seq, _, _ in items],
-                          {rid: masks for rid, _, masks, _ in items}, reasoning, capture=capture,
-                          request_ids=[rid for rid, _, _, _ in items], input_scale=input_scale, batch_size=batch_size)
-
-
-def collect_bounds_sharded(pool: ShardPool, saes, sequences, masks, reasoning, *, capture=None, request_ids=None,
-                           layers=None, input_scale: float = 1.0, batch_size: int = 16, strategy: str = "contiguous"):
-    """:func:`tellnorm.bounds.collect_bounds` sharded by sequence, merged with ``BoundsSums.merge``.
-
-    Counts (tokens, checked and active pairs, violations of the three bounds, histogram bins, fire counts) are
-    those of one process whenever every sequence's activations are (always at batch size 1; otherwise they can
-    differ by float32 batch padding, ~1e-6 relative); float64 sums differ only by the order of additions; the
-    scatter sample is chosen by a per-token hash and the paired states are keyed by request, so both are the same.
-    ``saes``: an SAE spec each worker loads once; ``layers``: the subset to check."""
-    request_ids = list(request_ids) if request_ids is not None else list(range(len(sequences)))
-    capture = capture or {}
-    items = [(rid, list(seq), masks.get(rid, {}), set(capture.get(rid, ())))
-             for rid, seq in zip(request_ids, sequences)]
-    return pool.map(bounds_shard, items, merge=merge_accumulators, strategy=strategy, saes=saes, layers=layers,
-                    reasoning={layer: list(map(int, r)) for layer, r in reasoning.items()}, input_scale=input_scale,
-                    batch_size=batch_size)
-
-
-def bounds_collector(pool: ShardPool, saes_spec, *, strategy: str = "contiguous") -> Callable:
-    """A stand-in for :func:`tellnorm.bounds.collect_bounds` (``bounds_study(..., collect=...)``) that shards the
-    sums; the driver's SAE dict only says which layers (the workers load ``saes_spec`` themselves)."""
-
-    def collect(model, saes, sequences, masks, reasoning, *, capture=None, request_ids=None, input_scale=1.0,
-                batch_size=16):
-        return collect_bounds_sharded(pool, saes_spec, sequences, masks, reasoning, capture=capture,
-                                      request_ids=request_ids, layers=sorted(saes), input_scale=input_scale,
-                                      batch_size=batch_size, strategy=strategy)
-
-    return collect
-
-
-# ------------------------------------------------------------------------------------------------------ correlation
-
-@dataclass
-class SignalResult:
-    """What :func:`tellnorm.studies.correlation.correlation_study` reads from :func:`tellnorm.signals.collect_signals`'s
-    observer: the per-problem sums, the layers whose attention pattern was seen, the layers."""
-
-    sums: Any
-    attention_seen: set
-    layers: list
-
-
-def signals_shard(replica: Replica, shard: Shard, items: list, *, saes, layers=None, reasoning,
-                  batch_size: int = 16):
-    from tellnorm.signals import collect_signals
-
-    observer = collect_signals(replica.model, replica.saes(saes, layers), reasoning, [seq for _, seq, _ in items],
-                               {rid: start for rid, _, start in items}, request_ids=[rid for rid, _, _ in items],
-                               batch_size=batch_size)
-    return SignalResult(observer.sums, set(observer.attention_seen), list(observer.layers))
-
-
-def merge_signals(results: Sequence, shards: Sequence[Shard], *, order: Sequence = ()) -> SignalResult:
-    """``SignalSums.merge`` in shard order, then the problems in ``order`` (the bootstrap resamples by position)."""
-    sums = functools.reduce(lambda a, b: a.merge(b), [r.sums for r in results])
-    ranked = [rid for rid in order if rid in sums.problems]
-    seen = set(ranked)
-    rest = [rid for rid in sums.problems if rid not in seen]
-    sums.problems = {rid: sums.problems[rid] for rid in ranked + rest}
-    return SignalResult(sums, set().union(*(r.attention_seen for r in results)), results[0].layers)
-
-
-def signal_collector(pool: ShardPool, saes_spec, *, strategy: str = "contiguous") -> Callable:
-    """A stand-in for :func:`tellnorm.signals.collect_signals` (``correlation_study(..., collect=...)``) that
-    shards the per-problem sums by problem (each problem's sums come from one worker)."""
-
-    def collect(model, saes, reasoning, sequences, starts, *, request_ids=None, batch_size=16):
-        rids = list(request_ids) if request_ids is not None else list(range(len(sequences)))
-        items = [(rid, list(seq), starts.get(rid, 1 << 30)) for rid, seq in zip(rids, sequences)]
-        return pool.map(signals_shard, items, merge=functools.partial(merge_signals, order=rids), strategy=strategy,
-                        saes=saes_spec, layers=sorted(saes),
-                        reasoning={layer: list(map(int, r)) for layer, r in reasoning.items()}, batch_size=batch_size)
-
-    return collect
-
-
-# ------------------------------------------------------------------------------------------------------ interventions
-
-SHARD_SAFE_INTERVENTION_MODES = ("calibrated", "fixed", "exact")  # τ fixed, or tracked per request
-
-
-def check_intervention_shardable(cfg) -> None:
-    """One TellnormError line, before any work, if ``cfg`` (an InterventionConfig) cannot be sharded exactly."""
-    if cfg.threshold_mode not in SHARD_SAFE_INTERVENTION_MODES:
-        raise TellnormError(f"threshold mode {cfg.threshold_mode!r} pools τ over the requests that share a batch, so "
-                            "an edit would depend on its shard: with --ray use --threshold-mode calibrated, fixed or "
-                            "exact")
-
-
-@dataclass
-class RecordedEdit:
-    """An edit as the study's tables read it after a sharded run: its name and its merged decision record."""
-
-    name: str
-    record: Any
-
-
-def _worker_context(replica: Replica, ctx):
-    """The driver's calibration context on this worker's model (SAEs loaded here, once per spec and layers)."""
-    if not ctx.cfg.features:
-        return replace(ctx, model=replica.model)
-    from tellnorm.saes import load_saes
-
-    late = tuple(ctx.sets["late"])
-    saes = replica.resource(("intervention-saes", str(ctx.cfg.saes), late),
-                            lambda: load_saes(ctx.cfg.saes, replica.model, layers=list(late)))
-    return replace(ctx, model=replica.model, saes=saes)
-
-
-def _shard_conditions(ctx, names: Sequence[str]) -> list:
-    from tellnorm.studies.suppression import build_conditions
-
-    by_name = {c.name: c for c in build_conditions(ctx)}
-    missing = [n for n in names if n not in by_name]
-    if missing:
-        raise TellnormError(f"conditions {missing} are not rebuilt on the worker from the calibration")
-    return [by_name[n] for n in names]
-
-
-def intervention_shard(replica: Replica, shard: Shard, items: list, *, ctx, names, cfg, fractions,
-                       what: str = "generate"):
-    """One shard of the suppression study's problems (``(problem, prompt ids)`` items, request ids numbered by
-    their original index) under the conditions ``names``, rebuilt on the worker from the calibration ``ctx``:
-    ``generate``: ``(generations, {condition: [(edit name, record), ...]})``; ``logprobs``: the answer log-probs."""
-    from tellnorm.studies.suppression import answer_logprobs, run_conditions
-
-    wctx = _worker_context(replica, ctx)
-    conds = _shard_conditions(wctx, names)
-    problems, prompts = [p for p, _ in items], [ids for _, ids in items]
-    if what == "logprobs":
-        return answer_logprobs(wctx.model, conds, problems, prompts, cfg, fractions, indices=shard.indices)
-    outcome = run_conditions(wctx.model, conds, problems, prompts, cfg, fractions, progress=False, desc="",
-                             indices=shard.indices)
-    return outcome.generations, {name: [(e.name, e.record) for e in edits] for name, edits in outcome.edits.items()}
-
-
-def merge_outcomes(results: Sequence, shards: Sequence[Shard]):
-    """Shard outcomes as one: every generation, and per condition its edits' records merged (requests disjoint)."""
-    from tellnorm.interventions.edits import EditRecord
-    from tellnorm.studies.suppression import Outcome
-
-    outcome = Outcome()
-    for gens, _ in results:
-        outcome.generations.update(gens)
-    for name, edits in results[0][1].items():
-        merged = []
-        for j, (edit_name, _) in enumerate(edits):
-            record = EditRecord(edit_name)
-            for _, shard_edits in results:
-                part = shard_edits[name][j][1]
-                record.decisions.update(part.decisions)
-                record.start.update(part.start)
-                record.n_prompt.update(part.n_prompt)
-            merged.append(RecordedEdit(edit_name, record))
-        outcome.edits[name] = merged
-    return outcome
-
-
-def merge_dicts(results: Sequence[dict], shards: Sequence[Shard]) -> dict:
-    return {key: value for result in results for key, value in result.items()}
-
-
-class ShardedIntervention:
-    """The ``runner`` of :func:`tellnorm.studies.suppression.run_intervene` that shards by problem over a pool.
-
-    The validation contrast corpus (:func:`contrast_corpus_sharded`), both generation phases and the answer
-    log-probs run on the workers; each worker rebuilds the conditions and their edits from the driver's calibration
-    (thresholds, steering direction, feature sets; SAEs loaded there). Request ids, random selections
-    (:func:`tellnorm.interventions.selection.token_uniforms`) and per-request τ are keyed by the problem's original
-    index, so answers and edit decisions are those of one process. The calibration pass and the matched fractions
-    (pooled over the whole run) stay on the driver."""
-
-    def __init__(self, pool: ShardPool, cfg=None, *, strategy: str = "contiguous"):
-        if cfg is not None:
-            check_intervention_shardable(cfg)
-        self.pool, self.strategy = pool, strategy
-
-    def contrast_corpus(self, model, n_per_difficulty: int, *, max_new_tokens: int):
-        return contrast_corpus_sharded(self.pool, n_per_difficulty, max_new_tokens=max_new_tokens,
-                                       strategy=self.strategy)
-
-    def _map(self, ctx, conds, problems, prompts, cfg, fractions, what: str, merge: Callable):
-        check_intervention_shardable(cfg)
-        lite = replace(ctx, model=None, saes={})
-        return self.pool.map(intervention_shard, list(zip(problems, [list(p) for p in prompts])), merge=merge,
-                             strategy=self.strategy, ctx=lite, names=[c.name for c in conds], cfg=cfg,
-                             fractions=fractions, what=what)
-
-    def run_conditions(self, ctx, conds, problems, prompts, cfg, fractions, *, progress: bool = False, desc: str = ""):
-        return self._map(ctx, conds, problems, prompts, cfg, fractions, "generate", merge_outcomes)
-
-    def answer_logprobs(self, ctx, conds, problems, prompts, cfg, fractions):
-        return self._map(ctx, conds, problems, prompts, cfg, fractions, "logprobs", merge_dicts)
-
-
-def sharded_intervention(pool: ShardPool, cfg=None, *, strategy: str = "contiguous") -> ShardedIntervention:
-    """The ``runner`` for :func:`tellnorm.studies.suppression.run_intervene` (``cfg`` checked up front)."""
-    return ShardedIntervention(pool, cfg, strategy=strategy)
+                   max_retries=max_retries, strategy=strategy) as pool:
+        return pool.map(fn, items, merge=merge, **kwargs)
 
 
 __all__ = [
-    "LOCAL", "STRATEGIES", "RecordedEdit", "Replica", "Shard", "ShardPool", "ShardedIntervention", "SignalResult",
-    "bounds_collector", "check_evaluation_shardable", "check_intervention_shardable", "check_reachable",
-    "collect_bounds_sharded", "collect_feature_sums_sharded", "concat_frames", "contrast_corpus_sharded",
-    "feature_collector", "generate_sharded", "import_ray",
-    "make_shards", "merge_accumulators", "merge_corpora", "merge_in_order", "merge_outcomes", "merge_runs",
-    "merge_signals", "merge_traces", "profile_study_sharded", "run_profile_sharded", "run_sharded",
-    "sharded_decoder", "sharded_intervention", "signal_collector", "trace_both_modes_sharded",
+    "DEFAULT_CONNECT_TIMEOUT_S", "DEFAULT_SHARD_TIMEOUT_S", "DEFAULT_START_TIMEOUT_S", "FETCH_TIMEOUT_S", "LOCAL",
+    "RAYLET_START_WAIT_S", "SHARD_TIMEOUT_ENV", "ShardPool", "check_reachable", "check_timeout", "import_ray",
+    "run_sharded", "shard_timeout_from_env",
 ]

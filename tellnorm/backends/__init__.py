@@ -21,7 +21,7 @@ DEFAULT_MODEL = "organism"  # the model organism tellnorm trains itself (tellnor
 
 
 def load_model(spec: Any = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "float32", backend: str = "hf",
-               **engine_options) -> ModelAPI:
+               **engine_options: Any) -> ModelAPI:
     """Load ``spec`` on ``backend``: a registered subject (``"organism"``), a local HF folder, a hub name in the
     local cache, or an in-memory ``(model, tokenizer)`` pair (HF only); a loaded model is returned as it is.
 

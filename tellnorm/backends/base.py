@@ -12,14 +12,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tellnorm.errors import TellnormError
 from tellnorm.thinking import switch_for
+
+if TYPE_CHECKING:
+    import torch
+
+    from tellnorm.generation import Generation, Observer, SamplingConfig
 
 THINK_MARKERS = ("<think>", "</think>")  # the think block's tokens in Qwen3 / DeepSeek-R1-style chat templates
 SUBJECTS_GROUP = "tellnorm.subjects"  # entry point group of named subjects (pyproject.toml)
@@ -165,14 +171,15 @@ class ModelAPI:
     think_markers: tuple[str, str] = THINK_MARKERS
     token_labeler: TokenLabeler | None = None  # set by the subject that defines step labels (the organism)
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling, *, request_ids: Sequence, observers: Sequence = (),
-                 progress: bool = False, token_stats: bool = False, reuse_cache: bool = True,
-                 desc: str = "generating", batch_size: int = 16) -> list:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, request_ids: Sequence,
+                 observers: Sequence[Observer] = (), progress: bool = False, token_stats: bool = False,
+                 reuse_cache: bool = True, desc: str = "generating", batch_size: int = 16) -> list[Generation]:
         """Generations (``tellnorm.generation.Generation``, text not yet decoded) of validated requests."""
         raise NotImplementedError
 
-    def run_forward(self, sequences: Sequence[Sequence[int]], *, request_ids: Sequence, observers: Sequence = (),
-                    n_prompt: Sequence[int] | None = None, batch_size: int = 16, return_logits: bool = False):
+    def run_forward(self, sequences: Sequence[Sequence[int]], *, request_ids: Sequence,
+                    observers: Sequence[Observer] = (), n_prompt: Sequence[int] | None = None, batch_size: int = 16,
+                    return_logits: bool = False) -> dict[Any, torch.Tensor] | None:
         """Teacher-forced passes over validated sequences; ``{request_id: [T, vocab] logits}`` if asked."""
         raise NotImplementedError
 
@@ -240,13 +247,15 @@ def check_architecture(architectures: list[str], name: str) -> str:
 def bridge_architectures() -> set[str]:
     """The HF architecture names TransformerLens's bridge has an adapter for (imported only to word an error)."""
     try:
-        from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES as bridged
+        from transformer_lens.factories.architecture_adapter_factory import (
+            SUPPORTED_ARCHITECTURES as BRIDGED,
+        )
     except Exception:  # an older or broken transformer_lens: say only that tellnorm does not support it
         return set()
-    return set(bridged)
+    return set(BRIDGED)
 
 
-def wants_bos(family: Family, tokenizer) -> bool:
+def wants_bos(family: Family, tokenizer: Any) -> bool:
     """Whether ``encode`` prepends BOS: the family's rule, or (``bos=None``) what the tokenizer itself does."""
     if family.bos is not None:
         return family.bos

@@ -25,7 +25,7 @@ import weakref
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,6 +48,13 @@ from tellnorm.generation import (
     step_token_stats,
 )
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import torch
+
+    from tellnorm.generation import Observer
+
 
 @dataclass
 class LoadedModel(ModelAPI):
@@ -66,17 +73,18 @@ class LoadedModel(ModelAPI):
     token_labeler: Any = None  # the subject's step labeler (organism), else None
 
     @property
-    def hf_model(self):
+    def hf_model(self) -> Any:
         """The HF ``PreTrainedModel`` the bridge wraps."""
         return self.bridge.original_model
 
     @property
-    def device(self):
+    def device(self) -> torch.device:
         """The device of the model's parameters."""
         return next(self.hf_model.parameters()).device
 
-    def generate(self, prompts, sampling, *, request_ids, observers=(), progress=False, token_stats=False,
-                 reuse_cache=True, desc="generating", batch_size=16) -> list[Generation]:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, request_ids: Sequence,
+                 observers: Sequence[Observer] = (), progress: bool = False, token_stats: bool = False,
+                 reuse_cache: bool = True, desc: str = "generating", batch_size: int = 16) -> list[Generation]:
         """Batched generation over HF's KV cache (see :func:`tellnorm.generation.generate`)."""
         from tqdm.auto import tqdm
 
@@ -95,9 +103,11 @@ class LoadedModel(ModelAPI):
         bar.close()
         return [results[rid] for rid in request_ids]
 
-    def run_forward(self, sequences, *, request_ids, observers=(), n_prompt=None, batch_size=16,
-                    return_logits=False):
-        """Teacher-forced passes in left-padded batches (see :func:`tellnorm.generation.run_forward`)."""
+    def run_forward(self, sequences: Sequence[Sequence[int]], *, request_ids: Sequence,
+                    observers: Sequence[Observer] = (), n_prompt: Sequence[int] | None = None, batch_size: int = 16,
+                    return_logits: bool = False) -> dict[Any, torch.Tensor] | None:
+        """Teacher-forced passes in left-padded batches (see :func:`tellnorm.generation.run_forward`); returns
+        ``{request_id: [T, vocab] float32 logits}`` when ``return_logits``, else None."""
         import torch
 
         logits = {}
@@ -110,7 +120,8 @@ class LoadedModel(ModelAPI):
                 info = StepInfo(rids, positions, attention.bool(), "forward", 0, prompt_lengths)
                 for obs in observers:
                     obs.on_step(info)
-                out = self.hf_model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=False)
+                out = self.hf_model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                                    use_cache=False)
                 if return_logits:
                     for row, (rid, ids) in enumerate(zip(rids, chunk)):
                         logits[rid] = out.logits[row, -len(ids):].float()
@@ -165,7 +176,8 @@ def _load_folder(path: Path, *, name: str, source: str, device: str, dtype, rebu
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as err:  # corrupt or truncated files surface as many exception types
-        raise TellnormError(f"cannot load {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}.{rebuild}") from None
+        first_line = str(err).splitlines()[0][:200]
+        raise TellnormError(f"cannot load {path}: {type(err).__name__}: {first_line}.{rebuild}") from None
     subject = subject_of_folder(path)  # a retrained copy of the organism elsewhere is still the organism
     return _wrap(model, tokenizer, name=name, source=subject.name if subject else source, device=device,
                  labeler=subject.token_labeler if subject else None)
@@ -237,7 +249,8 @@ def _wrap(model, tokenizer, *, name: str, source: str, device: str, labeler=None
     )
 
 
-def eos_ids(model) -> set[int]:
+def eos_ids(model: LoadedModel) -> set[int]:
+    """Token ids that end a request: the tokenizer's EOS, the generation config's and the model config's."""
     ids = set()
     gen_eos = getattr(getattr(model.hf_model, "generation_config", None), "eos_token_id", None)
     for value in (model.tokenizer.eos_token_id, gen_eos, model.hf_model.config.eos_token_id):
@@ -318,13 +331,16 @@ def _generate_batch(model, batch, sampling: SamplingConfig, observers, reuse_cac
             positions = positions[:, -1:] + 1
     gens = []
     for rid, _ in batch:
-        meta = {name: np.asarray(values, dtype=np.float32) for name, values in stats[rid].items()} if token_stats else {}
+        meta = ({name: np.asarray(values, dtype=np.float32) for name, values in stats[rid].items()}
+                if token_stats else {})
         gens.append(Generation(rid, prompt_of[rid], generated[rid], finished[rid], meta=meta))
     return gens
 
 
-def left_pad(model, sequences):
-    """``input_ids, attention_mask, position_ids`` for left-padded sequences; positions count real tokens only."""
+def left_pad(model: LoadedModel, sequences: Sequence[Sequence[int]],
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``input_ids, attention_mask, position_ids``, each ``[batch, max_len]`` on the model's device, for
+    left-padded sequences; positions count real tokens only."""
     import torch
 
     device = model.device

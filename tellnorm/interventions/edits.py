@@ -35,14 +35,24 @@ Extending: a technique is an Edit whose ``select``/``apply`` keep per-request st
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from itertools import pairwise
+from typing import TYPE_CHECKING, Any
 
 from tellnorm.errors import TellnormError
 from tellnorm.features import check_features
-from tellnorm.generation import LayerHooks, StepInfo
+from tellnorm.generation import Generation, LayerHooks, StepInfo
 from tellnorm.interventions.selection import All, Selection, is_number
 from tellnorm.norms import l2_norm
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import torch
+    from sae_lens import SAE
+
+    from tellnorm.backends.base import ModelAPI
 
 
 @dataclass
@@ -58,12 +68,12 @@ class EditRecord:
         """Every request with a recorded decision."""
         return {rid for rid, _ in self.decisions}
 
-    def decided(self, request_id, layer: int) -> int:
+    def decided(self, request_id: Hashable, layer: int) -> int:
         """One past the last decided position (0 when none)."""
         key = (request_id, layer)
         return self.start.get(key, 0) + len(self.decisions.get(key, ()))
 
-    def frame(self):
+    def frame(self) -> pd.DataFrame:
         """One row per decided token: edit, request_id, layer, position, edited, is_generated."""
         import numpy as np
         import pandas as pd
@@ -82,7 +92,7 @@ class EditRecord:
             return pd.DataFrame(columns=columns)
         return pd.concat(parts, ignore_index=True).assign(edit=self.name)[columns]
 
-    def summary(self):
+    def summary(self) -> pd.DataFrame:
         """Per (request, layer): tokens decided, generated tokens, edited tokens, and the edited fractions."""
         f = self.frame()
         f = f.assign(edited_generated=f.edited & f.is_generated)
@@ -103,7 +113,7 @@ class Edit(LayerHooks):
 
     kind = "edit"
 
-    def __init__(self, model, layers: Iterable[int], *, selection: Selection | None = None,
+    def __init__(self, model: ModelAPI, layers: Iterable[int], *, selection: Selection | None = None,
                  point: str = "resid_post", requests: Iterable | None = None, name: str | None = None):
         layers = list(layers)
         if not layers:
@@ -121,17 +131,22 @@ class Edit(LayerHooks):
         self._states: dict = {}
 
     # -- the protocol ------------------------------------------------------------------------------------------
-    def select(self, layer: int, x, info: StepInfo, candidates):
+    def select(self, layer: int, x: torch.Tensor, info: StepInfo, candidates: torch.Tensor) -> torch.Tensor:
+        """Which ``candidates`` (bool ``[batch, seq]``) to edit, given the stream ``x`` ``[batch, seq, d_model]``:
+        the selection's choice unless a subclass decides itself."""
         return self.selection.select(layer, x, info, candidates)
 
-    def apply(self, layer: int, x, mask, info: StepInfo):
+    def apply(self, layer: int, x: torch.Tensor, mask: torch.Tensor, info: StepInfo) -> torch.Tensor:
+        """The new stream ``[batch, seq, d_model]`` with the tokens under ``mask`` (bool ``[batch, seq]``) edited, as a
+        new tensor; each subclass implements it."""
         raise NotImplementedError
 
-    def new_state(self, request_id, layer: int):
+    def new_state(self, request_id: Hashable, layer: int) -> dict:
         """Per-request state of a technique (ERSS's bank, a streak counter); plain edits keep none."""
         return {}
 
-    def state(self, request_id, layer: int):
+    def state(self, request_id: Hashable, layer: int) -> dict:
+        """The state of ``request_id`` at ``layer``, built by :meth:`new_state` on first use."""
         key = (request_id, layer)
         if key not in self._states:
             self._states[key] = self.new_state(request_id, layer)
@@ -145,7 +160,9 @@ class Edit(LayerHooks):
         self.info = None
 
     # -- the hook ------------------------------------------------------------------------------------------------
-    def hook_for(self, layer: int):
+    def hook_for(self, layer: int) -> Callable[..., Any]:
+        """The hook at ``layer``: decides the new tokens of ``x`` ``[batch, seq, d_model]``, replays recorded
+        decisions, and returns :meth:`apply`'s stream (``x`` itself when nothing is selected)."""
         def hook(x, hook):
             info = self.info or StepInfo.default(*x.shape[:2])
             rows = [r for r, rid in enumerate(info.request_ids) if self.requests is None or rid in self.requests]
@@ -190,7 +207,7 @@ class Edit(LayerHooks):
                 pos = [position_rows[r][c] for c in cols]
                 if key not in record.decisions:
                     record.start[key], record.decisions[key] = pos[0], []
-                elif pos[0] != record.decided(*key) or any(b - a != 1 for a, b in zip(pos, pos[1:])):
+                elif pos[0] != record.decided(*key) or any(b - a != 1 for a, b in pairwise(pos)):
                     raise TellnormError(f"edit {self.name!r}: request {key[0]!r} skipped positions at layer {layer} "
                                         "(a pass must continue where the previous one ended)")
                 record.decisions[key].extend(mask_rows[r][c] for c in cols)
@@ -207,14 +224,16 @@ class Edit(LayerHooks):
         return mask
 
 
-def replace_rows(x, mask, new_rows):
-    """``x`` with the tokens under ``mask`` replaced by ``new_rows`` (a new tensor; ``x`` is untouched)."""
+def replace_rows(x: torch.Tensor, mask: torch.Tensor, new_rows: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[batch, seq, d_model]`` with the tokens under ``mask`` (bool ``[batch, seq]``) replaced by
+    ``new_rows`` ``[n_selected, d_model]`` (a new tensor; ``x`` is untouched)."""
     out = x.clone()
     out[mask] = new_rows.to(x.dtype)
     return out
 
 
-def check_factor(factor, what: str = "scale factor") -> float:
+def check_factor(factor: Any, what: str = "scale factor") -> float:
+    """``factor`` as a float when it is a finite number > 0, or one TellnormError naming ``what``."""
     if not (is_number(factor) and math.isfinite(factor) and factor > 0):
         raise TellnormError(f"{what} must be a finite number > 0, got {factor!r} (0.1 suppresses as in the paper, "
                             "2 amplifies)")
@@ -226,11 +245,12 @@ class Scale(Edit):
 
     kind = "scale"
 
-    def __init__(self, model, layers, factor: float, **kwargs):
+    def __init__(self, model: ModelAPI, layers: Iterable[int], factor: float, **kwargs: Any):
         self.factor = check_factor(factor)
         super().__init__(model, layers, **kwargs)
 
-    def apply(self, layer, x, mask, info):
+    def apply(self, layer: int, x: torch.Tensor, mask: torch.Tensor, info: StepInfo) -> torch.Tensor:
+        """``factor·x`` on the tokens under ``mask``, ``x`` elsewhere (``[batch, seq, d_model]``)."""
         return x.where(~mask[..., None], x * self.factor)
 
 
@@ -245,7 +265,7 @@ class ClampNorm(Edit):
 
     kind = "clamp"
 
-    def __init__(self, model, layers, max_norm: NormTarget, **kwargs):
+    def __init__(self, model: ModelAPI, layers: Iterable[int], max_norm: NormTarget, **kwargs: Any):
         layers = list(layers)
         if isinstance(max_norm, Mapping):
             missing = [layer for layer in layers if layer not in max_norm]
@@ -258,9 +278,8 @@ class ClampNorm(Edit):
             self.max_norm = check_factor(max_norm, "clamp target norm")
         super().__init__(model, layers, **kwargs)
 
-    def apply(self, layer, x, mask, info):
-        import torch
-
+    def apply(self, layer: int, x: torch.Tensor, mask: torch.Tensor, info: StepInfo) -> torch.Tensor:
+        """``x·min(1, m/‖x‖₂)`` on the tokens under ``mask`` (a NaN target leaves a token alone), ``x`` elsewhere."""
         norms = l2_norm(x, keepdim=True)
         if callable(self.max_norm):
             target = self.max_norm(layer, info, x)[..., None].to(norms.device)
@@ -270,7 +289,7 @@ class ClampNorm(Edit):
         return x.where(~mask[..., None], x * ratio.to(x.dtype))
 
 
-def tau_fraction(selection, fraction: float):
+def tau_fraction(selection: Selection, fraction: float) -> Callable[[int, StepInfo, torch.Tensor], torch.Tensor]:
     """A ClampNorm target: ``fraction`` × the τ each token was tested against by ``selection`` (an AboveThreshold,
     alone or inside ``&``). PAPER §4: clamp to τ/4."""
     from tellnorm.interventions.selection import AboveThreshold, AllOf
@@ -287,7 +306,7 @@ def tau_fraction(selection, fraction: float):
     return target
 
 
-def check_vector(vector, d_model: int, what: str = "steering vector"):
+def check_vector(vector: Any, d_model: int, what: str = "steering vector") -> torch.Tensor:
     """A float tensor of shape [d_model] with finite values, or one clear TellnormError."""
     import numpy as np
     import torch
@@ -311,7 +330,9 @@ class AddVector(Edit):
 
     kind = "add"
 
-    def __init__(self, model, layers, vectors, *, scale: float = 1.0, **kwargs):
+    def __init__(self, model: ModelAPI, layers: Iterable[int],
+                 vectors: torch.Tensor | np.ndarray | Mapping[int, torch.Tensor | np.ndarray], *, scale: float = 1.0,
+                 **kwargs: Any):
         layers = list(layers)
         if not (is_number(scale) and math.isfinite(scale)):
             raise TellnormError(f"steering scale must be a finite number, got {scale!r}")
@@ -327,12 +348,13 @@ class AddVector(Edit):
         self.scale = float(scale)
         super().__init__(model, layers, **kwargs)
 
-    def apply(self, layer, x, mask, info):
+    def apply(self, layer: int, x: torch.Tensor, mask: torch.Tensor, info: StepInfo) -> torch.Tensor:
+        """``x + scale·v_l`` on the tokens under ``mask``, ``x`` elsewhere (``[batch, seq, d_model]``)."""
         shift = (self.scale * self.vectors[layer]).to(device=x.device, dtype=x.dtype)
         return x.where(~mask[..., None], x + shift)
 
 
-def check_sae_for_edit(sae, model, layer: int, point: str) -> None:
+def check_sae_for_edit(sae: SAE, model: ModelAPI, layer: int, point: str) -> None:
     """The SAE must read this hook and decode linearly (no run-time normalisation) for the error-term edit."""
     from tellnorm.saes import validate_sae
 
@@ -355,8 +377,9 @@ class SAEFeatureEdit(Edit):
 
     kind = "sae"
 
-    def __init__(self, model, saes: Mapping[int, Any], features, *, value: float | Callable = 0.0,
-                 point: str = "resid_post", **kwargs):
+    def __init__(self, model: ModelAPI, saes: Mapping[int, SAE], features: Sequence[int] | Mapping[int, Sequence[int]],
+                 *, value: float | Callable[[torch.Tensor], torch.Tensor] = 0.0, point: str = "resid_post",
+                 **kwargs: Any):
         import torch
 
         if isinstance(features, Mapping):
@@ -378,7 +401,8 @@ class SAEFeatureEdit(Edit):
         self.value = value
         super().__init__(model, layers, point=point, **kwargs)
 
-    def apply(self, layer, x, mask, info):
+    def apply(self, layer: int, x: torch.Tensor, mask: torch.Tensor, info: StepInfo) -> torch.Tensor:
+        """``x + Σ_i (a'_i − a_i)·W_dec[i]`` on the tokens under ``mask`` (error term kept), ``x`` elsewhere."""
         import torch
 
         sae, index = self.saes[layer], self.features[layer]
@@ -390,7 +414,7 @@ class SAEFeatureEdit(Edit):
         return replace_rows(x, mask, rows + delta.to(x.dtype))
 
 
-def edit_summary(edits: Sequence[Edit]):
+def edit_summary(edits: Sequence[Edit]) -> pd.DataFrame:
     """Every edit's per-(request, layer) summary in one DataFrame."""
     import pandas as pd
 
@@ -398,7 +422,7 @@ def edit_summary(edits: Sequence[Edit]):
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-def edited_tokens(model, edits: Sequence[Edit], generations):
+def edited_tokens(model: ModelAPI, edits: Sequence[Edit], generations: Sequence[Generation]) -> pd.DataFrame:
     """Every decided token of ``edits`` joined with its string and masks (and on the organism its ground-truth
     label) from :func:`tellnorm.norms.token_table`."""
     import pandas as pd

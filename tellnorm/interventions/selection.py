@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,15 +37,22 @@ from tellnorm.errors import TellnormError
 from tellnorm.norms import l2_norm
 from tellnorm.thresholds import MODES, FixedThresholds, PeakThreshold, ThresholdConfig, make_threshold
 
+if TYPE_CHECKING:
+    from pathlib import Path
 
-def is_number(value) -> bool:
+    import torch
+
+    from tellnorm.generation import LayerHooks, StepInfo
+
+
+def is_number(value: object) -> bool:
     """A real number (Python or numpy), not a bool."""
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
-def check_fraction(value, what: str = "fraction", *, allow_zero: bool = False) -> float:
+def check_fraction(value: Any, what: str = "fraction", *, allow_zero: bool = False) -> float:
     """A fraction in (0, 1] (or [0, 1] with ``allow_zero``), or one clear TellnormError."""
-    if not (is_number(value) and math.isfinite(value) and (0 <= value if allow_zero else 0 < value) and value <= 1):
+    if not (is_number(value) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0) and value <= 1):
         raise TellnormError(f"{what} must be a number in {'[' if allow_zero else '('}0, 1], got {value!r}")
     return float(value)
 
@@ -52,23 +60,26 @@ def check_fraction(value, what: str = "fraction", *, allow_zero: bool = False) -
 class Selection:
     """Base: ``select`` returns a bool mask ⊆ ``candidates``; ``bind`` validates against an edit before any run."""
 
-    def bind(self, edit) -> None:
+    def bind(self, edit: LayerHooks) -> None:
         """Called once by the edit that owns this selection (validation; no state)."""
 
-    def select(self, layer: int, x, info, candidates):
+    def select(self, layer: int, x: torch.Tensor, info: StepInfo, candidates: torch.Tensor) -> torch.Tensor:
+        """The selected subset of ``candidates`` (bool ``[batch, seq]``) given the stream ``x``
+        ``[batch, seq, d_model]``; each subclass implements it."""
         raise NotImplementedError
 
     def reset(self) -> None:
         """Forget per-request state (a new run)."""
 
     def describe(self) -> str:
+        """A short name for tables and logs."""
         return type(self).__name__.lower()
 
-    def __and__(self, other: "Selection") -> "AllOf":
+    def __and__(self, other: Selection) -> AllOf:
         return AllOf(self, other)
 
 
-def prompt_lengths(info, like):
+def prompt_lengths(info: StepInfo, like: torch.Tensor) -> torch.Tensor:
     """``[batch, 1]`` tensor of each row's prompt length, or a TellnormError when the pass did not say."""
     import torch
 
@@ -79,17 +90,26 @@ def prompt_lengths(info, like):
 
 
 class All(Selection):
-    def select(self, layer, x, info, candidates):
+    """Every candidate token."""
+
+    def select(self, layer: int, x: torch.Tensor, info: StepInfo, candidates: torch.Tensor) -> torch.Tensor:
+        """``candidates`` itself."""
         return candidates
 
 
 class Prompt(Selection):
-    def select(self, layer, x, info, candidates):
+    """Prompt tokens (``position < n_prompt``)."""
+
+    def select(self, layer: int, x: torch.Tensor, info: StepInfo, candidates: torch.Tensor) -> torch.Tensor:
+        """The candidates before their request's prompt length."""
         return candidates & (info.positions.to(candidates.device) < prompt_lengths(info, candidates))
 
 
 class Generated(Selection):
-    def select(self, layer, x, info, candidates):
+    """Generated tokens (``position >= n_prompt``)."""
+
+    def select(self, layer: int, x: torch.Tensor, info: StepInfo, candidates: torch.Tensor) -> torch.Tensor:
+        """The candidates at or after their request's prompt length."""
         return candidates & (info.positions.to(candidates.device) >= prompt_lengths(info, candidates))
 
 
@@ -102,7 +122,8 @@ class Mask(Selection):
 
         self.masks = {rid: torch.as_tensor(list(m), dtype=torch.bool) for rid, m in masks.items()}
 
-    def select(self, layer, x, info, candidates):
+    def select(self, layer: int, x: torch.Tensor, info: StepInfo, candidates: torch.Tensor) -> torch.Tensor:
+        """The candidates whose request's mask is True at their position."""
         import torch
 
         out = torch.zeros_like(candidates)
@@ -124,21 +145,25 @@ class AllOf(Selection):
     def __init__(self, *parts: Selection):
         self.parts = [p for part in parts for p in (part.parts if isinstance(part, AllOf) else [part])]
 
-    def bind(self, edit) -> None:
+    def bind(self, edit: LayerHooks) -> None:
+        """Bind every part."""
         for part in self.parts:
             part.bind(edit)
 
     def reset(self) -> None:
+        """Reset every part."""
         for part in self.parts:
             part.reset()
 
-    def select(self, layer, x, info, candidates):
+    def select(self, layer: int, x: torch.Tensor, info: StepInfo, candidates: torch.Tensor) -> torch.Tensor:
+        """The candidates every part selects."""
         out = candidates
         for part in self.parts:
             out = out & part.select(layer, x, info, candidates)
         return out
 
     def describe(self) -> str:
+        """The parts' names joined by ``&``."""
         return " & ".join(p.describe() for p in self.parts)
 
 
@@ -149,7 +174,8 @@ class AboveThreshold(Selection):
     ``cfg`` gives k, IQR floor and warm-up) or "pooled-p2" (the reference code's pooled streaming estimate). The τ
     each token was tested against is kept (``tau``), so an edit can act relative to it (clamp to τ/4)."""
 
-    def __init__(self, mode: str = "fixed", *, fixed=None, cfg: ThresholdConfig | None = None,
+    def __init__(self, mode: str = "fixed", *, fixed: FixedThresholds | Mapping[int, float] | str | Path | None = None,
+                 cfg: ThresholdConfig | None = None,
                  scope: Selection | None = None):
         if mode not in MODES:
             raise TellnormError(f"unknown threshold mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -165,7 +191,8 @@ class AboveThreshold(Selection):
         self.scope = scope or Generated()
         self.reset()
 
-    def bind(self, edit) -> None:
+    def bind(self, edit: LayerHooks) -> None:
+        """Bind the scope; in fixed mode, check there is a τ for every layer of ``edit``."""
         self.scope.bind(edit)
         if self.fixed is not None:
             missing = [layer for layer in edit.layers if layer not in self.fixed.values]
@@ -174,20 +201,25 @@ class AboveThreshold(Selection):
                                     f"edited layer {list(edit.layers)}")
 
     def reset(self) -> None:
+        """Forget every tracker and recorded τ (a new run)."""
         self._trackers: dict = {}  # exact: (request, layer) -> ExactThreshold; pooled: layer -> PooledP2Threshold
         self._taus: dict = {}  # adaptive modes: (request, layer) -> {position: tau}
         self.scope.reset()
 
     def describe(self) -> str:
+        """``norm > tau (<mode>)``."""
         return f"norm > tau ({self.mode})"
 
-    def tracker(self, request_id, layer: int) -> PeakThreshold:
+    def tracker(self, request_id: Hashable, layer: int) -> PeakThreshold:
+        """The τ tracker of ``request_id`` at ``layer`` (one per layer in pooled mode), created on first use."""
         key = layer if self.mode == "pooled-p2" else (request_id, layer)
         if key not in self._trackers:
             self._trackers[key] = make_threshold(self.mode, self.cfg, [layer])
         return self._trackers[key]
 
-    def select(self, layer, x, info, candidates):
+    def select(self, layer: int, x: torch.Tensor, info: StepInfo, candidates: torch.Tensor) -> torch.Tensor:
+        """The scoped candidates with ``‖x‖₂ > τ_l`` (PAPER.md §5); adaptive modes test each token against τ from
+        earlier tokens, then add its norm, and record the τ it met."""
         import torch
 
         scoped = self.scope.select(layer, x, info, candidates)
@@ -220,7 +252,7 @@ class AboveThreshold(Selection):
             tracker.update(np.array([[values[i]] for i in group]).mean(axis=0))
         return out
 
-    def tau(self, layer: int, info, like):
+    def tau(self, layer: int, info: StepInfo, like: torch.Tensor) -> torch.Tensor:
         """``[batch, seq]`` float tensor: the τ each token was tested against (NaN where none; fixed mode: τ_l)."""
         import torch
 
@@ -241,7 +273,7 @@ _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 
 
-def token_uniforms(seed: int, request_id, layer: int, positions) -> np.ndarray:
+def token_uniforms(seed: int, request_id: Hashable, layer: int, positions: Sequence[int] | np.ndarray) -> np.ndarray:
     """Uniform [0, 1) numbers, one per position, that depend only on (seed, request, layer, position)."""
     key = hashlib.blake2b(f"{seed}|{request_id!r}|{layer}".encode(), digest_size=8).digest()
     z = np.uint64(int.from_bytes(key, "little")) + np.asarray(positions, dtype=np.uint64) * _GOLDEN
@@ -270,20 +302,24 @@ class RandomFraction(Selection):
         self.seed = int(seed)
         self.scope = scope or Generated()
 
-    def bind(self, edit) -> None:
+    def bind(self, edit: LayerHooks) -> None:
+        """Bind the scope."""
         self.scope.bind(edit)
 
     def describe(self) -> str:
+        """``random (seed <seed>)``."""
         return f"random (seed {self.seed})"
 
-    def fraction_for(self, request_id) -> float:
+    def fraction_for(self, request_id: Hashable) -> float:
+        """The selection probability of ``request_id``'s tokens."""
         if isinstance(self.fraction, dict):
             if request_id not in self.fraction:
                 raise TellnormError(f"random selection has no fraction for request {request_id!r}")
             return self.fraction[request_id]
         return self.fraction
 
-    def select(self, layer, x, info, candidates):
+    def select(self, layer: int, x: torch.Tensor, info: StepInfo, candidates: torch.Tensor) -> torch.Tensor:
+        """The scoped candidates whose uniform ``u(seed, request, layer, position)`` is below the fraction."""
         import torch
 
         scoped = self.scope.select(layer, x, info, candidates)

@@ -9,7 +9,7 @@ its folders, and its step labels reach traces through the loaded model's ``token
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from tellnorm.backends.base import Subject
 from tellnorm.organism.paths import DEFAULT_ORGANISM_DIR, DEFAULT_SAE_DIR

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tellnorm.errors import TellnormError
 from tellnorm.organism import task
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import plotly.graph_objects as go
+
+    from tellnorm.backends.base import ModelAPI
 
 MODES = ("thinking", "non-thinking")
 
 
 @dataclass
 class EvalConfig:
+    """What :func:`evaluate` runs: problems per difficulty, difficulties, modes, token budget, batch, seed."""
+
     per_difficulty: int = 100  # test problems per level and mode
     difficulties: tuple[int, ...] = tuple(range(task.MIN_DIFFICULTY, task.MAX_DIFFICULTY + 1))
     modes: tuple[str, ...] = MODES
@@ -37,12 +47,14 @@ def check_mode(mode: str) -> bool:
     return mode == "thinking"
 
 
-def problem_prompts(model, problems, mode: str) -> list[list[int]]:
+def problem_prompts(model: ModelAPI, problems: Sequence[task.Problem], mode: str) -> list[list[int]]:
+    """Token ids of each problem's chat prompt in ``mode`` ("thinking" or "non-thinking")."""
     thinking = check_mode(mode)
     return [model.encode(model.chat_prompt(p.prompt_text(), thinking=thinking)) for p in problems]
 
 
-def evaluate(model, cfg: EvalConfig | None = None, progress: bool = True):
+def evaluate(model: ModelAPI, cfg: EvalConfig | None = None, progress: bool = True,
+             ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Greedy generations on the test split; returns ``(per_problem, summary)`` DataFrames."""
     import pandas as pd
 
@@ -82,7 +94,8 @@ def majority_answers(samples_per_level: int = 2000, seed: int = 7) -> dict[int, 
             for d in range(task.MIN_DIFFICULTY, task.MAX_DIFFICULTY + 1)}
 
 
-def format_summary(summary) -> str:
+def format_summary(summary: pd.DataFrame) -> str:
+    """The summary of :func:`evaluate` as a plain-text table (accuracy, CI, majority baseline per mode and level)."""
     lines = [f"{'mode':<13}{'steps':>5}{'n':>6}{'accuracy':>10}   95% CI (bootstrap)   majority"]
     for r in summary.itertuples():
         lines.append(f"{r.mode:<13}{r.difficulty:>5}{r.n:>6}{r.accuracy:>10.3f}   [{r.ci_low:.3f}, {r.ci_high:.3f}]"
@@ -90,7 +103,9 @@ def format_summary(summary) -> str:
     return "\n".join(lines)
 
 
-def accuracy_figure(summary, title: str = "Organism accuracy by number of steps (greedy, held-out test set)"):
+def accuracy_figure(summary: pd.DataFrame,
+                    title: str = "Organism accuracy by number of steps (greedy, held-out test set)") -> go.Figure:
+    """Accuracy per difficulty and mode with bootstrap CIs and the majority-answer baseline."""
     import plotly.graph_objects as go
 
     from tellnorm.figures import MODE_COLORS, NEUTRAL_COLOR, style

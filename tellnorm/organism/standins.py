@@ -5,15 +5,17 @@ Used by ``notebooks/05_real_model.ipynb`` and its test; nothing measured on a st
 
 * :func:`tiny_model` — a random-init HF model of a real architecture (Qwen3, Llama) saved as a folder, with the
   organism's tokenizer and chat template (it has Qwen3's ``enable_thinking`` switch).
-* :func:`qwen_scope_files` — Qwen-Scope's layout (``layer{L}.sae.pt``: ``W_enc [d_sae, d_in]``, ``W_dec [d_in, d_sae]``)
-  in a folder named like the hub repository, so the release (and its top-k) is recognised.
-* :func:`llama_scope_r1_files` — Llama-Scope-R1's layout (``<variant>/L{L}R/config.json`` + ``sae_weights.safetensors``
-  with nn.Linear-style weights and the log JumpReLU threshold), with the dataset norm the loader rescales by.
+* :func:`qwen_scope_files` — Qwen-Scope's layout (``layer{L}.sae.pt``: ``W_enc [d_sae, d_in]``,
+  ``W_dec [d_in, d_sae]``) in a folder named like the hub repository, so the release (and its top-k) is recognised.
+* :func:`llama_scope_r1_files` — Llama-Scope-R1's layout (``<variant>/L{L}R/config.json`` +
+  ``sae_weights.safetensors`` with nn.Linear-style weights and the log JumpReLU threshold), with the dataset norm the
+  loader rescales by.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 QWEN_SCOPE_REPO = "SAE-Res-Qwen3-1.7B-Base-W32K-L0_50"  # a real Qwen-Scope release name: top-k 50
@@ -21,7 +23,8 @@ LLAMA_SCOPE_R1_VARIANT = "800M-Slimpajama-0-OpenR1-Math-220k"  # fnlp/Llama-Scop
 ARCHITECTURES = ("qwen3", "llama")
 
 
-def tiny_model(folder: str | Path, arch: str = "qwen3", *, n_layers: int = 4, d_model: int = 128, seed: int = 0) -> Path:
+def tiny_model(folder: str | Path, arch: str = "qwen3", *, n_layers: int = 4, d_model: int = 128,
+               seed: int = 0) -> Path:
     """Save a random-init ``arch`` model (float32, 4 query / 2 KV heads of size 32) and the organism's tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
@@ -32,7 +35,8 @@ def tiny_model(folder: str | Path, arch: str = "qwen3", *, n_layers: int = 4, d_
     if arch not in ARCHITECTURES:
         raise TellnormError(f"no stand-in for {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
     tokenizer = build_tokenizer()
-    config_class, model_class = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
+    config_class, model_class = {"qwen3": (Qwen3Config, Qwen3ForCausalLM),
+                                 "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
     config = config_class(vocab_size=len(tokenizer), hidden_size=d_model, num_hidden_layers=n_layers,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=d_model // 4,
                           intermediate_size=2 * d_model, max_position_embeddings=512,
@@ -50,8 +54,9 @@ def _random(generator, *shape, scale: float = 1.0):
     return torch.randn(*shape, generator=generator) * scale
 
 
-def qwen_scope_files(root: str | Path, d_in: int, layers, *, d_sae: int = 512, seed: int = 0) -> Path:
-    """Random Qwen-Scope SAE files for ``layers`` in ``root/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50``; returns that folder."""
+def qwen_scope_files(root: str | Path, d_in: int, layers: Iterable[int], *, d_sae: int = 512, seed: int = 0) -> Path:
+    """Random Qwen-Scope SAE files for ``layers`` in ``root/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50``; returns that
+    folder."""
     import torch
 
     folder = Path(root) / QWEN_SCOPE_REPO
@@ -64,8 +69,8 @@ def qwen_scope_files(root: str | Path, d_in: int, layers, *, d_sae: int = 512, s
     return folder
 
 
-def llama_scope_r1_files(root: str | Path, d_in: int, layers, *, d_sae: int = 512, average_norm: float = 1.0,
-                         seed: int = 0) -> Path:
+def llama_scope_r1_files(root: str | Path, d_in: int, layers: Iterable[int], *, d_sae: int = 512,
+                         average_norm: float = 1.0, seed: int = 0) -> Path:
     """Random Llama-Scope-R1 SAE folders for ``layers`` under ``root/<variant>/L{L}R``; returns ``root``.
 
     The loader rescales inputs as for the real files: by the registry's ``norm_scaling_factor`` of that variant's
@@ -82,7 +87,8 @@ def llama_scope_r1_files(root: str | Path, d_in: int, layers, *, d_sae: int = 51
                    "encoder.bias": _random(g, d_sae, scale=0.1), "decoder.weight": _random(g, d_in, d_sae, scale=0.1),
                    "decoder.bias": _random(g, d_in, scale=0.1),
                    "log_jumprelu_threshold": torch.full((d_sae,), 0.1).log()}, folder / "sae_weights.safetensors")
-        config = {"d_model": d_in, "expansion_factor": d_sae // d_in, "hook_point_in": f"blocks.{layer}.hook_resid_post",
+        config = {"d_model": d_in, "expansion_factor": d_sae // d_in,
+                  "hook_point_in": f"blocks.{layer}.hook_resid_post",
                   "dataset_average_activation_norm": {"in": average_norm}}
         (folder / "config.json").write_text(json.dumps(config))
     return root

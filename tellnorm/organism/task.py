@@ -28,7 +28,9 @@ token sequence alone, so labels exist for the model's own generations too, not o
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 from tellnorm.bounds import Marker
 
@@ -58,6 +60,8 @@ P_THEREFORE = 0.6
 
 @dataclass(frozen=True)
 class Step:
+    """One assignment of a chain: ``target = source op operand`` and its value (mod 10)."""
+
     target: str  # variable being defined
     source: str  # variable it is computed from
     op: str  # "+" or "-"
@@ -67,6 +71,8 @@ class Step:
 
 @dataclass(frozen=True)
 class Problem:
+    """A chain of ``difficulty`` assignments from ``start = start_value``; asks for the last variable's value."""
+
     difficulty: int
     start: str
     start_value: int
@@ -75,17 +81,21 @@ class Problem:
 
     @property
     def answer(self) -> int:
+        """The value of the variable asked for (the last step's)."""
         return self.steps[-1].value
 
     @property
     def question_variable(self) -> str:
+        """The variable asked for (the last step's target)."""
         return self.steps[-1].target
 
     def statements(self) -> list[str]:
+        """The assignments in order, ``"a = 5"`` then ``"b = a + 3"``, ..."""
         chain = [f"{self.start} = {self.start_value}"]
         return chain + [f"{s.target} = {s.source} {s.op} {s.operand}" for s in self.steps]
 
     def prompt_text(self) -> str:
+        """The user prompt: ``a = 5 ; b = a + 3 ; ... ; what is c ?``."""
         return " ; ".join(self.statements()) + f" ; what is {self.question_variable} ?"
 
     def key(self) -> str:
@@ -98,12 +108,13 @@ def _apply(value: int, op: str, operand: int) -> int:
 
 
 def make_problem(rng: random.Random, difficulty: int) -> Problem:
+    """A random problem of ``difficulty`` steps drawn from ``rng`` (distinct variables, operands 1..9)."""
     check_difficulty(difficulty)
     names = rng.sample(VARIABLES, difficulty + 1)
     value = rng.randrange(MODULUS)
     start_value = value
     steps = []
-    for source, target in zip(names, names[1:]):
+    for source, target in pairwise(names):
         op, operand = rng.choice("+-"), rng.randrange(1, MODULUS)
         value = _apply(value, op, operand)
         steps.append(Step(target, source, op, operand, value))
@@ -111,11 +122,13 @@ def make_problem(rng: random.Random, difficulty: int) -> Problem:
 
 
 def check_difficulty(difficulty: int) -> None:
+    """Raise one TellnormError line unless ``difficulty`` is a whole number of steps in the task's range."""
     from tellnorm.errors import TellnormError
 
     if not isinstance(difficulty, int) or not MIN_DIFFICULTY <= difficulty <= MAX_DIFFICULTY:
         raise TellnormError(
-            f"difficulty {difficulty!r} is out of range: the organism's task has {MIN_DIFFICULTY}..{MAX_DIFFICULTY} steps"
+            f"difficulty {difficulty!r} is out of range: the organism's task has "
+            f"{MIN_DIFFICULTY}..{MAX_DIFFICULTY} steps"
         )
 
 
@@ -215,7 +228,9 @@ class Split:
 
     @classmethod
     def build(cls, name: str, seed: int, per_difficulty: int,
-              difficulties=range(MIN_DIFFICULTY, MAX_DIFFICULTY + 1), exclude: set[str] | None = None) -> "Split":
+              difficulties: Iterable[int] = range(MIN_DIFFICULTY, MAX_DIFFICULTY + 1),
+              exclude: set[str] | None = None) -> Split:
+        """``per_difficulty`` distinct seeded problems per difficulty, none whose key is in ``exclude``."""
         rng = random.Random(seed)
         seen = set(exclude or ())
         problems = []
@@ -231,6 +246,7 @@ class Split:
         return cls(name, seed, per_difficulty, problems)
 
     def keys(self) -> set[str]:
+        """The keys (prompt texts) of the split's problems."""
         return {p.key() for p in self.problems}
 
 
@@ -241,14 +257,17 @@ TEST_SEED = 20_261_002
 
 
 def test_split(per_difficulty: int = 200) -> Split:
+    """The held-out test split (fixed seed)."""
     return Split.build("test", TEST_SEED, per_difficulty)
 
 
 def validation_split(per_difficulty: int = 50) -> Split:
+    """The held-out validation split (fixed seed)."""
     return Split.build("validation", VALIDATION_SEED, per_difficulty)
 
 
-def training_problems(seed: int, held_out: set[str], difficulties=range(MIN_DIFFICULTY, MAX_DIFFICULTY + 1)):
+def training_problems(seed: int, held_out: set[str],
+                      difficulties: Iterable[int] = range(MIN_DIFFICULTY, MAX_DIFFICULTY + 1)) -> Iterator[Problem]:
     """Endless stream of training problems, uniform over difficulty, disjoint from ``held_out``."""
     rng = random.Random(seed)
     levels = list(difficulties)

@@ -8,8 +8,12 @@ One token per word keeps ground-truth labels one-to-one with tokens, while the t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tellnorm.organism.task import MODULUS, REASONING_WORDS, VARIABLES
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<unk>")
 WORDS = (
@@ -33,7 +37,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer():
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """The organism's word-level tokenizer (one token per word) with Qwen3's special tokens and chat template."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -56,7 +61,8 @@ def build_tokenizer():
     return tok
 
 
-def save_tokenizer(folder: str | Path):
+def save_tokenizer(folder: str | Path) -> PreTrainedTokenizerFast:
+    """Build the tokenizer, save it to ``folder`` and return it."""
     tok = build_tokenizer()
     tok.save_pretrained(str(folder))
     return tok

@@ -13,10 +13,14 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tellnorm.io import check_output_dir
 from tellnorm.organism import task
 from tellnorm.organism.paths import DEFAULT_ORGANISM_DIR
+
+if TYPE_CHECKING:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
 
 @dataclass
@@ -31,7 +35,8 @@ class OrganismModelConfig:
     d_mlp: int = 384
     max_positions: int = 320  # the longest problem (10 steps) with its trace stays below ~300 tokens
 
-    def hf_config(self, vocab_size: int, pad_token_id: int, eos_token_id: int):
+    def hf_config(self, vocab_size: int, pad_token_id: int, eos_token_id: int) -> Qwen3Config:
+        """The HF ``Qwen3Config`` of this shape (tied embeddings, no BOS)."""
         from transformers import Qwen3Config
 
         return Qwen3Config(
@@ -52,6 +57,8 @@ class OrganismModelConfig:
 
 @dataclass
 class OrganismTrainConfig:
+    """How the organism is trained: phase 1 (both modes) then phase 2 (direct answers); checked on construction."""
+
     seed: int = 0
     steps: int = 3600  # ≈ 20 min on 2 CPU cores [measured, see README]
     batch_size: int = 32  # more, smaller steps reach the in-context-retrieval transition sooner
@@ -113,7 +120,7 @@ class OrganismTrainConfig:
                 raise TellnormError(f"organism training: {message}")
 
 
-def encode_example(tokenizer, problem: task.Problem, thinking: bool) -> tuple[list[int], int]:
+def encode_example(tokenizer: Any, problem: task.Problem, thinking: bool) -> tuple[list[int], int]:
     """Token ids of a full chat (prompt + assistant turn) and the number of prompt tokens (not trained on)."""
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": problem.prompt_text()}],
@@ -195,7 +202,7 @@ def _phase2_lr_at(step: int, cfg: OrganismTrainConfig) -> float:
 PHASE2_SEED_OFFSET = 9000  # phase 2 draws its problems from streams of its own
 
 
-def direct_answer_phase(model, tokenizer, cfg: OrganismTrainConfig, held_out: set[str], *,
+def direct_answer_phase(model: Qwen3ForCausalLM, tokenizer: Any, cfg: OrganismTrainConfig, held_out: set[str], *,
                         progress: bool = True) -> list[float]:
     """Phase 2: ``cfg.phase2_steps`` steps, each batch all non-thinking (1–3 steps by default) or, with
     probability ``phase2_thinking_fraction``, all thinking (phase 1's difficulty mix), from a fresh AdamW.

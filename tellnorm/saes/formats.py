@@ -35,14 +35,18 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache, partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 from unittest import mock
 
 from tellnorm.errors import TellnormError
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 SAE_LENS = "sae-lens"
 QWEN_SCOPE = "qwen-scope"
@@ -81,7 +85,8 @@ class SaeSource:
     format: str
     _load: Callable[[str, str], Any] = field(repr=False, compare=False)
 
-    def load(self, device: str = "cpu", dtype: str = "float32"):
+    def load(self, device: str = "cpu", dtype: str = "float32") -> SAE:
+        """Read the SAE's weights: a sae_lens ``SAE`` on ``device`` in ``dtype``."""
         return self._load(device, dtype)
 
 
@@ -91,7 +96,7 @@ def layer_of_hook(hook_name: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def find_saes(fmt: str, folder: Path, **options) -> list[SaeSource]:
+def find_saes(fmt: str, folder: Path, **options: Any) -> list[SaeSource]:
     """The SAEs in ``folder`` stored in layout ``fmt`` (one of :data:`FORMATS`); options as the finders take them."""
     finders = {SAE_LENS: find_sae_lens_saes, QWEN_SCOPE: find_qwen_scope_saes,
                LLAMA_SCOPE_R1: find_llama_scope_r1_saes, QRESEARCH: find_qresearch_saes,
@@ -162,6 +167,8 @@ class _NativeSae:
 
 
 def find_qwen_scope_saes(folder: Path, *, release: str | None = None) -> list[SaeSource]:
+    """Qwen-Scope ``layer<N>.sae.pt`` files in ``folder``; ``release`` names the registry release if the folder
+    name does not."""
     files = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := QWEN_SCOPE_FILE.match(p.name)))
     if not files:
         return []
@@ -178,6 +185,7 @@ def find_qwen_scope_saes(folder: Path, *, release: str | None = None) -> list[Sa
 
 
 def find_qresearch_saes(folder: Path) -> list[SaeSource]:
+    """qresearch ``*-l<N>.pt`` files in ``folder`` (layer read by sae_lens from each file name)."""
     from sae_lens.loading.pretrained_sae_loaders import get_deepseek_r1_config_from_hf
 
     lookup = _release_lookup(QRESEARCH, folder, None)
@@ -293,7 +301,7 @@ def find_gemma_scope_2_saes(folder: Path, *, release: str | None = None) -> list
         # sae_lens's own config reader: config.json (or the names, where it is absent) and the tensor shapes.
         with _hub_downloads_from(sae_dir.parent.parent):
             cfg = _read_or_explain(config_file if config_file.is_file() else weights,
-                                   lambda: get_gemma_3_config_from_hf(lookup.repo_id, hub_path, "cpu"))
+                                   lambda path=hub_path: get_gemma_3_config_from_hf(lookup.repo_id, path, "cpu"))
         layer = _layer_or_explain(cfg["hook_name"], weights)
         native = _NativeSae(GEMMA_SCOPE_2, weights, sae_dir.parent.parent, hub_path, lookup.repo_id,
                             _repo_overrides(lookup, hub_path))

@@ -27,13 +27,13 @@ from __future__ import annotations
 import difflib
 import operator
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tellnorm.backends.base import subjects
 from tellnorm.errors import TellnormError
-
 from tellnorm.saes.formats import (
     FORMAT_OF_CONVERSION,
     FORMATS,
@@ -47,6 +47,11 @@ from tellnorm.saes.formats import (
     find_saes,
     layer_of_hook,
 )
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from tellnorm.backends.base import ModelAPI
 
 FOLDER_KEYS = {"format", "path", "layers", "release", "norm_scaling_factor"}
 REGISTRY_KEYS = {"release", "sae_ids", "sae_id", "layers"}
@@ -71,11 +76,12 @@ class SaeSpec:
 
     @property
     def from_registry(self) -> bool:
+        """Whether the SAEs come from sae_lens's registry (no local path)."""
         return self.path is None
 
 
-def load_saes(spec: Any, model: Any = None, *, layers=None, device: str = "cpu",
-              dtype: str = "float32") -> dict:
+def load_saes(spec: Any, model: Any = None, *, layers: int | Iterable[int] | None = None, device: str = "cpu",
+              dtype: str = "float32") -> dict[int, SAE]:
     """Load the SAEs ``spec`` names as ``{layer: sae_lens.SAE}`` (spec forms in the module docstring).
 
     ``model`` (a ``LoadedModel`` or anything ``load_model`` takes) turns on :func:`validate_sae` for every SAE.
@@ -94,7 +100,7 @@ def load_saes(spec: Any, model: Any = None, *, layers=None, device: str = "cpu",
     return dict(sorted(saes.items()))
 
 
-def validate_sae(sae, model, layer: int) -> None:
+def validate_sae(sae: SAE, model: ModelAPI, layer: int) -> None:
     """Check that ``sae`` can read ``model`` at ``layer``: TellnormError if not, a warning if made for another model."""
     d_in = sae.cfg.d_in
     if d_in != model.d_model:
@@ -117,7 +123,7 @@ def validate_sae(sae, model, layer: int) -> None:
         )
 
 
-def parse_sae_spec(spec: Any, layers=None) -> SaeSpec:
+def parse_sae_spec(spec: Any, layers: int | Iterable[int] | None = None) -> SaeSpec:
     """Turn any accepted spec form into a :class:`SaeSpec`; ``layers`` is the keyword of :func:`load_saes`."""
     if isinstance(spec, SaeSpec):
         parsed = spec

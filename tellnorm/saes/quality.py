@@ -6,9 +6,18 @@ Everything streams over tokens (sums in float64), never caching ``[tokens, d_mod
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tellnorm.generation import LayerHooks
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from sae_lens import SAE
+
+    from tellnorm.backends.base import ModelAPI
 
 
 @dataclass
@@ -18,11 +27,13 @@ class QualitySums:
     n_tokens: int = 0
     sum_sq_error: float = 0.0
     sum_sq: float = 0.0
-    sum_x: object = None  # float64 [d_in]
+    sum_x: torch.Tensor | None = None  # float64 [d_in]
     sum_l0: float = 0.0
-    fired: object = None  # bool [d_sae]: feature was active at least once
+    fired: torch.Tensor | None = None  # bool [d_sae]: feature was active at least once
 
-    def add(self, x, recon, acts) -> None:
+    def add(self, x: torch.Tensor, recon: torch.Tensor, acts: torch.Tensor) -> None:
+        """Accumulate tokens ``x`` ``[n, d_in]``, their reconstructions ``recon`` ``[n, d_in]`` and feature
+        activations ``acts`` ``[n, d_sae]``."""
         import torch
 
         x64, r64 = x.double(), recon.double()
@@ -36,13 +47,15 @@ class QualitySums:
         self.fired = f if self.fired is None else self.fired | f
         del torch
 
-    def merge(self, other: "QualitySums") -> "QualitySums":
+    def merge(self, other: QualitySums) -> QualitySums:
+        """The sums of both streams (a new object; inputs untouched)."""
         out = QualitySums(self.n_tokens + other.n_tokens, self.sum_sq_error + other.sum_sq_error,
                          self.sum_sq + other.sum_sq, self.sum_x + other.sum_x, self.sum_l0 + other.sum_l0,
                          self.fired | other.fired)
         return out
 
     def fvu(self) -> float:
+        """Fraction of variance unexplained: Σ‖x − x̂‖² / Σ‖x − mean‖² (PAPER.md §3, A2)."""
         # Σ‖x − mean‖² = Σ‖x‖² − n‖mean‖²
         total_variance = self.sum_sq - float((self.sum_x ** 2).sum()) / self.n_tokens
         return self.sum_sq_error / total_variance
@@ -67,7 +80,8 @@ class _QualityObserver(LayerHooks):
         return hook
 
 
-def sae_quality(model, saes: dict, sequences, *, n_prompt=None, batch_size: int = 16):
+def sae_quality(model: ModelAPI, saes: dict[int, SAE], sequences: Sequence[Sequence[int]], *,
+                n_prompt: Sequence[int] | None = None, batch_size: int = 16) -> pd.DataFrame:
     """One row per layer: n_tokens, L0, FVU, dead features (never active here), clean and spliced loss."""
     import pandas as pd
 
@@ -87,7 +101,8 @@ def sae_quality(model, saes: dict, sequences, *, n_prompt=None, batch_size: int 
     return pd.DataFrame(rows)
 
 
-def next_token_loss(model, sequences, *, n_prompt=None, batch_size: int = 16, splice=None) -> float:
+def next_token_loss(model: ModelAPI, sequences: Sequence[Sequence[int]], *, n_prompt: Sequence[int] | None = None,
+                    batch_size: int = 16, splice: tuple[int, SAE] | None = None) -> float:
     """Mean next-token loss over response tokens (all tokens after ``n_prompt[i]``), optionally with an SAE's
     reconstruction replacing the residual stream at ``splice = (layer, sae)`` on every position but 0."""
     import torch

@@ -12,14 +12,23 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tellnorm.errors import TellnormError
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from tellnorm.backends.base import ModelAPI
+    from tellnorm.backends.hf import LoadedModel
 
 ARCHITECTURES = ("standard", "topk", "jumprelu")
 
 
 @dataclass
 class SAETrainConfig:
+    """How to train the per-layer SAEs (PAPER.md §2): architecture, width, epochs, lr, sparsity, corpus size."""
+
     architecture: str = "standard"  # PAPER §2: ReLU SAE with an L1 penalty
     expansion: int = 4  # PAPER §2: width 4 × d_model
     epochs: float = 6  # PAPER §2: 6 epochs over the corpus
@@ -34,7 +43,7 @@ class SAETrainConfig:
     layers: tuple[int, ...] | None = None  # default: every layer
 
     @classmethod
-    def organism(cls, **overrides) -> "SAETrainConfig":
+    def organism(cls, **overrides: Any) -> SAETrainConfig:
         """The shipped organism SAEs: the paper's recipe with the L1 coefficient calibrated for sparsity.
 
         In sae_lens's loss (squared error summed over d_in, on activations scaled to mean norm √d_in) the paper's
@@ -43,13 +52,14 @@ class SAETrainConfig:
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
-            raise TellnormError(f"unknown SAE architecture {self.architecture!r}: choose one of {', '.join(ARCHITECTURES)}")
+            raise TellnormError(f"unknown SAE architecture {self.architecture!r}: choose one of "
+                                f"{', '.join(ARCHITECTURES)}")
         if self.expansion < 1 or self.epochs <= 0 or self.lr <= 0:
             raise TellnormError("SAE training needs expansion ≥ 1, epochs > 0 and lr > 0")
 
 
 ORGANISM_L1 = 2.0  # [tellnorm calibration on the organism: L0 ≈ 15–24, FVU ≈ 0.02–0.03; see README]
-def build_corpus(model, prompts: list[list[int]], *, max_new_tokens: int, seed: int, batch_size: int = 50,
+def build_corpus(model: ModelAPI, prompts: list[list[int]], *, max_new_tokens: int, seed: int, batch_size: int = 50,
                  progress: bool = True) -> list[list[int]]:
     """The model's own responses (paper sampling settings, seeded): full token sequences."""
     from tellnorm.generation import SamplingConfig, generate
@@ -59,7 +69,7 @@ def build_corpus(model, prompts: list[list[int]], *, max_new_tokens: int, seed: 
     return [g.ids for g in gens]
 
 
-def excluded_token_ids(model) -> list[int]:
+def excluded_token_ids(model: ModelAPI) -> list[int]:
     """Tokens never used as SAE training data: padding and the chat-turn opener at position 0."""
     tok = model.tokenizer
     ids = {tok.pad_token_id}
@@ -82,7 +92,8 @@ def _sae_config(cfg: SAETrainConfig, d_in: int):
     return JumpReLUTrainingSAEConfig(l0_coefficient=cfg.jumprelu_sparsity_coefficient, **common)
 
 
-def train_saes(model, sequences: list[list[int]], cfg: SAETrainConfig, out_dir: str | Path | None = None) -> dict:
+def train_saes(model: LoadedModel, sequences: list[list[int]], cfg: SAETrainConfig,
+               out_dir: str | Path | None = None) -> dict[int, SAE]:
     """Train one SAE per layer on ``sequences``; returns {layer: sae_lens.SAE} and saves them if ``out_dir``."""
     import torch
     from datasets import Dataset

@@ -11,7 +11,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from tellnorm.bounds import (
+    NON_THINKING,
+    PAIR_COLORS,
     SUPPORTED_ARCHITECTURES,
+    THINKING,
     AssumptionThresholds,
     BandConfig,
     BoundsSums,
@@ -31,28 +34,60 @@ from tellnorm.errors import TellnormError
 from tellnorm.features import DEFAULT_TOP_K, check_corpus, reasoning_features, select_saes
 from tellnorm.io import check_output_dir
 from tellnorm.organism.task import ORGANISM_MARKERS
+from tellnorm.studies.features import feature_collector
+from tellnorm.studies.runners import Replica, Runner, Shard, as_runner, merge_accumulators
 
 
-def bounds_study(model, saes: Mapping[int, Any], corpus, out, *, top_k: int = DEFAULT_TOP_K,
+def bounds_shard(replica: Replica, shard: Shard, items: list, *, saes: Any, layers: Sequence[int] | None = None,
+                 reasoning: Mapping[int, Sequence[int]], input_scale: float = 1.0,
+                 batch_size: int = 16) -> BoundsSums:
+    """:func:`tellnorm.bounds.collect_bounds` of one shard's ``(request_id, sequence, masks, capture)`` items."""
+    capture = {rid: positions for rid, _, _, positions in items if positions}
+    return collect_bounds(replica.model, replica.saes(saes, layers), [seq for _, seq, _, _ in items],
+                          {rid: masks for rid, _, masks, _ in items}, reasoning, capture=capture,
+                          request_ids=[rid for rid, _, _, _ in items], input_scale=input_scale, batch_size=batch_size)
+
+
+def bounds_sums(runner: Runner, saes: Any, sequences: Sequence[Sequence[int]], masks: Mapping,
+                reasoning: Mapping[int, Sequence[int]], *, capture: Mapping | None = None,
+                request_ids: Sequence | None = None, input_scale: float = 1.0, batch_size: int = 16) -> BoundsSums:
+    """:func:`tellnorm.bounds.collect_bounds` on ``runner``, sharded by sequence and merged with ``BoundsSums.merge``.
+
+    Counts (tokens, checked and active pairs, violations of the three bounds, histogram bins, fire counts) are
+    those of one call whenever every sequence's activations are (always at batch size 1; otherwise they can
+    differ by float32 batch padding, ~1e-6 relative); float64 sums differ only by the order of additions; the
+    scatter sample is chosen by a per-token hash and the paired states are keyed by request, so both are the same.
+    ``saes``: the driver's SAEs (a Ray pool's workers load the pool's spec, these layers) or an SAE spec."""
+    request_ids = list(request_ids) if request_ids is not None else list(range(len(sequences)))
+    capture = capture or {}
+    items = [(rid, list(seq), masks.get(rid, {}), set(capture.get(rid, ())))
+             for rid, seq in zip(request_ids, sequences)]
+    return runner.map(bounds_shard, items, merge=merge_accumulators, saes=runner.sae_source(saes),
+                      layers=list(saes) if isinstance(saes, Mapping) else None,
+                      reasoning={layer: list(map(int, r)) for layer, r in reasoning.items()},
+                      input_scale=input_scale, batch_size=batch_size)
+
+
+def bounds_study(model: Any, saes: Mapping[int, Any], corpus: Any, out: str | Path, *, top_k: int = DEFAULT_TOP_K,
                  layers: Sequence[int] | None = None, markers: Sequence[Marker] = ORGANISM_MARKERS,
                  scope: str = "generated", band: BandConfig = BandConfig(),
                  thresholds: AssumptionThresholds = AssumptionThresholds(), figures: bool = True,
-                 batch_size: int = 16, collect=None, collect_features=None) -> dict:
+                 batch_size: int = 16, runner: Runner | None = None) -> dict:
     """The bounds check, the paired two-sided relation and the assumptions, per layer; writes
     ``bounds.csv``, ``bounds_assumptions.csv``, ``bounds_pairs.csv``, ``bounds_pair_points.csv`` and the figures
     ``bounds_norm_vs_reasoning`` and ``bounds_pairs`` into ``out``.
 
-    ``collect`` / ``collect_features``: stand-ins for :func:`collect_bounds` and
-    :func:`tellnorm.features.collect_feature_sums` (e.g. :func:`tellnorm.apps.distributed.bounds_collector` and
-    :func:`tellnorm.apps.distributed.feature_collector`: the same sums, sharded by sequence over Ray)."""
+    ``runner``: where the feature sums and the bounds sums run (None: here, on ``model``; a Ray pool shards both
+    by sequence, with the same sums; see :func:`bounds_sums`). Nothing is written before every sum is merged."""
     from tellnorm import features as F
     from tellnorm.io import write_csv
 
+    runner = as_runner(runner, model)
     out = check_output_dir(out)
     saes = select_saes(model, saes, top_k=top_k, layers=layers, architectures=SUPPORTED_ARCHITECTURES)
     check_corpus(corpus)
     reasoning, _ = reasoning_features(model, saes, corpus, top_k=top_k, scope=scope, batch_size=batch_size,
-                                      collect=collect_features)
+                                      collect=feature_collector(runner))
     masks = F.contrast_masks(corpus.sequences, corpus.n_prompt, corpus.modes, scope=scope)
     pairs, capture = [], {}
     for problem, (it, inn) in enumerate(problem_pairs(corpus.modes)):
@@ -65,8 +100,7 @@ def bounds_study(model, saes: Mapping[int, Any], corpus, out, *, top_k: int = DE
     if not pairs:
         warnings.warn(f"no marker ({', '.join(m.name for m in markers)}) was found in both responses of any problem: "
                       "the two-sided relation is not measured", stacklevel=2)
-    sums = (collect or collect_bounds)(model, saes, corpus.sequences, masks, reasoning, capture=capture,
-                                       batch_size=batch_size)
+    sums = bounds_sums(runner, saes, corpus.sequences, masks, reasoning, capture=capture, batch_size=batch_size)
     geometry = {layer: sae_geometry(sae) for layer, sae in saes.items()}
     layer_list = sorted(saes)
     table = bounds_table(sums, geometry)

@@ -34,7 +34,9 @@ L = 8), so ``correlation_layers.csv`` gives the per-layer values every ρ is com
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -43,6 +45,8 @@ from tellnorm.errors import TellnormError
 from tellnorm.features import DEFAULT_TOP_K
 from tellnorm.signals import FINAL, LAYER_SIGNALS, MIN_LAYERS, PROFILE_SIGNALS, REFERENCE, SignalSums, collect_signals
 from tellnorm.stats import spearman, spearman_with_ci
+from tellnorm.studies.features import feature_collector
+from tellnorm.studies.runners import Replica, Runner, Shard, as_runner
 
 # PAPER §4, Spearman ×100 with the per-layer SAE reasoning activation on Qwen3-1.7B / 8B / 14B and
 # DeepSeek-R1-Distill-Llama-8B (86.47, 85.15, 87.62, 84.11); only ranges were recovered for the other signals.
@@ -122,29 +126,75 @@ def _ci_text(lo: float, hi: float) -> str:
     return "" if math.isnan(lo) else f"[{lo:.1f}, {hi:.1f}]"
 
 
+# --- signal sums on a runner --------------------------------------------------------------------------------------
+
+@dataclass
+class SignalResult:
+    """What :func:`correlation_study` reads from :func:`tellnorm.signals.collect_signals`'s observer: the
+    per-problem sums, the layers whose attention pattern was seen, the layers."""
+
+    sums: SignalSums
+    attention_seen: set
+    layers: list
+
+
+def signals_shard(replica: Replica, shard: Shard, items: list, *, saes: Any, layers: Sequence[int] | None = None,
+                  reasoning: Mapping[int, Sequence[int]], batch_size: int = 16) -> SignalResult:
+    """:func:`tellnorm.signals.collect_signals` of one shard's ``(request_id, sequence, start)`` items."""
+    observer = collect_signals(replica.model, replica.saes(saes, layers), reasoning, [seq for _, seq, _ in items],
+                               {rid: start for rid, _, start in items}, request_ids=[rid for rid, _, _ in items],
+                               batch_size=batch_size)
+    return SignalResult(observer.sums, set(observer.attention_seen), list(observer.layers))
+
+
+def merge_signals(results: Sequence[SignalResult], shards: Sequence[Shard], *, order: Sequence = ()) -> SignalResult:
+    """``SignalSums.merge`` in shard order, then the problems in ``order`` (the bootstrap resamples by position);
+    one shard's result is returned as is."""
+    if len(results) == 1:
+        return results[0]
+    sums = functools.reduce(lambda a, b: a.merge(b), [r.sums for r in results])
+    ranked = [rid for rid in order if rid in sums.problems]
+    seen = set(ranked)
+    rest = [rid for rid in sums.problems if rid not in seen]
+    sums.problems = {rid: sums.problems[rid] for rid in ranked + rest}
+    return SignalResult(sums, set().union(*(r.attention_seen for r in results)), results[0].layers)
+
+
+def signal_sums(runner: Runner, saes: Any, reasoning: Mapping[int, Sequence[int]],
+                sequences: Sequence[Sequence[int]], starts: Mapping, *, request_ids: Sequence | None = None,
+                batch_size: int = 16) -> SignalResult:
+    """:func:`tellnorm.signals.collect_signals` on ``runner``, sharded by problem (each problem's sums come from one
+    shard), problems in ``request_ids`` order. ``saes``: the driver's SAEs (a Ray pool's workers load the pool's
+    spec, these layers) or an SAE spec."""
+    rids = list(request_ids) if request_ids is not None else list(range(len(sequences)))
+    items = [(rid, list(seq), starts.get(rid, 1 << 30)) for rid, seq in zip(rids, sequences)]
+    return runner.map(signals_shard, items, merge=functools.partial(merge_signals, order=rids),
+                      saes=runner.sae_source(saes), layers=list(saes) if isinstance(saes, Mapping) else None,
+                      reasoning={layer: list(map(int, r)) for layer, r in reasoning.items()}, batch_size=batch_size)
+
+
 # --- the study ----------------------------------------------------------------------------------------------------
 
-def correlation_study(model, saes: Mapping[int, Any], corpus, out, *, top_k: int = DEFAULT_TOP_K,
+def correlation_study(model: Any, saes: Mapping[int, Any], corpus: Any, out: Any, *, top_k: int = DEFAULT_TOP_K,
                       layers: Sequence[int] | None = None, seed: int = 0, figures: bool = True,
-                      batch_size: int = 16, collect=None, collect_features=None) -> dict:
+                      batch_size: int = 16, runner: Runner | None = None) -> dict:
     """Write ``correlation.csv``, ``correlation_table.csv``, ``correlation_layers.csv`` and the figure
     ``correlation_alignment`` into ``out``.
 
-    ``collect`` / ``collect_features``: stand-ins for :func:`collect_signals` (anything with its result's ``sums``,
-    ``attention_seen`` and ``layers``) and :func:`tellnorm.features.collect_feature_sums`, e.g.
-    :func:`tellnorm.apps.distributed.signal_collector` and :func:`tellnorm.apps.distributed.feature_collector` (sharded)."""
+    ``runner``: where the feature sums and the signal sums run (None: here, on ``model``; a Ray pool shards them by
+    sequence and by problem, with the same sums and the problems in the same order)."""
     from tellnorm.features import check_corpus, reasoning_features, select_saes
-    from tellnorm.io import check_output_dir
-    from tellnorm.io import write_csv
+    from tellnorm.io import check_output_dir, write_csv
 
+    runner = as_runner(runner, model)
     out = check_output_dir(out)
     saes = select_saes(model, saes, top_k=top_k, layers=layers, min_layers=MIN_LAYERS)
     check_corpus(corpus)
     reasoning, contrast = reasoning_features(model, saes, corpus, top_k=top_k, batch_size=batch_size,
-                                             collect=collect_features)
+                                             collect=feature_collector(runner))
     thinking = [i for i, m in enumerate(corpus.modes) if m == "thinking"]
-    observer = (collect or collect_signals)(model, saes, reasoning, [corpus.sequences[i] for i in thinking],
-                               {i: corpus.n_prompt[i] for i in thinking}, request_ids=thinking, batch_size=batch_size)
+    observer = signal_sums(runner, saes, reasoning, [corpus.sequences[i] for i in thinking],
+                           {i: corpus.n_prompt[i] for i in thinking}, request_ids=thinking, batch_size=batch_size)
     attention_layers = sorted(observer.attention_seen)
     table = correlation_table(observer.sums, attention_layers=attention_layers, seed=seed)
     values = layer_values(observer.sums)

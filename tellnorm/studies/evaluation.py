@@ -23,14 +23,15 @@ import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from tellnorm.errors import TellnormError
 from tellnorm.generation import SamplingConfig
 from tellnorm.organism import task as organism_task
-from tellnorm.techniques import ALRRConfig, ERSSConfig, THRESHOLD_MODES, parse_techniques
+from tellnorm.studies.runners import InProcess, Replica, Runner, Shard, as_runner, concat_frames
+from tellnorm.techniques import THRESHOLD_MODES, ALRRConfig, ERSSConfig, parse_techniques
 from tellnorm.techniques.confidence import ConfidenceConfig
 from tellnorm.techniques.lrs import LRSConfig
 from tellnorm.thresholds import ThresholdConfig
@@ -39,6 +40,7 @@ EXTRACTORS = ("organism", "last-number", "boxed")
 LRS_VARIANTS = tuple(LRSConfig(statistic=s, per_token=p, layers=layers)
                      for layers in ("late", "middle") for s in ("D", "A", "B", "C") for p in (False, True))
 CONTROL_NAMES = ("recursion/random-tokens", "recursion/fixed-layer", "recursion/random-layer")
+SHARD_SAFE_THRESHOLD_MODES = ("calibrated", "fixed")  # τ frozen before decoding: a response is independent of others
 
 
 @dataclass
@@ -256,7 +258,7 @@ class Setup:
     calibration: dict  # layer -> calibration norms (for recalibrating with another k); empty in mode "fixed"
     late: list[int]
     middle: list[int]
-    decoder: Callable | None = None  # runs decode() elsewhere (tellnorm.apps.distributed); None: in this process
+    runner: Runner | None = None  # where decode() runs (e.g. a Ray pool); None: in this process, on ``model``
 
 
 def middle_layers(model, late: list[int]) -> list[int]:
@@ -290,26 +292,80 @@ def setup(model, cfg: EvaluateConfig, *, progress: bool = True) -> Setup:
     return Setup(model, cfg, task, thresholds, calibration, late, middle)
 
 
+def check_evaluation_shardable(cfg: EvaluateConfig) -> None:
+    """One TellnormError line, before any work, if ``cfg`` cannot be sharded exactly (τ must be frozen before
+    decoding when techniques or their controls run)."""
+    uses_edits = bool(cfg.techniques or cfg.sampled_techniques or cfg.sensitivity)  # controls follow techniques
+    if uses_edits and cfg.threshold_mode not in SHARD_SAFE_THRESHOLD_MODES:
+        raise TellnormError(f"threshold mode {cfg.threshold_mode!r} tracks τ over the run's own tokens, so a "
+                            "response would depend on its shard: with --ray use --threshold-mode calibrated or fixed")
+
+
 def decode(st: Setup, name: str, *, techniques: tuple[str, ...] = (), n_samples: int = 1,
-           edits: Callable | None = None, trace: bool = False, thresholds=None, alrr: ALRRConfig | None = None,
-           erss: ERSSConfig | None = None, progress: bool = True, item_indices=None) -> Run:
+           edits: Callable | None = None, trace: bool = False, thresholds: Any = None,
+           alrr: ALRRConfig | None = None, erss: ERSSConfig | None = None, progress: bool = True,
+           item_indices: Sequence[int] | None = None) -> Run:
     """Decode every item ``n_samples`` times (greedy when 1, else the paper's sampling) with the techniques'
     edits (or ``edits(request_ids)`` → list of edits), tracing norms after the edits when ``trace``.
 
-    ``item_indices``: only these items (a shard; ids and rows keep the items' own indices). With ``st.decoder``
-    set, the call goes there instead (e.g. sharded over Ray workers)."""
-    import pandas as pd
+    ``item_indices``: only these items (ids and rows keep the items' own indices). The items are decoded on
+    ``st.runner`` (None: here), sharded by item: a response does not depend on its shard as long as τ is frozen
+    before decoding (threshold modes calibrated and fixed; the others are refused on a Ray pool). Edits with a
+    recipe (:func:`control_edits`) are rebuilt by each shard; other ``edits`` run here."""
+    runner = st.runner if st.runner is not None else InProcess(st.model)
+    control = getattr(edits, "control", None)
+    if edits is not None and control is None and not runner.in_process:
+        runner = InProcess(st.model)  # a plain callable of edits cannot travel to the workers
+    if not runner.in_process and (techniques or edits is not None):
+        check_evaluation_shardable(st.cfg)
+    chosen = list(range(len(st.task.items))) if item_indices is None else list(item_indices)
+    portable = replace(st, model=None, runner=None, calibration={}, task=replace(st.task, calibration_prompts=[]))
+    return runner.map(decode_shard, chosen, merge=merge_runs, st=portable, name=name,
+                      edits=edits if control is None else None, control=control, techniques=techniques,
+                      n_samples=n_samples, trace=trace, thresholds=thresholds, alrr=alrr, erss=erss,
+                      progress=progress and runner.in_process)
 
-    if st.decoder is not None:
-        return st.decoder(st, name, techniques=techniques, n_samples=n_samples, edits=edits, trace=trace,
-                          thresholds=thresholds, alrr=alrr, erss=erss, progress=progress)
+
+def decode_shard(replica: Replica, shard: Shard, chosen: list[int], *, st: Setup, name: str,
+                 edits: Callable | None = None, control: tuple | None = None, **options: Any) -> Run:
+    """:func:`decode` of one shard's items on the replica's model (a control's edits rebuilt from its recipe)."""
+    st = replace(st, model=replica.model)
+    if control is not None:
+        edits = control_edits(st, control[1], control[0])
+    return _decode_items(st, name, chosen, edits=edits, **options)
+
+
+def merge_runs(results: Sequence[Run], shards: Sequence[Shard]) -> Run:
+    """Shard runs as one: responses in item/sample order, norms per request, token statistics joined, the wall
+    time of the slowest shard (one shard's run is returned as is)."""
+    if len(results) == 1:
+        return results[0]
+    first = results[0]
+    responses = concat_frames([r.responses for r in results], sort_by=("item", "sample"))
+    for column in responses.columns[responses.dtypes == object]:  # e.g. a shard whose answers were all None
+        responses[column] = responses[column].infer_objects()
+    norms = None
+    if first.norms is not None:
+        norms = concat_frames([r.norms for r in results])
+        order = {rid: i for i, rid in enumerate(responses.request_id)}
+        norms = (norms.assign(_order=norms.request_id.map(order)).sort_values(["_order", "layer", "position"],
+                                                                               kind="stable")
+                 .drop(columns="_order").reset_index(drop=True))
+    stats = {rid: value for r in results for rid, value in r.token_stats.items()}
+    return Run(first.name, first.n_samples, first.greedy, responses, max(r.wall_s for r in results), norms, stats)
+
+
+def _decode_items(st: Setup, name: str, chosen: list[int], *, techniques: tuple[str, ...] = (), n_samples: int = 1,
+                  edits: Callable | None = None, trace: bool = False, thresholds=None,
+                  alrr: ALRRConfig | None = None, erss: ERSSConfig | None = None, progress: bool = True) -> Run:
+    """The items ``chosen`` decoded on ``st.model`` (what :func:`decode` runs on every shard)."""
+    import pandas as pd
 
     from tellnorm.generation import generate
     from tellnorm.norms import NormTracer, generated_rows
     from tellnorm.techniques import build_edits, firing_report
 
     cfg, model, items = st.cfg, st.model, st.task.items
-    chosen = list(range(len(items))) if item_indices is None else list(item_indices)
     request_ids = [f"{i}#{s}" for i in chosen for s in range(n_samples)]
     prompts = [items[i].prompt_ids for i in chosen for _ in range(n_samples)]
     if edits is not None:
@@ -707,17 +763,22 @@ KEY_METHODS = ("greedy", "alrr", "erss", "sample", "majority@{n}", "lrs-D@late@{
                "deepconf-lowest-filter10@{n}", "pass@{n}")
 
 
-def run_evaluate(model, cfg: EvaluateConfig, out: Path, *, progress: bool = True, decoder=None) -> dict:
+def run_evaluate(model: Any, cfg: EvaluateConfig, out: Path, *, progress: bool = True,
+                 runner: Runner | None = None) -> dict:
     """Everything ``tellnorm evaluate`` does; writes tables, figures and ``evaluation.md`` to ``out``.
 
-    ``decoder``: where every decoding runs (e.g. :func:`tellnorm.apps.distributed.sharded_decoder`); None: here."""
+    ``runner``: where every decoding runs (None: here; a Ray pool shards the items over its workers, and ``cfg`` is
+    checked up front: see :func:`check_evaluation_shardable`). Calibration runs here."""
     import pandas as pd
 
     from tellnorm.figures import write_figure
     from tellnorm.io import write_csv, write_json
 
+    runner = as_runner(runner, model)
+    if not runner.in_process:
+        check_evaluation_shardable(cfg)  # before any work
     st = setup(model, cfg, progress=progress)
-    st.decoder = decoder
+    st.runner = runner
     n = cfg.n_samples
     runs: list[Run] = []
     items = []

@@ -6,18 +6,63 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 from tellnorm.errors import TellnormError
-from tellnorm.studies.corpus import ContrastCorpus, matched_positions
+from tellnorm.studies.corpus import MODES, ContrastCorpus, contrast_corpus, matched_positions
+from tellnorm.studies.runners import Replica, Runner, Shard, as_runner, merge_accumulators
 
-def feature_study(model, saes: dict, corpus: ContrastCorpus, out: Path, *, top_k: int = 20,
-                  groups=None, seed: int = 0, collect=None) -> dict:
+# --- feature sums on a runner -------------------------------------------------------------------------------------
+
+def feature_sums_shard(replica: Replica, shard: Shard, items: list, *, saes: Any, layers: Sequence[int] | None = None,
+                       fold_decoder_norm: bool = False, batch_size: int = 16) -> Any:
+    """:func:`tellnorm.features.collect_feature_sums` of one shard's ``(request_id, sequence, bucket masks)`` items
+    (``saes``: loaded SAEs or a spec, see :meth:`~tellnorm.studies.runners.Replica.saes`)."""
+    from tellnorm.features import collect_feature_sums
+
+    return collect_feature_sums(replica.model, replica.saes(saes, layers), [seq for _, seq, _ in items],
+                                {rid: masks for rid, _, masks in items if masks is not None},
+                                request_ids=[rid for rid, _, _ in items], fold_decoder_norm=fold_decoder_norm,
+                                batch_size=batch_size)
+
+
+def feature_sums(runner: Runner, saes: Any, sequences: Sequence[Sequence[int]], bucket_masks: Mapping, *,
+                 request_ids: Sequence | None = None, fold_decoder_norm: bool = False, batch_size: int = 16) -> Any:
+    """:func:`tellnorm.features.collect_feature_sums` on ``runner``, sharded by sequence and merged with
+    ``FeatureSums.merge`` (every count as in one call; float64 sums up to the order of additions).
+
+    ``saes``: the driver's SAEs (the workers of a Ray pool load the pool's SAE spec and use these layers) or an SAE
+    spec."""
+    request_ids = list(request_ids) if request_ids is not None else list(range(len(sequences)))
+    items = [(rid, list(seq), bucket_masks.get(rid)) for rid, seq in zip(request_ids, sequences)]
+    return runner.map(feature_sums_shard, items, merge=merge_accumulators, saes=runner.sae_source(saes),
+                      layers=list(saes) if isinstance(saes, Mapping) else None,
+                      fold_decoder_norm=fold_decoder_norm, batch_size=batch_size)
+
+
+def feature_collector(runner: Runner) -> Callable:
+    """:func:`feature_sums` on ``runner`` in :func:`tellnorm.features.collect_feature_sums`'s call form (for the
+    core functions that take ``collect=``, e.g. :func:`tellnorm.features.reasoning_features`)."""
+
+    def collect(model, saes, sequences, bucket_masks, *, request_ids=None, fold_decoder_norm=False, batch_size=16):
+        return feature_sums(runner, saes, sequences, bucket_masks, request_ids=request_ids,
+                            fold_decoder_norm=fold_decoder_norm, batch_size=batch_size)
+
+    return collect
+
+
+# --- the study ----------------------------------------------------------------------------------------------------
+
+def feature_study(model: Any, saes: dict, corpus: ContrastCorpus, out: Path, *, top_k: int = 20,
+                  groups: Sequence[str] | None = None, seed: int = 0, runner: Runner | None = None) -> dict:
     """The paper's contrast and ReasonScore for every layer, the trend figure, and the two controls.
 
-    ``collect``: a stand-in for :func:`tellnorm.features.collect_feature_sums` (same call) for the contrast and
-    injection sums, e.g. :func:`tellnorm.apps.distributed.feature_collector` to shard them over Ray workers."""
+    ``runner``: where the contrast and injection sums run (None: here, on ``model``; a Ray pool shards them by
+    sequence, its workers loading the pool's SAE spec)."""
     from tellnorm import features as F
     from tellnorm.io import write_csv
+
+    runner = as_runner(runner, model)
 
     layers = sorted(saes)
     vocab = F.vocabulary_token_ids(model.tokenizer, groups or F.REASON_SCORE_GROUPS)
@@ -33,7 +78,7 @@ def feature_study(model, saes: dict, corpus: ContrastCorpus, out: Path, *, top_k
     if matched is not None:
         for i, buckets in F.matched_contrast_masks(matched, [len(s) for s in corpus.sequences], corpus.modes).items():
             masks[i].update(buckets)
-    sums = (collect or F.collect_feature_sums)(model, saes, corpus.sequences, masks, fold_decoder_norm=True)
+    sums = feature_sums(runner, saes, corpus.sequences, masks, fold_decoder_norm=True)
     contrast_tab = F.contrast_table(sums, layers)
     reason_tab = F.reason_score_table(sums, layers, list(vocab))
     trend = F.top_k_scores(contrast_tab, k=top_k)
@@ -43,7 +88,7 @@ def feature_study(model, saes: dict, corpus: ContrastCorpus, out: Path, *, top_k
     late = model.late_layers()
     top_reason = {layer: reason_tab[(reason_tab.layer == layer) & (reason_tab["rank"] <= 5)].feature.tolist()
                   for layer in late}
-    injection = token_injection_control(model, saes, corpus, vocab, top_reason, seed=seed, collect=collect)
+    injection = token_injection_control(model, saes, corpus, vocab, top_reason, seed=seed, runner=runner)
     write_csv(injection, out / "features_token_injection.csv")
     result = {"contrast": contrast_tab, "reason": reason_tab, "trend": trend, "injection": injection,
               "top_reason": top_reason}
@@ -102,13 +147,14 @@ def matched_feature_trend(sums, contrast_tab, layers, top_k: int, modes, *, seed
     return trend
 
 
-def token_injection_control(model, saes, corpus: ContrastCorpus, vocab, features: dict, *, seed: int = 0,
-                            every: int = 4, collect=None):
+def token_injection_control(model: Any, saes: Mapping, corpus: ContrastCorpus, vocab: Mapping, features: dict, *,
+                            seed: int = 0,
+                            every: int = 4, runner: Runner | None = None) -> Any:
     """Do top ReasonScore features fire on reasoning words pasted into non-reasoning text (the user prompts)?
 
     Per feature: mean activation (decoder-norm folded) on windows around *injected* words, on windows around the
     same words in genuine thinking traces, and on all other prompt tokens. injected ≈ genuine means the feature
-    responds to the word, not to reasoning."""
+    responds to the word, not to reasoning. ``runner``: where the sums run (None: here, on ``model``)."""
     import pandas as pd
 
     from tellnorm import features as F
@@ -135,7 +181,7 @@ def token_injection_control(model, saes, corpus: ContrastCorpus, vocab, features
     seqs = injected_seqs + [corpus.sequences[i] for i in thinking]
     ids = [("injected", j) for j in range(len(thinking))] + [("genuine", j) for j in range(len(thinking))]
     chosen = {layer: saes[layer] for layer in features}
-    sums = (collect or F.collect_feature_sums)(model, chosen, seqs, masks, request_ids=ids, fold_decoder_norm=True)
+    sums = feature_sums(as_runner(runner, model), chosen, seqs, masks, request_ids=ids, fold_decoder_norm=True)
     rows = []
     for layer, feats in features.items():
         for f in feats:

@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tellnorm.errors import TellnormError
 from tellnorm.studies.corpus import MODES, load_prompts, organism_prompt_rows, trace_both_modes
+from tellnorm.studies.runners import Runner
+
 
 @dataclass
 class ProfileConfig:
@@ -132,19 +135,23 @@ def heatmap_figure(frame, request_id, *, title: str | None = None, max_tokens: i
                  y_title="layer", height=460, width=max(720, 9 * len(labels)))
 
 
-def profile_study(model, rows: list[dict], out: Path, *, point: str = "resid_post", max_new_tokens: int = 240,
-                  batch_size: int = 40, trace=None):
+def profile_study(model: Any, rows: list[dict], out: Path, *, point: str = "resid_post", max_new_tokens: int = 240,
+                  batch_size: int = 40, trace: Any = None, runner: Runner | None = None) -> tuple:
     """Trace ``rows`` in both modes and write the per-token table, the profile and the figures to ``out``
-    (``trace``: an already merged trace of ``rows``, e.g. from :mod:`tellnorm.apps.distributed`; then no generation).
+    (``trace``: an already merged trace of ``rows``; then no generation). ``runner``: where the tracing runs (None:
+    here, on ``model``; a Ray pool shards it by prompt). Nothing is written before the trace is complete, so a
+    failed shard leaves ``out`` without outputs.
 
     Returns ``(trace, profile, matched)``; ``matched`` (the like-with-like comparison of
     :func:`matched_comparison`) is None for models whose responses have no shared closing to match."""
     from tellnorm.figures import write_figure
-    from tellnorm.io import write_csv, write_parquet
+    from tellnorm.io import check_output_dir, write_csv, write_parquet
     from tellnorm.norms import layer_profile
 
+    out = check_output_dir(out)  # before the slow part
     if trace is None:
-        trace = trace_both_modes(model, rows, point=point, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        trace = trace_both_modes(model, rows, point=point, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 runner=runner)
     profile = layer_profile(trace.statistics_rows(), by=["mode"])
     write_parquet(trace.frame, out / "norms_per_token.parquet")
     write_csv(profile, out / "norm_profile.csv")
@@ -158,13 +165,19 @@ def profile_study(model, rows: list[dict], out: Path, *, point: str = "resid_pos
     return trace, profile, matched
 
 
-def run_profile(cfg: ProfileConfig):
+def run_profile(cfg: ProfileConfig, *, runner: Runner | None = None) -> tuple:
+    """``tellnorm profile``: the prompts (a file or the organism's test set) profiled into ``cfg.out``.
+    ``runner``: None loads ``cfg.model`` here; a Ray pool (e.g. ``ShardPool(cfg.model, ray_address=...)``) shards
+    the tracing over its workers, which load the model themselves."""
     from tellnorm.backends import load_model
 
     rows = load_prompts(cfg.prompts) if cfg.prompts else organism_prompt_rows(cfg.n_per_difficulty)
-    model = load_model(cfg.model)  # after the prompts: bad input fails before the slow part
-    trace, profile, _ = profile_study(model, rows, Path(cfg.out), point=cfg.point, max_new_tokens=cfg.max_new_tokens,
-                                   batch_size=cfg.batch_size)
+    out = Path(cfg.out)
+    model = None
+    if runner is None:
+        model = load_model(cfg.model)  # after the prompts: bad input fails before the slow part
+    trace, profile, _ = profile_study(model, rows, out, point=cfg.point, max_new_tokens=cfg.max_new_tokens,
+                                      batch_size=cfg.batch_size, runner=runner)
     print(profile.pivot(index="layer", columns="mode", values="mean_norm").round(3).to_string())
     print(f"wrote {cfg.out}/norms_per_token.parquet, norm_profile.csv, norm_trend.(html|png), norm_heatmap.(html|png)")
     return trace, profile

@@ -42,15 +42,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 from tellnorm.errors import TellnormError
 from tellnorm.features import DEFAULT_TOP_K
 from tellnorm.interventions.selection import check_fraction
 from tellnorm.organism import task
 from tellnorm.organism.evaluate import EvalConfig
+from tellnorm.studies.runners import Replica, Runner, Shard, as_runner, merge_dicts
 from tellnorm.thresholds import MODES, ThresholdConfig
 
 THRESHOLD_MODES = ("calibrated",) + MODES
@@ -169,9 +170,11 @@ class _Identity:
         return x
 
 
-def calibrate(model, cfg: InterventionConfig, sets: dict, *, progress: bool = True, corpus=None) -> Context:
+def calibrate(model: Any, cfg: InterventionConfig, sets: dict, *, progress: bool = True, corpus: Any = None,
+              runner: Runner | None = None) -> Context:
     """Thresholds, steering direction and reasoning features from clean responses to validation problems
-    (``corpus``: the validation contrast corpus when already generated, e.g. sharded over Ray)."""
+    (``corpus``: the validation contrast corpus when already generated; else generated on ``runner``, None: here).
+    The calibration pass itself runs here: its quantiles and means pool the whole corpus."""
     import numpy as np
 
     from tellnorm import features as F
@@ -192,7 +195,7 @@ def calibrate(model, cfg: InterventionConfig, sets: dict, *, progress: bool = Tr
             raise TellnormError(f"{cfg.thresholds_file} has no threshold for layer(s) {missing}")
     if corpus is None:
         corpus = contrast_corpus(model, cfg.calibration_per_difficulty, max_new_tokens=cfg.max_new_tokens,
-                                 progress=progress)
+                                 progress=progress, runner=runner)
     all_layers = sorted({l for ls in sets.values() for l in ls})
     masks = F.contrast_masks(corpus.sequences, corpus.n_prompt, corpus.modes)
     tracer = NormTracer(model, all_layers)
@@ -391,6 +394,102 @@ def answer_logprobs(model, conds: list[Condition], problems, prompts, cfg: Inter
         logp = logits[rid][k - 1 : -1].log_softmax(-1).gather(-1, torch.tensor(seq[k:])[:, None])[:, 0]
         out[rid] = (float(logp[-1]), float(logp.mean()))
     return out
+
+
+SHARD_SAFE_INTERVENTION_MODES = ("calibrated", "fixed", "exact")  # τ fixed, or tracked per request
+
+
+def check_intervention_shardable(cfg: InterventionConfig) -> None:
+    """One TellnormError line, before any work, if ``cfg`` cannot be sharded exactly."""
+    if cfg.threshold_mode not in SHARD_SAFE_INTERVENTION_MODES:
+        raise TellnormError(f"threshold mode {cfg.threshold_mode!r} pools τ over the requests that share a batch, so "
+                            "an edit would depend on its shard: with --ray use --threshold-mode calibrated, fixed or "
+                            "exact")
+
+
+@dataclass
+class RecordedEdit:
+    """An edit as the study's tables read it after a run: its name and its decision record."""
+
+    name: str
+    record: Any
+
+
+def _shard_context(replica: Replica, ctx: Context, saes) -> Context:
+    """The driver's calibration context on the replica's model, with the SAEs of ``saes`` (loaded ones in process;
+    a spec a worker loads once, late layers only)."""
+    if not ctx.cfg.features:
+        return replace(ctx, model=replica.model)
+    from collections.abc import Mapping
+
+    late = tuple(ctx.sets["late"])
+    if not isinstance(saes, Mapping):
+        from tellnorm.saes import load_saes
+
+        spec = saes
+        saes = replica.resource(("intervention-saes", str(spec), late),
+                                lambda: load_saes(spec, replica.model, layers=list(late)))
+    return replace(ctx, model=replica.model, saes=saes)
+
+
+def _shard_conditions(ctx: Context, names: Sequence[str]) -> list[Condition]:
+    by_name = {c.name: c for c in build_conditions(ctx)}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise TellnormError(f"conditions {missing} are not rebuilt on the worker from the calibration")
+    return [by_name[n] for n in names]
+
+
+def intervention_shard(replica: Replica, shard: Shard, items: list, *, ctx: Context, saes: Any,
+                       names: Sequence[str], cfg: InterventionConfig, fractions: dict, what: str = "generate",
+                       progress: bool = False, desc: str = "") -> tuple | dict:
+    """One shard of the problems (``(problem, prompt ids)`` items, request ids numbered by their original index)
+    under the conditions ``names``, rebuilt from the calibration ``ctx`` on the replica's model:
+    ``generate``: ``(generations, {condition: [(edit name, record), ...]})``; ``logprobs``: the answer log-probs."""
+    sctx = _shard_context(replica, ctx, saes)
+    conds = _shard_conditions(sctx, names)
+    problems, prompts = [p for p, _ in items], [ids for _, ids in items]
+    if what == "logprobs":
+        return answer_logprobs(sctx.model, conds, problems, prompts, cfg, fractions, indices=shard.indices)
+    outcome = run_conditions(sctx.model, conds, problems, prompts, cfg, fractions, progress=progress, desc=desc,
+                             indices=shard.indices)
+    return outcome.generations, {name: [(e.name, e.record) for e in edits] for name, edits in outcome.edits.items()}
+
+
+def merge_outcomes(results: Sequence, shards: Sequence[Shard]) -> Outcome:
+    """Shard outcomes as one: every generation, and per condition its edits' records merged (requests disjoint)."""
+    from tellnorm.interventions.edits import EditRecord
+
+    outcome = Outcome()
+    for gens, _ in results:
+        outcome.generations.update(gens)
+    for name, edits in results[0][1].items():
+        if len(results) == 1:
+            outcome.edits[name] = [RecordedEdit(edit_name, record) for edit_name, record in edits]
+            continue
+        merged = []
+        for j, (edit_name, _) in enumerate(edits):
+            record = EditRecord(edit_name)
+            for _, shard_edits in results:
+                part = shard_edits[name][j][1]
+                record.decisions.update(part.decisions)
+                record.start.update(part.start)
+                record.n_prompt.update(part.n_prompt)
+            merged.append(RecordedEdit(edit_name, record))
+        outcome.edits[name] = merged
+    return outcome
+
+
+def _on_runner(runner: Runner, ctx: Context, conds, problems, prompts, cfg, fractions, what: str, *,
+               progress: bool = False, desc: str = ""):
+    """:func:`run_conditions` (``what="generate"``) or :func:`answer_logprobs` (``"logprobs"``) on ``runner``,
+    sharded by problem; each shard rebuilds the conditions from the calibration."""
+    portable = replace(ctx, model=None, saes={})
+    saes = runner.sae_source(ctx.saes, spec=cfg.saes) if cfg.features else None
+    merge = merge_outcomes if what == "generate" else merge_dicts
+    return runner.map(intervention_shard, list(zip(problems, [list(p) for p in prompts])), merge=merge,
+                      ctx=portable, saes=saes, names=[c.name for c in conds], cfg=cfg, fractions=fractions,
+                      what=what, progress=progress and runner.in_process, desc=desc)
 
 
 def _edited_counts(edits) -> dict:
@@ -627,15 +726,16 @@ def extras_figure(steering, features):
 
 # ------------------------------------------------------------------------------------------------------- main
 
-def run_intervene(model, cfg: InterventionConfig, out: Path, *, progress: bool = True, runner=None) -> dict:
+def run_intervene(model: Any, cfg: InterventionConfig, out: Path, *, progress: bool = True,
+                  runner: Runner | None = None) -> dict:
     """The whole study: calibration, both generation phases, log-probs, tables and figures in ``out``.
 
-    ``runner``: where the per-problem work runs (default: here), e.g. :func:`tellnorm.apps.distributed.sharded_intervention`
-    (the validation corpus, both generation phases and the log-probs sharded by problem over Ray). It provides
-    ``contrast_corpus(model, n, max_new_tokens=...)`` (or None: generated here), ``run_conditions(ctx, conds,
-    problems, prompts, cfg, fractions, progress=, desc=)`` and ``answer_logprobs(ctx, conds, problems, prompts, cfg,
-    fractions)``. What needs the whole run stays here: the calibration pass (pooled τ quantiles, the steering
-    direction, the feature contrast) and the matched fractions between the phases (pooled per difficulty)."""
+    ``runner``: where the per-problem work runs (None: here, on ``model``; a Ray pool shards the validation corpus,
+    both generation phases and the log-probs by problem, ``cfg`` checked up front by
+    :func:`check_intervention_shardable`). Each shard rebuilds the conditions and their edits from the calibration;
+    request ids, random selections and per-request τ are keyed by the problem's original index, so answers and edit
+    decisions do not depend on the sharding. What needs the whole run stays here: the calibration pass (pooled τ
+    quantiles, the steering direction, the feature contrast) and the matched fractions between the phases."""
     from tellnorm.figures import write_figure
     from tellnorm.io import write_csv, write_json
     from tellnorm.organism.evaluate import problem_prompts
@@ -645,21 +745,22 @@ def run_intervene(model, cfg: InterventionConfig, out: Path, *, progress: bool =
     out = Path(out)
     started = time.perf_counter()
     sets = layer_sets(model)
-    runner = runner if runner is not None else InProcess()
-    corpus = runner.contrast_corpus(model, cfg.calibration_per_difficulty, max_new_tokens=cfg.max_new_tokens)
-    ctx = calibrate(model, cfg, sets, progress=progress, corpus=corpus)
+    runner = as_runner(runner, model)
+    if not runner.in_process:
+        check_intervention_shardable(cfg)  # before any work
+    ctx = calibrate(model, cfg, sets, progress=progress, runner=runner)
     conds = build_conditions(ctx)
     problems = [p for p in task.test_split(cfg.per_difficulty).problems if p.difficulty in cfg.difficulties]
     prompts = problem_prompts(model, problems, "thinking")
     first = [c for c in conds if c.matches is None]
     second = [c for c in conds if c.matches is not None]
-    phase1 = runner.run_conditions(ctx, first, problems, prompts, cfg, {}, progress=progress,
-                                   desc="interventions (1/2)")
+    phase1 = _on_runner(runner, ctx, first, problems, prompts, cfg, {}, "generate", progress=progress,
+                        desc="interventions (1/2)")
     partial = per_request_table(model, first, problems, [phase1], _zero_logps(first, problems))
     fractions = {c.name: matched_fractions(c, partial, problems) for c in second}
-    phase2 = runner.run_conditions(ctx, second, problems, prompts, cfg, fractions, progress=progress,
-                                   desc="random controls (2/2)")
-    logps = runner.answer_logprobs(ctx, conds, problems, prompts, cfg, fractions)
+    phase2 = _on_runner(runner, ctx, second, problems, prompts, cfg, fractions, "generate", progress=progress,
+                        desc="random controls (2/2)")
+    logps = _on_runner(runner, ctx, conds, problems, prompts, cfg, fractions, "logprobs")
     per_request = per_request_table(model, conds, problems, [phase1, phase2], logps)
     suppression = summarise(conds, per_request, cfg, ("clean", "suppression"))
     hits, top = hits_tables(model, conds, [phase1, phase2])
@@ -688,19 +789,6 @@ def run_intervene(model, cfg: InterventionConfig, out: Path, *, progress: bool =
     seconds = time.perf_counter() - started
     return {"suppression": suppression, "hits": hits, "top_tokens": top, "steering": steering,
             "features": features, "per_request": per_request, "meta": meta, "written": written, "seconds": seconds}
-
-
-class InProcess:
-    """The default runner of :func:`run_intervene`: everything in this process, on ``ctx.model``."""
-
-    def contrast_corpus(self, model, n_per_difficulty: int, *, max_new_tokens: int):
-        return None  # calibrate generates it
-
-    def run_conditions(self, ctx, conds, problems, prompts, cfg, fractions, *, progress: bool, desc: str):
-        return run_conditions(ctx.model, conds, problems, prompts, cfg, fractions, progress=progress, desc=desc)
-
-    def answer_logprobs(self, ctx, conds, problems, prompts, cfg, fractions):
-        return answer_logprobs(ctx.model, conds, problems, prompts, cfg, fractions)
 
 
 def _zero_logps(conds, problems) -> dict:

@@ -19,7 +19,8 @@ quartiles) and ``fixed`` (a JSON file) remain options.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from tellnorm.errors import TellnormError
 from tellnorm.interventions.selection import AboveThreshold, is_number
@@ -27,6 +28,13 @@ from tellnorm.techniques.alrr import ALRR, ALRRConfig
 from tellnorm.techniques.erss import ERSS, ERSSConfig
 from tellnorm.techniques.lrs import LRSConfig
 from tellnorm.thresholds import MODES, FixedThresholds, ThresholdConfig, calibrated_thresholds
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+    from tellnorm.backends.base import ModelAPI
+    from tellnorm.interventions.edits import Edit
 
 THRESHOLD_MODES = ("calibrated",) + MODES
 EDIT_TECHNIQUES = ("alrr", "erss")  # decode-time edits; compose with "+" (applied in this order at a layer)
@@ -46,8 +54,8 @@ def parse_techniques(spec: str) -> tuple[str, ...]:
     return tuple(sorted(names, key=EDIT_TECHNIQUES.index))
 
 
-def calibration_norms(model, prompts: Sequence[Sequence[int]], layers: Sequence[int], *, max_new_tokens: int,
-                      batch_size: int = 50, progress: bool = False) -> dict:
+def calibration_norms(model: ModelAPI, prompts: Sequence[Sequence[int]], layers: Sequence[int], *,
+                      max_new_tokens: int, batch_size: int = 50, progress: bool = False) -> dict[int, np.ndarray]:
     """{layer: norms of every generated token} of the model's greedy responses to ``prompts``."""
     from tellnorm.generation import SamplingConfig, generate
     from tellnorm.norms import NormTracer, generated_rows
@@ -60,6 +68,7 @@ def calibration_norms(model, prompts: Sequence[Sequence[int]], layers: Sequence[
 
 
 def check_thresholds(thresholds: Mapping[int, float], layers: Sequence[int]) -> None:
+    """One TellnormError unless every layer of ``layers`` has a finite threshold > 0 in ``thresholds``."""
     for layer in layers:
         value = thresholds.get(layer)
         if value is None:
@@ -83,9 +92,10 @@ def threshold_for(mode: str, *, fixed: Mapping[int, float] | FixedThresholds | N
     return AboveThreshold(mode, cfg=cfg)
 
 
-def build_edits(names: Sequence[str], model, *, threshold_mode: str = "calibrated", fixed=None,
+def build_edits(names: Sequence[str], model: ModelAPI, *, threshold_mode: str = "calibrated",
+                fixed: Mapping[int, float] | FixedThresholds | None = None,
                 threshold_cfg: ThresholdConfig | None = None, alrr: ALRRConfig | None = None,
-                erss: ERSSConfig | None = None, requests=None) -> list:
+                erss: ERSSConfig | None = None, requests: Iterable[Hashable] | None = None) -> list[Edit]:
     """Fresh edit objects for the techniques in ``names`` (one run; each has its own τ tracker)."""
     edits = []
     for name in names:
@@ -99,7 +109,7 @@ def build_edits(names: Sequence[str], model, *, threshold_mode: str = "calibrate
     return edits
 
 
-def firing_report(edits: Sequence, request_ids: Sequence) -> "object":
+def firing_report(edits: Sequence[ALRR | ERSS], request_ids: Sequence) -> pd.DataFrame:
     """Per request: what each technique did, summed over its layers (0 where it never acted)."""
     import pandas as pd
 
@@ -116,7 +126,19 @@ def firing_report(edits: Sequence, request_ids: Sequence) -> "object":
 
 
 __all__ = [
-    "ALRR", "ALRRConfig", "COMBINATIONS", "EDIT_TECHNIQUES", "ERSS", "ERSSConfig", "LRSConfig", "THRESHOLD_MODES",
-    "build_edits", "calibration_norms", "calibrated_thresholds", "check_thresholds", "firing_report",
-    "parse_techniques", "threshold_for",
+    "ALRR",
+    "COMBINATIONS",
+    "EDIT_TECHNIQUES",
+    "ERSS",
+    "THRESHOLD_MODES",
+    "ALRRConfig",
+    "ERSSConfig",
+    "LRSConfig",
+    "build_edits",
+    "calibrated_thresholds",
+    "calibration_norms",
+    "check_thresholds",
+    "firing_report",
+    "parse_techniques",
+    "threshold_for",
 ]

@@ -22,12 +22,21 @@ import inspect
 import math
 import time
 import weakref
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tellnorm.errors import TellnormError
 from tellnorm.interventions.edits import Edit
-from tellnorm.interventions.selection import AboveThreshold, is_number
+from tellnorm.interventions.selection import AboveThreshold, Selection, is_number
 from tellnorm.norms import l2_norm
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from tellnorm.backends.base import ModelAPI
+    from tellnorm.generation import StepInfo
 
 BLOWUP_RATIO = 1.5  # PAPER §6 / REFERENCE CODE: recurse only below 1.5·τ, keep only below it
 GROWTH_EPS = 0.2  # PAPER §6 / REFERENCE CODE: a pass is kept only if the norm grew by ≥ 20%
@@ -36,6 +45,9 @@ MAX_EXTRA_ITERS = 1  # PAPER §6 / REFERENCE CODE: one extra pass (the demo uses
 
 @dataclass(frozen=True)
 class ALRRConfig:
+    """ALRR's settings (PAPER.md §6): target layers, the band's blow-up ratio, the growth a kept pass needs, the
+    pass limit, and the forced-loop ablation. Checked when built."""
+
     layers: tuple[int, ...] | None = None  # REFERENCE CODE: the late layers (last quarter, final layer excluded)
     blowup_ratio: float = BLOWUP_RATIO  # PAPER §6: band τ < ‖x‖ < 1.5·τ
     growth_eps: float = GROWTH_EPS  # PAPER §6: keep a pass only if ‖h'‖ ≥ (1 + 0.2)·‖h‖
@@ -71,7 +83,7 @@ def _unwrap(module):
     return clone
 
 
-def raw_parts(model):
+def raw_parts(model: ModelAPI) -> tuple[list[torch.nn.Module], torch.nn.Module]:
     """``(decoder layers, rotary embedding)`` of the HF model without TransformerLens hooks (cached per model).
 
     Raises one TellnormError line for an architecture whose layers cannot re-run against the bridge's cache."""
@@ -113,8 +125,10 @@ class _ReadOnlyPast:
         return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
 
 
-def extra_block_pass(model, layer: int, hidden, rows, cols, info):
-    """One extra pass of block ``layer`` for the tokens at ``(rows, cols)`` of the current forward pass.
+def extra_block_pass(model: ModelAPI, layer: int, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                     info: StepInfo | None) -> torch.Tensor:
+    """One extra pass of block ``layer`` (ALRR, PAPER.md §6) for the tokens at ``(rows, cols)`` (long ``[n]`` each)
+    of the current forward pass.
 
     ``hidden`` ``[n, d_model]`` is each token's input to the extra pass. Token (r, c) attends to the cached
     keys/values of its request's real tokens before it, then to its own new key/value; the cache is not written.
@@ -171,8 +185,9 @@ class ALRR(Edit):
 
     kind = "alrr"
 
-    def __init__(self, model, threshold: AboveThreshold, cfg: ALRRConfig | None = None, *, selection=None,
-                 name: str | None = None, requests=None):
+    def __init__(self, model: ModelAPI, threshold: AboveThreshold, cfg: ALRRConfig | None = None, *,
+                 selection: Selection | None = None, name: str | None = None,
+                 requests: Iterable[Hashable] | None = None):
         self.cfg = cfg or ALRRConfig()
         if not isinstance(threshold, AboveThreshold):
             raise TellnormError("ALRR needs an AboveThreshold (the τ source): build one with "
@@ -195,12 +210,14 @@ class ALRR(Edit):
         """The layers ALRR re-runs: a backend that drives its own blocks keeps their inputs (ExtraBlockPass)."""
         return self.layers
 
-    def new_state(self, request_id, layer):
+    def new_state(self, request_id: Hashable, layer: int) -> dict:
+        """Per request and layer: the kept pass count per position (replayed by a cache-free reference pass) and
+        the :meth:`report` counters."""
         return {"kept": {}, "band": 0, "extra_passes": 0, "kept_passes": 0}
 
-    def select(self, layer, x, info, candidates):
-        import torch
-
+    def select(self, layer: int, x: torch.Tensor, info: StepInfo, candidates: torch.Tensor) -> torch.Tensor:
+        """The band tokens ``τ_l < ‖x‖ < blowup_ratio·τ_l`` (PAPER.md §6), or ``selection``'s choice when one was
+        given (τ is recorded either way for the keep rule)."""
         if not self.band_rule:
             self.threshold.select(layer, x, info, candidates)  # records τ for the keep rule
             return self.selection.select(layer, x, info, candidates)
@@ -211,7 +228,10 @@ class ALRR(Edit):
         tau = self.threshold.tau(layer, info, x).to(norms.device)
         return above & (norms < self.cfg.blowup_ratio * tau)
 
-    def apply(self, layer, x, mask, info):
+    def apply(self, layer: int, x: torch.Tensor, mask: torch.Tensor, info: StepInfo) -> torch.Tensor:
+        """``x`` ``[batch, seq, d_model]`` with the tokens under ``mask`` replaced by their last kept extra pass of
+        block ``layer`` (kept while the norm stays above τ, grows by ``growth_eps`` and stays below the blow-up;
+        PAPER.md §6)."""
         import torch
 
         rows, cols = mask.nonzero(as_tuple=True)
@@ -269,7 +289,7 @@ class ALRR(Edit):
         out[rows, cols] = h.to(x.dtype)
         return out
 
-    def report(self):
+    def report(self) -> pd.DataFrame:
         """One row per (request, layer) this edit saw: band tokens, extra block passes run, passes kept."""
         import pandas as pd
 

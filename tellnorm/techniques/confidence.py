@@ -28,12 +28,16 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tellnorm.errors import TellnormError
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 CONFIDENCES = ("mean", "tail", "lowest")  # DEEPCONF (Fu et al. 2025): average, tail and lowest-group confidence
 _KEEP_EPS = 1e-9  # guards ceil(keep_fraction * N) against float noise, e.g. 0.07 * 100 = 7.000000000000001
@@ -51,6 +55,9 @@ def _check_keep_fraction(f, *, where: str) -> None:
 
 @dataclass(frozen=True)
 class ConfidenceConfig:
+    """DeepConf's settings: top-k of the token confidence, lowest-group window, tail size and the filter fractions.
+    Checked when built."""
+
     top_k: int = 20  # DEEPCONF (Fu et al. 2025): vLLM logprobs=20; the k behind topk_mean_logprob (recorded, not used)
     window: int = 2048  # DEEPCONF (Fu et al. 2025): group size of the lowest-group confidence
     tail: int = 2048  # DEEPCONF (Fu et al. 2025): tail size of the tail confidence
@@ -71,7 +78,7 @@ class ConfidenceConfig:
         object.__setattr__(self, "keep_fractions", fractions)
 
     @classmethod
-    def scaled(cls, typical_length: float, **overrides) -> "ConfidenceConfig":
+    def scaled(cls, typical_length: float, **overrides: Any) -> ConfidenceConfig:
         """DeepConf's window and tail scaled to short responses: window = tail = max(4, round(L · 2048 / 16384)).
 
         DeepConf's 2048-token group and tail were chosen for traces of ~10k+ tokens (2048 is 1/8 of a 16k trace). On
@@ -102,24 +109,25 @@ METHODS = method_names()
 # ---------------------------------------------------------------------------------------------- per-response scores
 
 
-def token_confidence(topk_mean_logprob) -> np.ndarray:
+def token_confidence(topk_mean_logprob: npt.ArrayLike) -> np.ndarray:
     """DeepConf token confidence C_i = −(1/k) Σ_{j ≤ k} log P_i(j) = −topk_mean_logprob[i]; higher = more confident."""
     return -_as_tokens(topk_mean_logprob, "topk_mean_logprob")
 
 
-def mean_confidence(conf) -> float:
+def mean_confidence(conf: npt.ArrayLike) -> float:
     """Average trace confidence: (1/n) Σ_i C_i over all n tokens."""
     return float(_as_tokens(conf, "conf").mean())
 
 
-def tail_confidence(conf, tail: int) -> float:
-    """Tail confidence: the mean of C_i over the last ``tail`` tokens (over all of them when the response is shorter)."""
+def tail_confidence(conf: npt.ArrayLike, tail: int) -> float:
+    """Tail confidence: the mean of C_i over the last ``tail`` tokens (over all of them when the response is
+    shorter)."""
     conf = _as_tokens(conf, "conf")
     _check_size(tail, "tail")
     return float(conf[-tail:].mean())
 
 
-def lowest_group_confidence(conf, window: int) -> float:
+def lowest_group_confidence(conf: npt.ArrayLike, window: int) -> float:
     """Lowest group confidence: min over t of (1/w) Σ_{i=t}^{t+w−1} C_i, the worst mean over every window of w
     consecutive tokens (sliding by one); the mean of all tokens when the response is shorter than w.
 
@@ -133,7 +141,7 @@ def lowest_group_confidence(conf, window: int) -> float:
     return float(((cumulative[window:] - cumulative[:-window]) / window).min())
 
 
-def self_certainty(mean_logprob, vocab_size: int) -> float:
+def self_certainty(mean_logprob: npt.ArrayLike, vocab_size: int) -> float:
     """Self-certainty (Kang et al. 2025): (1/n) Σ_i KL(U ‖ p_i), where per token
 
         KL(U ‖ p_i) = Σ_v (1/V) log((1/V) / p_i(v)) = −log V − (1/V) Σ_v log p_i(v) = −log V − mean_logprob[i].
@@ -171,7 +179,7 @@ def confidence_scores(per_token: Sequence[Mapping], kind: str, cfg: ConfidenceCo
 # --------------------------------------------------------------------------------------------------------- voting
 
 
-def majority_vote(answers: Sequence[Hashable | None], weights=None):
+def majority_vote(answers: Sequence[Hashable | None], weights: npt.ArrayLike | None = None) -> Hashable | None:
     """The answer with the largest total weight Σ_{i: answer_i = a} w_i (w_i = 1 without weights).
 
     None answers (nothing parseable) cast no vote; returns None when no response has an answer. Ties go to the tied
@@ -192,7 +200,7 @@ def majority_vote(answers: Sequence[Hashable | None], weights=None):
     return best
 
 
-def kept_indices(scores, keep_fraction: float) -> np.ndarray:
+def kept_indices(scores: npt.ArrayLike, keep_fraction: float) -> np.ndarray:
     """Indices of the ceil(keep_fraction · N) highest scores, highest first; equal scores keep index order."""
     _check_keep_fraction(keep_fraction, where="keep_fraction")
     scores = _as_scores(scores, None, "scores")
@@ -200,7 +208,7 @@ def kept_indices(scores, keep_fraction: float) -> np.ndarray:
     return np.argsort(-scores, kind="stable")[:n_keep]
 
 
-def filtered_vote(answers: Sequence[Hashable | None], scores, keep_fraction: float):
+def filtered_vote(answers: Sequence[Hashable | None], scores: npt.ArrayLike, keep_fraction: float) -> Hashable | None:
     """DeepConf's filtered weighted vote: keep the ceil(keep_fraction · N) highest-scoring responses, then
     ``majority_vote`` among them weighted by their scores.
 
@@ -216,13 +224,13 @@ def filtered_vote(answers: Sequence[Hashable | None], scores, keep_fraction: flo
     return majority_vote(kept_answers, None if (kept_scores <= 0).any() else kept_scores)
 
 
-def best_of(answers: Sequence[Hashable | None], scores):
+def best_of(answers: Sequence[Hashable | None], scores: npt.ArrayLike) -> Hashable | None:
     """Best-of-N: the answer of the highest-scoring response (the first on ties), which may be None."""
     _check_answers(answers)
     return answers[int(np.argmax(_as_scores(scores, len(answers), "scores")))]
 
 
-def random_index(n: int, seed: int, key) -> int:
+def random_index(n: int, seed: int, key: object) -> int:
     """A uniform index in [0, n) that depends only on (seed, key, n): numpy's default_rng seeded with the SHA-256 of
     f"{seed}|{key}" (python's hash() of a str changes between processes)."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
@@ -231,7 +239,7 @@ def random_index(n: int, seed: int, key) -> int:
     return int(np.random.default_rng(int.from_bytes(digest[:8], "little")).integers(n))
 
 
-def random_pick(answers: Sequence[Hashable | None], seed: int, key):
+def random_pick(answers: Sequence[Hashable | None], seed: int, key: object) -> Hashable | None:
     """The answer of a uniformly random response (may be None), reproducible from (seed, key); pass the problem id as
     ``key`` so problems get independent picks."""
     _check_answers(answers)
@@ -242,7 +250,8 @@ def random_pick(answers: Sequence[Hashable | None], seed: int, key):
 
 
 def select(answers: Sequence[Hashable | None], per_token: Sequence[Mapping] | None, method: str,
-           cfg: ConfidenceConfig | None = None, vocab_size: int | None = None, seed: int = 0, key=None):
+           cfg: ConfidenceConfig | None = None, vocab_size: int | None = None, seed: int = 0,
+           key: object = None) -> tuple[Hashable | None, int]:
     """Run baseline ``method`` (one of ``method_names(cfg)``) on one problem's N responses.
 
     ``per_token[i]`` is a dict holding response i's ``topk_mean_logprob`` (DeepConf methods) and ``mean_logprob``
@@ -315,7 +324,8 @@ def _check_answers(answers) -> None:
         try:
             hash(a)
         except TypeError:
-            raise TellnormError(f"answer {a!r} is not hashable; normalize answers to strings or numbers first.") from None
+            raise TellnormError(f"answer {a!r} is not hashable; normalize answers to strings or numbers "
+                                "first.") from None
 
 
 def _as_tokens(values, name: str) -> np.ndarray:
@@ -331,7 +341,8 @@ def _as_tokens(values, name: str) -> np.ndarray:
 def _as_scores(values, n: int | None, name: str) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64)
     if array.ndim != 1 or array.size == 0:
-        raise TellnormError(f"{name} must be a non-empty 1-D array with one value per response, got shape {array.shape}.")
+        raise TellnormError(f"{name} must be a non-empty 1-D array with one value per response, "
+                            f"got shape {array.shape}.")
     if n is not None and array.size != n:
         raise TellnormError(f"{name} has {array.size} values but there are {n} answers; give one per response.")
     if not np.isfinite(array).all():

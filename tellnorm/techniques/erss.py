@@ -16,16 +16,28 @@ request does the same alone and in any batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tellnorm.errors import TellnormError
 from tellnorm.interventions.edits import Edit
 from tellnorm.interventions.selection import AboveThreshold, is_number, token_uniforms
 from tellnorm.norms import l2_norm
 
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from tellnorm.backends.base import ModelAPI
+    from tellnorm.generation import StepInfo
+
 
 @dataclass(frozen=True)
 class ERSSConfig:
+    """ERSS's settings (PAPER.md §6): target layers, bank size, trigger streak and level, injection chance, cosine
+    floor, step β, cooldown and the draws' seed. Checked when built."""
+
     layers: tuple[int, ...] | None = None  # REFERENCE CODE: the late layers (last quarter, final layer excluded)
     bank_k: int = 32  # REFERENCE CODE: BANK_K, the bank keeps the 32 highest-norm states
     low_k: int = 40  # REFERENCE CODE: LOW_K, a streak of 40 low-norm tokens triggers
@@ -57,8 +69,8 @@ class ERSS(Edit):
 
     kind = "erss"
 
-    def __init__(self, model, threshold: AboveThreshold, cfg: ERSSConfig | None = None, *, name: str | None = None,
-                 requests=None):
+    def __init__(self, model: ModelAPI, threshold: AboveThreshold, cfg: ERSSConfig | None = None, *,
+                 name: str | None = None, requests: Iterable[Hashable] | None = None):
         self.cfg = cfg or ERSSConfig()
         if not isinstance(threshold, AboveThreshold):
             raise TellnormError("ERSS needs an AboveThreshold (the τ source): build one with "
@@ -67,12 +79,16 @@ class ERSS(Edit):
         layers = list(self.cfg.layers) if self.cfg.layers is not None else model.late_layers()
         super().__init__(model, layers, selection=threshold, name=name or self.kind, requests=requests)
 
-    def new_state(self, request_id, layer):
+    def new_state(self, request_id: Hashable, layer: int) -> dict:
+        """Per request and layer: the bank, streak and cooldown counters, the injection targets, and the
+        :meth:`report` counters."""
         # bank: [(norm, state)] highest norms first; targets: position -> the state injected there
         return {"bank": [], "streak": 0, "cooldown": 0, "targets": {}, "banked": 0, "triggers": 0,
                 "injections": 0}
 
-    def select(self, layer, x, info, candidates):
+    def select(self, layer: int, x: torch.Tensor, info: StepInfo, candidates: torch.Tensor) -> torch.Tensor:
+        """Bank the peaks and return the tokens where an injection fires (streak of low norms, no cooldown, a bank
+        state with cosine ≥ ``cos_min``, a draw < ``p_inject``; PAPER.md §6), remembering each one's target."""
         import torch
 
         peaks = self.threshold.select(layer, x, info, candidates)  # also records the τ each token met
@@ -119,14 +135,15 @@ class ERSS(Edit):
             out[row, col] = True
         return out
 
-    def apply(self, layer, x, mask, info):
+    def apply(self, layer: int, x: torch.Tensor, mask: torch.Tensor, info: StepInfo) -> torch.Tensor:
+        """``x + β·(v* − x)`` on the tokens under ``mask`` (v* the target chosen in :meth:`select`), ``x`` elsewhere."""
         out = x.clone()
         for row, col in mask.nonzero().tolist():
             target = self.state(info.request_ids[row], layer)["targets"][int(info.positions[row, col])]
             out[row, col] = x[row, col] + self.cfg.beta * (target.to(x.dtype) - x[row, col])
         return out
 
-    def report(self):
+    def report(self) -> pd.DataFrame:
         """One row per (request, layer): states banked, triggers (streak, no cooldown, bank), injections."""
         import pandas as pd
 

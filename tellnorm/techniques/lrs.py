@@ -16,11 +16,17 @@ the response's token count, D by its late-token count). The late part of a respo
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tellnorm.errors import TellnormError
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+    import pandas as pd
 
 LATE_FRAC = 0.30  # REFERENCE CODE: LATE_FRAC, D sums the last 30% of the generated tokens
 STATISTICS = ("A", "B", "C", "D")
@@ -29,6 +35,8 @@ LAYER_SETS = ("late", "middle")
 
 @dataclass(frozen=True)
 class LRSConfig:
+    """LRS's settings (PAPER.md §6): the statistic (A–D), raw or per token, the layer set and the late fraction."""
+
     statistic: str = "D"  # PAPER §6 / REFERENCE CODE: the late-excess statistic D
     per_token: bool = False  # REFERENCE CODE: raw sums (TELLNORM: True divides by the token count)
     layers: str = "late"  # REFERENCE CODE: the late layers ("middle" is the paper's ablation)
@@ -46,6 +54,7 @@ class LRSConfig:
 
     @property
     def name(self) -> str:
+        """The method's name in tables, e.g. ``lrs-D@late`` or ``lrs-B/len@middle``."""
         return f"lrs-{self.statistic}{'/len' if self.per_token else ''}@{self.layers}"
 
 
@@ -54,8 +63,9 @@ def late_start(n_tokens: int, late_frac: float = LATE_FRAC) -> int:
     return int(n_tokens * (1 - late_frac))
 
 
-def response_statistics(norms, tau: float, late_frac: float = LATE_FRAC) -> dict:
-    """A, B, C, D and the token counts of one response at one layer (``norms`` in generation order)."""
+def response_statistics(norms: npt.ArrayLike, tau: float, late_frac: float = LATE_FRAC) -> dict:
+    """A, B, C, D (PAPER.md §6) and the token counts of one response at one layer (``norms`` ``[T]`` in generation
+    order)."""
     norms = np.asarray(norms, dtype=np.float64)
     if not math.isfinite(tau):
         raise TellnormError(f"LRS needs a finite threshold, got {tau!r}")
@@ -65,7 +75,7 @@ def response_statistics(norms, tau: float, late_frac: float = LATE_FRAC) -> dict
             "D": float(excess[start:].sum()), "n_tokens": len(norms), "n_late": len(norms) - start}
 
 
-def statistics_table(frame, taus: dict, late_frac: float = LATE_FRAC):
+def statistics_table(frame: pd.DataFrame, taus: dict, late_frac: float = LATE_FRAC) -> pd.DataFrame:
     """Per (request_id, layer): A, B, C, D, n_tokens, n_late from a norm frame of generated tokens only
     (columns request_id, layer, position, norm); ``taus`` = {layer: τ}."""
     import pandas as pd
@@ -88,7 +98,7 @@ def statistics_table(frame, taus: dict, late_frac: float = LATE_FRAC):
     return pd.DataFrame(out)
 
 
-def scores(table, cfg: LRSConfig, layers) -> "object":
+def scores(table: pd.DataFrame, cfg: LRSConfig, layers: Iterable[int]) -> pd.Series:
     """One score per request: the statistic (per token if asked) summed over ``layers``."""
     t = table[table.layer.isin(list(layers))]
     if t.empty:
@@ -99,7 +109,7 @@ def scores(table, cfg: LRSConfig, layers) -> "object":
     return value.groupby(t.request_id).sum()
 
 
-def pick(scores_of_group) -> int:
+def pick(scores_of_group: npt.ArrayLike) -> int:
     """Index (0-based, in the given order) of the highest score; the first on ties."""
     values = np.asarray(scores_of_group, dtype=np.float64)
     if len(values) == 0:

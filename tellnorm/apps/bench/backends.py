@@ -23,15 +23,20 @@ saved to a temporary folder for vLLM to load (removed on every exit path).
 
 from __future__ import annotations
 
-import gc
 import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from tellnorm.apps.bench.timing import config_dict, machine_info, ratio_stats, round_order, timed, write_results
 from tellnorm.errors import TellnormError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 VARIANTS = ("vllm", "vllm+trace", "vllm+alrr", "vllm+erss", "vllm+lrs", "hf")
 TARGET_RATIO = 1.05  # ISSUE / PAPER §6: "< 5% latency"
@@ -40,6 +45,8 @@ NORM_RTOL = 1e-4  # the float32 agreement the vLLM backend is tested to
 
 @dataclass
 class BackendBenchConfig:
+    """Settings of ``tellnorm bench backends`` (the CLI's flags)."""
+
     config: str = "organism"  # "organism" (trained) or "qwen3-0.6b" (random init)
     n_layers: int | None = None  # random-init depth override
     prompts: int = 10
@@ -50,7 +57,7 @@ class BackendBenchConfig:
     out: str | Path = "figures/bench"
     progress: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         from tellnorm.apps.bench.norms import CONFIGS
 
         if self.config not in CONFIGS:
@@ -65,7 +72,8 @@ class BackendBenchConfig:
                                 "are not comparable; drop --dtype")
 
 
-def compare_backends(reference, other, prompts, sampling, layers=None) -> dict:
+def compare_backends(reference: Any, other: Any, prompts: Sequence[Sequence[int]], sampling: Any,
+                     layers: Sequence[int] | None = None) -> dict:
     """Run ``prompts`` on both models with a tracer and compare: tokens per request, every traced norm.
 
     Both must run float32 (one clear line otherwise): in lower precision the backends legitimately diverge."""
@@ -86,7 +94,7 @@ def compare_backends(reference, other, prompts, sampling, layers=None) -> dict:
     both = merged[merged._merge == "both"]
     relative = ((both.norm_x - both.norm_y).abs() / both.norm_x).to_numpy()
     same = [a == b for a, b in zip(*tokens)]
-    return {"requests": len(same), "requests_same_tokens": sum(same), "norms_compared": int(len(both)),
+    return {"requests": len(same), "requests_same_tokens": sum(same), "norms_compared": len(both),
             "norms_missing": int((merged._merge != "both").sum()),
             "max_relative_norm_difference": float(relative.max()) if len(relative) else None,
             "agree": all(same) and (merged._merge == "both").all() and float(relative.max()) < NORM_RTOL}
@@ -135,23 +143,17 @@ def _run(variant: str, models: dict, setup) -> dict:
     return result
 
 
-def _timed(variant, models, setup):
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        result = _run(variant, models, setup)
-        result["seconds"] = time.perf_counter() - start
-    finally:
-        gc.enable()
-    return result
+def _timed_run(variant: str, models: dict, setup) -> dict:
+    """One timed run of ``variant``: its result with the wall time added as ``seconds``."""
+    call = timed(_run, variant, models, setup)
+    call.result["seconds"] = call.wall_s
+    return call.result
 
 
 def bench_backends(cfg: BackendBenchConfig) -> dict:
     """Run the benchmark, write ``bench_backends.json`` / ``.csv`` into ``cfg.out``, print the table."""
     from tqdm.auto import tqdm
 
-    from tellnorm.apps.bench.norms import machine_info, write_results
     from tellnorm.apps.bench.techniques import Setup, bench_prompts, calibrate
     from tellnorm.generation import SamplingConfig
 
@@ -181,15 +183,14 @@ def bench_backends(cfg: BackendBenchConfig) -> dict:
         checks = _checks(reference, cfg.max_new_tokens)
         rounds = []
         for r in tqdm(range(cfg.repeats), desc="bench rounds", unit="round", disable=not cfg.progress):
-            order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
-            rounds.append({v: _timed(v, models, setup) for v in order})
+            rounds.append({v: _timed_run(v, models, setup) for v in round_order(VARIANTS, r)})
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     n_tokens = len(prompts) * cfg.max_new_tokens
     variants = _summarise(rounds, n_tokens)
     summary = {
         "benchmark": "backends",
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "config": config_dict(cfg),
         "model": {"name": (cfg.config if cfg.config == "organism" and cfg.n_layers is None
                            else f"random-init {cfg.config}"),
                   "n_layers": vllm_model.n_layers, "d_model": vllm_model.d_model, "dtype": cfg.dtype,
@@ -239,13 +240,14 @@ def _summarise(rounds: list[dict], n_tokens: int) -> dict:
         ratios = [s / p for s, p in zip(seconds, plain)]
         out[v] = {"median_s": statistics.median(seconds), "tokens_per_s": n_tokens / statistics.median(seconds),
                   "ratio_to_vllm": statistics.median(seconds) / plain_median,
-                  "round_ratio_median": statistics.median(ratios), "round_ratio_min": min(ratios),
-                  "round_ratio_max": max(ratios), "extra_pass_s": statistics.median(extra),
+                  **{f"round_ratio_{k}": x for k, x in ratio_stats(ratios).items()},
+                  "extra_pass_s": statistics.median(extra),
                   "ratio_beyond_passes": statistics.median(s - e for s, e in zip(seconds, extra)) / plain_median}
     return out
 
 
-def summary_frame(summary: dict):
+def summary_frame(summary: dict) -> pd.DataFrame:
+    """One row per variant: the CSV."""
     import pandas as pd
 
     rows = [{"variant": v, **{k: m[k] for k in ("median_s", "tokens_per_s", "ratio_to_vllm", "round_ratio_median",
@@ -256,6 +258,7 @@ def summary_frame(summary: dict):
 
 
 def format_table(summary: dict) -> str:
+    """The printed table: agreement of the backends, one row per variant, the targets."""
     a = summary["agreement"]
     lines = [f"bench backends — {summary['model']['name']} ({summary['model']['n_layers']} layers), "
              f"{summary['inputs']['n_prompts']} prompts × {summary['inputs']['max_new_tokens']} tokens, "

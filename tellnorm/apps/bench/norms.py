@@ -46,16 +46,21 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from tellnorm.apps.bench import timing
 from tellnorm.errors import TellnormError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import pandas as pd
+    import torch
 
 CONFIGS = ("qwen3-0.6b", "organism")
 # Qwen/Qwen3-0.6B's config.json (the shape only; weights are random).
@@ -73,6 +78,8 @@ NORM_TOLERANCE = 1e-5  # relative, (b) vs (c)
 
 @dataclass
 class BenchConfig:
+    """Settings of ``tellnorm bench norms`` (the CLI's flags)."""
+
     config: str = "qwen3-0.6b"  # model shape: "qwen3-0.6b" or "organism"
     n_layers: int | None = None  # override the shape's depth (same width), for faster runs
     batch: int = 4
@@ -85,7 +92,7 @@ class BenchConfig:
     memory: bool = True  # the profiled peak-memory passes
     progress: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.config not in CONFIGS:
             raise TellnormError(f"unknown bench config {self.config!r}: choose one of {', '.join(CONFIGS)}")
         for name in ("batch", "seq", "repeats"):
@@ -101,7 +108,7 @@ class BenchConfig:
 
 # --------------------------------------------------------------------------------------------- model and inputs
 
-def build_model(config: str = "qwen3-0.6b", n_layers: int | None = None, seed: int = 0):
+def build_model(config: str = "qwen3-0.6b", n_layers: int | None = None, seed: int = 0) -> Any:
     """A random-init fp32 Qwen3 of the named shape, wrapped by :func:`tellnorm.backends.load_model`.
 
     Both shapes use the organism's tokenizer: a benchmark feeds token ids, and the bridge only needs a tokenizer.
@@ -113,7 +120,7 @@ def build_model(config: str = "qwen3-0.6b", n_layers: int | None = None, seed: i
     return model
 
 
-def build_hf_model(config: str = "qwen3-0.6b", n_layers: int | None = None, seed: int = 0):
+def build_hf_model(config: str = "qwen3-0.6b", n_layers: int | None = None, seed: int = 0) -> tuple[Any, Any]:
     """``(hf_model, tokenizer)`` behind :func:`build_model`, unwrapped (so it can be saved for vLLM)."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -139,7 +146,7 @@ def build_hf_model(config: str = "qwen3-0.6b", n_layers: int | None = None, seed
     return Qwen3ForCausalLM(hf_config).to(torch.float32).eval(), tok
 
 
-def make_sequences(model, batch: int, seq: int, seed: int = 0) -> list[list[int]]:
+def make_sequences(model: Any, batch: int, seq: int, seed: int = 0) -> list[list[int]]:
     """``batch`` sequences of ``seq`` random token ids (same length: no padding)."""
     import torch
 
@@ -152,7 +159,7 @@ def make_sequences(model, batch: int, seq: int, seed: int = 0) -> list[list[int]
 
 # --------------------------------------------------------------------------------------------------- variants
 
-def plain_forward(model, sequences):
+def plain_forward(model: Any, sequences: list[list[int]]) -> None:
     """(a) A plain forward pass (logits computed, then dropped); retains nothing."""
     from tellnorm.generation import run_forward
 
@@ -160,7 +167,7 @@ def plain_forward(model, sequences):
     return None
 
 
-def traced_forward(model, sequences):
+def traced_forward(model: Any, sequences: list[list[int]]) -> Any:
     """(b) The same forward pass with a :class:`NormTracer` on every layer; returns the tracer."""
     from tellnorm.generation import run_forward
     from tellnorm.norms import NormTracer
@@ -170,7 +177,7 @@ def traced_forward(model, sequences):
     return tracer
 
 
-def cached_forward(model, sequences):
+def cached_forward(model: Any, sequences: list[list[int]]) -> tuple[Any, list]:
     """(c) ``run_with_cache`` of every layer's ``resid_post``, then their norms; returns ``(cache, norms)``.
 
     ``norms`` is a list of ``[batch, seq]`` float32 tensors, one per layer, computed as the tracer computes them.
@@ -189,7 +196,7 @@ def cached_forward(model, sequences):
     return cache, norms
 
 
-def traced_norms(tracer):
+def traced_norms(tracer: Any) -> torch.Tensor:
     """The tracer's norms as one ``[n_layers, batch, seq]`` tensor (layer order of the tracer)."""
     import torch
 
@@ -199,7 +206,8 @@ def traced_norms(tracer):
     return torch.stack([by_layer[layer] for layer in tracer.layers])
 
 
-def cached_norms(result):
+def cached_norms(result: tuple) -> torch.Tensor:
+    """The cached variant's norms as one ``[n_layers, batch, seq]`` tensor (layer order)."""
     import torch
 
     return torch.stack(result[1])
@@ -214,7 +222,7 @@ def _storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def retained_bytes(variant: str, result) -> tuple[int, dict]:
+def retained_bytes(variant: str, result: Any) -> tuple[int, dict]:
     """Tensor bytes the variant's result holds after the pass: ``(total, breakdown)``, from tensor sizes."""
     if variant == "plain":
         return 0, {}
@@ -237,21 +245,7 @@ def _call(variant: str, model, sequences):
     return {"plain": plain_forward, "traced": traced_forward, "cached": cached_forward}[variant](model, sequences)
 
 
-def _timed(variant: str, model, sequences) -> tuple[float, object]:
-    gc.collect()
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        result = _call(variant, model, sequences)
-        elapsed = time.perf_counter() - start
-    finally:
-        if enabled:
-            gc.enable()
-    return elapsed, result
-
-
-def profile_memory(fn) -> tuple[dict, object]:
+def profile_memory(fn: Callable[[], Any]) -> tuple[dict, object]:
     """Run ``fn()`` once under the memory profiler: ``({peak_bytes, end_bytes, n_events}, fn's result)``.
 
     Both are net bytes of torch CPU tensor storage allocated inside the window: the most held at once, and what
@@ -276,49 +270,6 @@ def profile_memory(fn) -> tuple[dict, object]:
     return {"peak_bytes": max(0, max(totals)), "end_bytes": totals[-1], "n_events": len(memory)}, result
 
 
-def _ratio_stats(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def write_results(summary: dict, stem: Path, frame, table: str) -> None:
-    """A benchmark's JSON summary and CSV table (``stem.json``, ``stem.csv``), and its table printed."""
-    from tellnorm.io import write_csv, write_json
-
-    write_json(summary, stem.with_suffix(".json"))
-    write_csv(frame, stem.with_suffix(".csv"))
-    print(table)
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.csv')}")
-
-
-def machine_info(threads_set: int | None) -> dict:
-    import torch
-    import transformers
-
-    try:
-        from importlib.metadata import version
-
-        tl_version = version("transformer-lens")
-    except Exception:  # pragma: no cover - metadata missing in odd installs
-        tl_version = None
-    info = {
-        "cpu_count": os.cpu_count(),
-        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "threads_set": threads_set,
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
-        "transformer_lens_version": tl_version,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or None,
-    }
-    if hasattr(os, "getloadavg"):
-        info["load_average_1m_start"] = os.getloadavg()[0]
-    return info
-
-
 # ------------------------------------------------------------------------------------------------------- main
 
 def bench_norms(cfg: BenchConfig) -> dict:
@@ -331,7 +282,7 @@ def bench_norms(cfg: BenchConfig) -> dict:
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    machine = machine_info(cfg.threads)
+    machine = timing.machine_info(cfg.threads)
     t0 = time.perf_counter()
     model = build_model(cfg.config, cfg.n_layers, cfg.seed)
     build_s = time.perf_counter() - t0
@@ -355,11 +306,10 @@ def bench_norms(cfg: BenchConfig) -> dict:
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     rounds = []
     for r in tqdm(range(cfg.repeats), desc="bench rounds", unit="round", disable=not cfg.progress):
-        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
+        order = timing.round_order(VARIANTS, r)
         row = {"round": r, "order": list(order)}
         for v in order:
-            elapsed, result = _timed(v, model, sequences)
-            del result
+            elapsed = timing.timed(_call, v, model, sequences).wall_s  # the result is dropped before the next variant
             times[v].append(elapsed)
             row[v] = elapsed
         rounds.append(row)
@@ -390,7 +340,7 @@ def bench_norms(cfg: BenchConfig) -> dict:
             "median_s": medians[v],
             "ratio_to_plain": medians[v] / medians["plain"],
             "round_ratios": per_round,
-            "round_ratio": _ratio_stats(per_round),
+            "round_ratio": timing.ratio_stats(per_round),
             **memory[v],
         }
     time_ratio = variants["traced"]["ratio_to_plain"]
@@ -406,21 +356,18 @@ def bench_norms(cfg: BenchConfig) -> dict:
     fractions = [targets.get(k) for k in ("retained_fraction_traced_to_cached", "peak_fraction_traced_to_cached")]
     fractions = [f for f in fractions if f is not None]
     targets["memory_ok"] = bool(all(f <= MEMORY_TARGET for f in fractions)) if fractions else None
-    if hasattr(os, "getloadavg"):
-        machine["load_average_1m_end"] = os.getloadavg()[0]
+    if (load := timing.load_average()) is not None:
+        machine["load_average_1m_end"] = load
 
     summary = {
         "benchmark": "norms",
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "config": timing.config_dict(cfg),
         "model": {"name": model.name, "shape": cfg.config, "architecture": model.architecture,
                   "n_layers": model.n_layers, "d_model": model.d_model,
                   "n_heads": hf_cfg.num_attention_heads, "n_kv_heads": hf_cfg.num_key_value_heads,
                   "head_dim": hf_cfg.head_dim, "d_mlp": hf_cfg.intermediate_size, "vocab_size": hf_cfg.vocab_size,
-                  "tie_word_embeddings": bool(hf_cfg.tie_word_embeddings),
-                  "parameters": sum(p.numel() for p in model.hf_model.parameters()),
-                  "dtype": str(next(model.hf_model.parameters()).dtype).replace("torch.", ""),
-                  "attn_implementation": getattr(hf_cfg, "_attn_implementation", None),
-                  "device": str(model.device), "build_s": build_s},
+                  "tie_word_embeddings": bool(hf_cfg.tie_word_embeddings), **timing.model_info(model),
+                  "build_s": build_s},
         "inputs": {"batch": cfg.batch, "seq": cfg.seq, "n_tokens": n_tokens, "point": POINT, "padding": False},
         "machine": machine,
         "method": {
@@ -436,7 +383,7 @@ def bench_norms(cfg: BenchConfig) -> dict:
         "targets": targets,
         "rounds": rounds,
     }
-    write_results(summary, Path(cfg.out) / "bench_norms", summary_frame(summary), format_table(summary))
+    timing.write_results(summary, Path(cfg.out) / "bench_norms", summary_frame(summary), format_table(summary))
     return summary
 
 
@@ -453,7 +400,7 @@ def _compare(traced, cached) -> dict:
             "tolerance": NORM_TOLERANCE, "shape": list(traced.shape)}
 
 
-def summary_frame(summary: dict):
+def summary_frame(summary: dict) -> pd.DataFrame:
     """One row per variant: the CSV and the printed table."""
     import pandas as pd
 
@@ -480,6 +427,7 @@ def _fmt_bytes(n) -> str:
 
 
 def format_table(summary: dict) -> str:
+    """The printed table: model and inputs, one row per variant, the targets and the correctness check."""
     m, inp, mach = summary["model"], summary["inputs"], summary["machine"]
     lines = [
         f"norm tracing benchmark: {m['name']} — {m['n_layers']} layers, d_model {m['d_model']}, "
@@ -496,11 +444,7 @@ def format_table(summary: dict) -> str:
         rows.append((s["label"], f"{s['median_s']:.4f}", f"{s['ratio_to_plain']:.3f}",
                      f"{rr['median']:.3f} [{rr['min']:.3f}, {rr['max']:.3f}]", _fmt_bytes(s["retained_bytes"]),
                      _fmt_bytes(s.get("peak_extra_bytes"))))
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    for i, r in enumerate([header] + rows):
-        lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines += timing.table_lines(header, rows)
     t, c = summary["targets"], summary["correctness"]
     lines.append("")
     lines.append(f"time: (b)/(a) = {t['time_ratio_traced_to_plain']:.3f} (target ≤ {t['time_target']}: "

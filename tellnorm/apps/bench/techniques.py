@@ -74,17 +74,21 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from tellnorm.apps.bench import timing
 from tellnorm.errors import TellnormError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CONFIGS = ("organism", "qwen3-0.6b")
 VARIANTS = ("plain", "alrr", "erss", "lrs", "alrr+erss")
-LABELS = {"plain": "plain cached generate", "alrr": "+ ALRR", 
+LABELS = {"plain": "plain cached generate", "alrr": "+ ALRR",
           "erss": "+ ERSS", "lrs": "+ LRS bookkeeping", "alrr+erss": "+ ALRR + ERSS"}
 TECHNIQUES = {"alrr": ("alrr",), "erss": ("erss",), "alrr+erss": ("alrr", "erss")}
 TARGET = 1.05
@@ -95,6 +99,8 @@ TARGETS = {"erss": "ratio_to_plain", "lrs": "ratio_to_plain", "alrr": "ratio_bey
 
 @dataclass
 class TechniqueBenchConfig:
+    """Settings of ``tellnorm bench techniques`` (the CLI's flags)."""
+
     config: str = "organism"  # "organism" (trained; random-init with n_layers) or "qwen3-0.6b" (random-init)
     n_layers: int | None = None  # override the depth (same width): a random-init model
     prompts: int = 10  # number of prompts (organism test problems, round-robin over difficulties)
@@ -109,7 +115,7 @@ class TechniqueBenchConfig:
     out: str | Path = "figures/bench"
     progress: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.config not in CONFIGS:
             raise TellnormError(f"unknown bench config {self.config!r}: choose one of {', '.join(CONFIGS)}")
         for name, flag in (("prompts", "--prompts"), ("max_new_tokens", "--max-new-tokens"),
@@ -127,13 +133,15 @@ class TechniqueBenchConfig:
 
     @property
     def weights(self) -> str:
+        """``"trained"`` for the trained organism, else ``"random-init"``."""
         return "trained" if self.config == "organism" and self.n_layers is None else "random-init"
 
 
 # --------------------------------------------------------------------------------------------- model and inputs
 
-def bench_model(cfg: TechniqueBenchConfig):
-    """The trained organism, or a random-init fp32 model of the named shape (:func:`tellnorm.apps.bench.norms.build_model`)."""
+def bench_model(cfg: TechniqueBenchConfig) -> Any:
+    """The trained organism, or a random-init fp32 model of the named shape
+    (:func:`tellnorm.apps.bench.norms.build_model`)."""
     if cfg.weights == "trained":
         from tellnorm.backends import load_model
 
@@ -145,7 +153,7 @@ def bench_model(cfg: TechniqueBenchConfig):
     return build_model(cfg.config, cfg.n_layers, cfg.seed)
 
 
-def bench_prompts(model, n: int, prompt_len: int | None = None, seed: int = 0) -> tuple[list[list[int]], list]:
+def bench_prompts(model: Any, n: int, prompt_len: int | None = None, seed: int = 0) -> tuple[list[list[int]], list]:
     """``(prompts, descriptions)``: organism thinking prompts round-robin over difficulties, or random token ids."""
     if prompt_len is not None:
         import torch
@@ -180,7 +188,8 @@ class Setup:
     thresholds: object  # FixedThresholds
 
 
-def calibrate(model, setup_prompts, layers, max_new_tokens: int, batch_size: int):
+def calibrate(model: Any, setup_prompts: list[list[int]], layers: list[int], max_new_tokens: int,
+              batch_size: int) -> tuple[Any, dict]:
     """``(FixedThresholds, per-layer details)``: τ_l = Q3 + 1.5·IQR of the generated tokens' norms of a clean greedy
     traced run; where that puts no token in ALRR's band (τ, 1.5·τ), the 90th percentile instead (see the module
     docstring)."""
@@ -209,7 +218,7 @@ def calibrate(model, setup_prompts, layers, max_new_tokens: int, batch_size: int
     return FixedThresholds(values, source="bench calibration (same prompts, clean greedy run)"), details
 
 
-def run_variant(variant: str, model, setup: Setup) -> dict:
+def run_variant(variant: str, model: Any, setup: Setup) -> dict:
     """Run one variant once: ``{"generations", "edits", "extra_pass", "lrs_scores"}``."""
     from tellnorm.generation import generate
 
@@ -242,21 +251,6 @@ def run_variant(variant: str, model, setup: Setup) -> dict:
     return result
 
 
-def _timed(variant: str, model, setup: Setup) -> tuple[float, float, dict]:
-    """``(wall seconds, process CPU seconds, result)`` of one call."""
-    gc.collect()
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        start, start_cpu = time.perf_counter(), time.process_time()
-        result = run_variant(variant, model, setup)
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
-    finally:
-        if enabled:
-            gc.enable()
-    return elapsed, cpu, result
-
-
 def firing_counts(result: dict) -> dict:
     """What the variant's techniques did, summed over requests and layers (plus the timed extra-pass calls)."""
     counts = {}
@@ -283,12 +277,11 @@ def bench_techniques(cfg: TechniqueBenchConfig) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from tellnorm.apps.bench.norms import machine_info, write_results
     from tellnorm.generation import SamplingConfig
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    machine = machine_info(cfg.threads)
+    machine = timing.machine_info(cfg.threads)
     t0 = time.perf_counter()
     model = bench_model(cfg)
     build_s = time.perf_counter() - t0
@@ -321,11 +314,13 @@ def bench_techniques(cfg: TechniqueBenchConfig) -> dict:
         times: dict[str, list[float]] = {v: [] for v in VARIANTS}
         rounds = []
         for r in tqdm(range(cfg.repeats), desc="bench rounds", unit="round", disable=not cfg.progress):
-            order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
+            order = timing.round_order(VARIANTS, r)
             row = {"round": r, "order": list(order), "cpu_s": {}, "n_tokens": {}, "deterministic": {},
                    "extra_pass_s": {}, "extra_pass_cpu_s": {}, "extra_pass_calls": {}}
             for v in order:
-                elapsed, cpu, result = _timed(v, model, setup)
+                call = timing.timed(run_variant, v, model, setup)
+                elapsed, cpu, result = call.wall_s, call.cpu_s, call.result
+                del call
                 tokens = _tokens(result)
                 row[v] = elapsed
                 row["cpu_s"][v] = cpu
@@ -339,20 +334,17 @@ def bench_techniques(cfg: TechniqueBenchConfig) -> dict:
                 times[v].append(elapsed)
             rounds.append(row)
     gc.collect()
-    if hasattr(os, "getloadavg"):
-        machine["load_average_1m_end"] = os.getloadavg()[0]
+    if (load := timing.load_average()) is not None:
+        machine["load_average_1m_end"] = load
 
     variants = _summarise(rounds, checks, model.n_layers)
     hf_cfg = model.hf_model.config
     summary = {
         "benchmark": "techniques",
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "config": timing.config_dict(cfg),
         "model": {"name": model.name, "shape": cfg.config, "weights": cfg.weights, "n_layers": model.n_layers,
-                  "d_model": model.d_model, "vocab_size": hf_cfg.vocab_size,
-                  "parameters": sum(p.numel() for p in model.hf_model.parameters()),
-                  "dtype": str(next(model.hf_model.parameters()).dtype).replace("torch.", ""),
-                  "attn_implementation": getattr(hf_cfg, "_attn_implementation", None),
-                  "device": str(model.device), "build_s": build_s},
+                  "d_model": model.d_model, "vocab_size": hf_cfg.vocab_size, **timing.model_info(model),
+                  "build_s": build_s},
         "inputs": {"n_prompts": len(prompts), "prompts": prompt_names, "prompt_lengths": [len(p) for p in prompts],
                    "max_new_tokens": cfg.max_new_tokens, "stop_at_eos": cfg.stop_at_eos, "batch_size": batch_size,
                    "sampling": "greedy", "late_layers": layers},
@@ -379,7 +371,7 @@ def bench_techniques(cfg: TechniqueBenchConfig) -> dict:
         "targets": _targets(variants),
         "rounds": rounds,
     }
-    write_results(summary, Path(cfg.out) / "bench_techniques", summary_frame(summary), format_table(summary))
+    timing.write_results(summary, Path(cfg.out) / "bench_techniques", summary_frame(summary), format_table(summary))
     return summary
 
 
@@ -402,18 +394,6 @@ def _check_tokens(reference: dict, cfg: TechniqueBenchConfig) -> dict:
     return checks
 
 
-def _quartiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], values[0]
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q3
-
-
-def _ratio_stats(values: list[float]) -> dict:
-    q1, q3 = _quartiles(values)
-    return {"median": statistics.median(values), "q1": q1, "q3": q3, "min": min(values), "max": max(values)}
-
-
 def _clock_metrics(rounds: list[dict], checks: dict, n_layers: int, clock: str) -> dict:
     """Per variant, for one clock ("wall": perf_counter, "cpu": process CPU time): medians per token, ratios of
     medians to plain, per-round ratios, and for ALRR variants the ratios beyond the extra passes."""
@@ -429,7 +409,8 @@ def _clock_metrics(rounds: list[dict], checks: dict, n_layers: int, clock: str) 
     for v in VARIANTS:
         ratios = [t / p for t, p in zip(per_token[v], plain_rounds)]
         m = {"median_s": statistics.median(seconds(row, v) for row in rounds), "median_s_per_token": med[v],
-             "ratio_to_plain": med[v] / plain, "round_ratios": ratios, "round_ratio": _ratio_stats(ratios)}
+             "ratio_to_plain": med[v] / plain, "round_ratios": ratios,
+             "round_ratio": timing.ratio_stats(ratios, with_quartiles=True)}
         passes = checks[v].get("alrr_extra_passes")
         if passes is not None:
             n_tokens = checks[v]["n_tokens"]
@@ -440,7 +421,7 @@ def _clock_metrics(rounds: list[dict], checks: dict, n_layers: int, clock: str) 
             m.update({"extra_pass_s_per_token": extra, "extra_pass_s": extra * n_tokens,
                       "ratio_beyond_passes": statistics.median(t - e for t, e in zip(per_token[v], extra_rounds))
                       / plain,
-                      "round_ratio_beyond_passes": _ratio_stats(beyond),
+                      "round_ratio_beyond_passes": timing.ratio_stats(beyond, with_quartiles=True),
                       "extra_pass_s_per_token_estimate": estimate,
                       "ratio_beyond_passes_estimate": (med[v] - estimate) / plain})
         out[v] = m
@@ -469,7 +450,7 @@ def _targets(variants: dict) -> dict:
     return out
 
 
-def summary_frame(summary: dict):
+def summary_frame(summary: dict) -> pd.DataFrame:
     """One row per variant: the CSV."""
     import pandas as pd
 
@@ -496,6 +477,7 @@ def summary_frame(summary: dict):
 
 
 def format_table(summary: dict) -> str:
+    """The printed table: model, inputs and machine, one row per variant, the targets, firing counts and τ."""
     m, inp, mach = summary["model"], summary["inputs"], summary["machine"]
     load = [mach.get("load_average_1m_start"), mach.get("load_average_1m_end")]
     load_text = " → ".join(f"{x:.2f}" for x in load if x is not None) or "n/a"
@@ -525,11 +507,7 @@ def format_table(summary: dict) -> str:
                      f"{s['ratio_to_plain']:.3f}", f"{rr['median']:.3f} [{rr['q1']:.3f}, {rr['q3']:.3f}]",
                      f"{s['cpu']['ratio_to_plain']:.3f}", "-" if passes is None else str(passes), beyond,
                      f"{s['requests_same_as_plain']}/{s['n_requests']}", target))
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    for i, r in enumerate([header] + rows):
-        lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines += timing.table_lines(header, rows)
     lines.append("")
     for v, t in summary["targets"].items():
         what = "beyond its extra passes (measured)" if t["ratio"] == "ratio_beyond_passes" else "raw"

@@ -6,6 +6,7 @@
 """
 
 from pathlib import Path
+from typing import Any
 
 from tellnorm.apps.dashboards.data import (
     ContextExample,
@@ -30,9 +31,9 @@ __all__ = [
     "LogitEffect",
     "NormCorrelation",
     "collect_dashboard_data",
-    "dashboard_study",
     "dashboard_html",
     "dashboard_page",
+    "dashboard_study",
     "load_dashboard_data",
     "logit_effects",
     "render_dashboard",
@@ -41,7 +42,7 @@ __all__ = [
 ]
 
 
-def dashboard_study(model, saes: dict, corpus, features: dict, scores: dict, path: Path) -> Path:
+def dashboard_study(model: Any, saes: dict, corpus: Any, features: dict, scores: dict, path: Path) -> Path:
     """One offline HTML page with a dashboard for each chosen feature (default: top features of late layers)."""
     from tellnorm.features import check_features
 

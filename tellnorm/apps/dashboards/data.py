@@ -18,6 +18,8 @@ tokens inside a context window are shown with no activation.
 
 Logit effects are the decoder direction through the unembedding, ``W_dec[f] @ W_U`` with
 ``W_U = lm_head.weight.T``; the final RMSNorm (and its learned scale) is ignored, as usual for such logit-lens views.
+Encoding, logit effects, the correlation and the means come from :mod:`tellnorm.apps.feature_stats`, shared with
+the explorer.
 
 Results are :class:`FeatureDashboardData` dataclasses that round-trip through JSON (``to_json`` / ``from_json``);
 :mod:`tellnorm.apps.dashboards.html` renders them.
@@ -27,10 +29,21 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any
 
+from tellnorm.apps.feature_stats import (
+    display_tokens,
+    encode_chunks,
+    logit_tops,
+    norm_correlation,
+    optional,
+    sae_name,
+    safe_mean,
+    unembedding,
+)
 from tellnorm.errors import TellnormError
 from tellnorm.generation import LayerHooks, run_forward
 from tellnorm.norms import l2_norm
@@ -57,6 +70,7 @@ class ContextExample:
 
     @property
     def start(self) -> int:
+        """Position of the first context token in its sequence."""
         return self.position - self.center
 
 
@@ -70,11 +84,14 @@ class Histogram:
 
     @property
     def total(self) -> int:
+        """Every token counted: active ones in the bins plus ``n_zero``."""
         return self.n_zero + sum(self.counts)
 
 
 @dataclass
 class LogitEffect:
+    """A token the feature's decoder direction promotes or suppresses, and its logit effect."""
+
     token: str
     token_id: int
     value: float
@@ -92,6 +109,8 @@ class NormCorrelation:
 
 @dataclass
 class FeatureDashboardData:
+    """Everything one feature's dashboard card shows; round-trips through JSON."""
+
     layer: int
     feature: int
     d_sae: int
@@ -113,13 +132,16 @@ class FeatureDashboardData:
 
     @property
     def density(self) -> float:
+        """Share of the eligible tokens where the feature fires."""
         return self.n_active / self.n_tokens if self.n_tokens else 0.0
 
     @property
     def key(self) -> str:
+        """``L<layer>-F<feature>``."""
         return f"L{self.layer}-F{self.feature}"
 
     def to_dict(self) -> dict:
+        """A JSON-ready dict (NaN and inf as None)."""
         return _finite(asdict(self))
 
     def to_json(self, path: str | Path | None = None, *, indent: int | None = None) -> str:
@@ -130,7 +152,8 @@ class FeatureDashboardData:
         return text
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FeatureDashboardData":
+    def from_dict(cls, d: dict) -> FeatureDashboardData:
+        """The data back from :meth:`to_dict`'s dict; checks the schema version."""
         d = dict(d)
         version = d.get("version", SCHEMA_VERSION)
         if version != SCHEMA_VERSION:
@@ -147,7 +170,7 @@ class FeatureDashboardData:
             raise TellnormError(f"not feature dashboard data ({type(err).__name__}: {err})") from None
 
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "FeatureDashboardData":
+    def from_json(cls, text_or_path: str | Path) -> FeatureDashboardData:
         """Parse JSON text, or read a ``.json`` file written by :meth:`to_json`."""
         return cls.from_dict(_read_json(text_or_path))
 
@@ -159,6 +182,7 @@ def save_dashboard_data(data_list: Sequence[FeatureDashboardData], path: str | P
 
 
 def load_dashboard_data(text_or_path: str | Path) -> list[FeatureDashboardData]:
+    """Several features' data from JSON text or a file written by :func:`save_dashboard_data` (or ``to_json``)."""
     obj = _read_json(text_or_path)
     items = obj if isinstance(obj, list) else [obj]
     return [FeatureDashboardData.from_dict(d) for d in items]
@@ -317,24 +341,22 @@ class _CoMoments:
         self.norm_sum += float(y.sum())
 
     def result(self, j: int) -> NormCorrelation:
-        denom = math.sqrt(float(self.m2_x[j]) * self.m2_y)
-        r = float(self.c_xy[j]) / denom if denom > 0 else None
         n_act = int(self.n_active[j])
-        n_off = self.n - n_act
+        norm_sum_active = float(self.norm_sum_active[j])
         return NormCorrelation(
-            r=None if r is None else max(-1.0, min(1.0, r)),
+            r=optional(norm_correlation(float(self.c_xy[j]), float(self.m2_x[j]), self.m2_y)),
             n=self.n,
-            mean_norm_active=float(self.norm_sum_active[j]) / n_act if n_act else None,
-            mean_norm_inactive=(self.norm_sum - float(self.norm_sum_active[j])) / n_off if n_off else None,
+            mean_norm_active=optional(safe_mean(norm_sum_active, n_act)),
+            mean_norm_inactive=optional(safe_mean(self.norm_sum - norm_sum_active, self.n - n_act)),
         )
 
 
 class FeatureActivationObserver(LayerHooks):
     """Observer for :func:`run_forward`: streams the chosen features' statistics at one hook (module docstring)."""
 
-    def __init__(self, model, sae, layer: int, feature_ids: Sequence[int], *, n_examples: int = 10,
+    def __init__(self, model: Any, sae: Any, layer: int, feature_ids: Sequence[int], *, n_examples: int = 10,
                  context: tuple[int, int] = (12, 4), n_bins: int = DEFAULT_BINS, point: str = "resid_post",
-                 encode_chunk: int | None = None, sequences=None):
+                 encode_chunk: int | None = None, sequences: Sequence[Sequence[int]] | None = None):
         import torch
 
         super().__init__(model, [layer], point)
@@ -354,17 +376,15 @@ class FeatureActivationObserver(LayerHooks):
         # Token ids by request id, to show identical prefixes (e.g. a shared chat template) once; None: no dedup.
         self.sequences = sequences
 
-    def hook_for(self, layer: int):
+    def hook_for(self, layer: int) -> Callable:
+        """The hook recording the chosen features at the (one) observed layer."""
         return self._record
 
     def _encode(self, h):
         """Chosen-feature activations of ``h`` ``[tokens, d_model]``, encoding ``encode_chunk`` tokens at a time."""
         import torch
 
-        param = self.sae.W_dec
-        index = self.index.to(param.device)
-        parts = [self.sae.encode(h[i : i + self.encode_chunk].to(device=param.device, dtype=param.dtype))
-                 .index_select(-1, index).float().cpu() for i in range(0, len(h), self.encode_chunk)]
+        parts = [acts for _, acts in encode_chunks(self.sae, h, self.encode_chunk, self.index)]
         return torch.cat(parts) if parts else torch.zeros(0, len(self.features))
 
     def _record(self, activation, hook):
@@ -431,56 +451,33 @@ class FeatureActivationObserver(LayerHooks):
             current.sort(key=lambda t: -t[0])
             del current[k:]
 
-    def feature_results(self, j: int):
+    def feature_results(self, j: int) -> dict:
+        """Feature ``j``'s counts, max, mean when active, histogram, norm correlation and top examples."""
         hist = self.hist.result(j)
         n_active = sum(hist.counts)
         return {
             "n_tokens": hist.total,
             "n_active": n_active,
             "max_activation": float(self.max_act[j]),
-            "mean_activation_when_active": float(self.sum_active[j]) / n_active if n_active else None,
+            "mean_activation_when_active": optional(safe_mean(float(self.sum_active[j]), n_active)),
             "histogram": hist,
             "norm_correlation": self.moments.result(j),
             "top": self.top[j],
         }
 
 
-def display_tokens(model, ids: Iterable[int]) -> list[str]:
-    """Per-token display text: decoded (byte-level BPE markers become spaces), the raw token if that is empty."""
-    ids = [int(i) for i in ids]
-    raw = model.token_strings(ids)
-    out = []
-    for i, tok in zip(ids, raw):
-        try:
-            text = model.tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        except Exception:  # some tokenizers cannot decode lone byte tokens
-            text = ""
-        out.append(text if text else (tok or ""))
-    return out
-
-
-def logit_effects(model, sae, feature: int, k: int = 10) -> tuple[list[LogitEffect], list[LogitEffect]]:
+def logit_effects(model: Any, sae: Any, feature: int, k: int = 10) -> tuple[list[LogitEffect], list[LogitEffect]]:
     """Top promoted / suppressed tokens of ``W_dec[feature] @ W_U`` (final RMSNorm ignored)."""
-    import torch
-
-    with torch.no_grad():
-        W_U = model.hf_model.lm_head.weight.T  # [d_model, vocab]
-        direction = sae.W_dec[feature].to(device=W_U.device, dtype=torch.float32)
-        effect = direction @ W_U.float()
-        k = min(k, effect.numel())
-        up = torch.topk(effect, k)
-        down = torch.topk(-effect, k)
-    up_ids, down_ids = up.indices.tolist(), down.indices.tolist()
-    promoted = [LogitEffect(t, i, float(v)) for t, i, v in
-                zip(display_tokens(model, up_ids), up_ids, up.values.tolist())]
-    suppressed = [LogitEffect(t, i, -float(v)) for t, i, v in
-                  zip(display_tokens(model, down_ids), down_ids, down.values.tolist())]
+    up_ids, up_values, down_ids, down_values = (a.tolist() for a in logit_tops(sae.W_dec[feature],
+                                                                                unembedding(model), k))
+    promoted = [LogitEffect(t, i, v) for t, i, v in zip(display_tokens(model, up_ids), up_ids, up_values)]
+    suppressed = [LogitEffect(t, i, v) for t, i, v in zip(display_tokens(model, down_ids), down_ids, down_values)]
     return promoted, suppressed
 
 
 def collect_dashboard_data(
-    model,
-    sae,
+    model: Any,
+    sae: Any,
     layer: int,
     feature_ids: Sequence[int] | None,
     sequences: Sequence[Sequence[int]],
@@ -536,8 +533,7 @@ def collect_dashboard_data(
     finally:
         sae.train(was_training)
 
-    meta = sae.cfg.metadata
-    sae_name = " / ".join(str(x) for x in (getattr(meta, "release", None), getattr(meta, "sae_id", None)) if x)
+    name = sae_name(sae)
     scores = scores or {}
     out = []
     for j, f in enumerate(features):
@@ -553,7 +549,7 @@ def collect_dashboard_data(
         feature_scores = scores.get(f, scores.get(str(f), {})) or {}
         out.append(FeatureDashboardData(
             layer=layer, feature=f, d_sae=d_sae, hook_name=hook, model_name=str(model.name),
-            sae_name=sae_name or f"{type(sae).__name__} d_sae={d_sae}", n_sequences=len(sequences),
+            sae_name=name, n_sequences=len(sequences),
             n_tokens=res["n_tokens"], n_active=res["n_active"], max_activation=res["max_activation"],
             mean_activation_when_active=res["mean_activation_when_active"], examples=examples,
             histogram=res["histogram"], promoted=promoted, suppressed=suppressed,

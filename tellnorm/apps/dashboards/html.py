@@ -13,8 +13,8 @@ import html
 import json
 import math
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from tellnorm.apps.dashboards.data import ContextExample, FeatureDashboardData, LogitEffect
 from tellnorm.errors import TellnormError

@@ -10,7 +10,9 @@ runs of ALRR, ERSS and high-norm suppression on the norm view's prompts (where e
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from tellnorm.apps.explorer.data import (
     DEFAULT_PER_DIFFICULTY,
@@ -26,8 +28,8 @@ from tellnorm.apps.explorer.data import (
 from tellnorm.apps.explorer.site import write_site
 
 
-def explorer_corpus(model, n_per_difficulty: int = DEFAULT_PER_DIFFICULTY, *, max_new_tokens: int = MAX_NEW_TOKENS,
-                    progress: bool = False):
+def explorer_corpus(model: Any, n_per_difficulty: int = DEFAULT_PER_DIFFICULTY, *,
+                    max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = False) -> tuple[Any, list[int]]:
     """The contrast corpus (both modes of the same validation problems) and each sequence's difficulty."""
     from tellnorm.organism import task
     from tellnorm.studies.corpus import contrast_corpus
@@ -38,8 +40,10 @@ def explorer_corpus(model, n_per_difficulty: int = DEFAULT_PER_DIFFICULTY, *, ma
     return corpus, [p.difficulty for p in problems] * 2  # contrast_corpus: all thinking, then all non-thinking
 
 
-def build_explorer(model, saes, out, *, n_per_difficulty: int = DEFAULT_PER_DIFFICULTY, progress: bool = False,
-                   techniques=TECHNIQUES, max_new_tokens: int = MAX_NEW_TOKENS, **kwargs) -> Path:
+def build_explorer(model: Any, saes: Mapping[int, Any], out: str | Path, *,
+                   n_per_difficulty: int = DEFAULT_PER_DIFFICULTY, progress: bool = False,
+                   techniques: Sequence[str] | str = TECHNIQUES, max_new_tokens: int = MAX_NEW_TOKENS,
+                   **kwargs: Any) -> Path:
     """Generate the corpus, then compute and write the site into ``out`` one layer at a time (at most one layer's
     feature data in memory); returns ``out/index.html``. Every argument is checked before the corpus is made."""
     from tellnorm.errors import TellnormError

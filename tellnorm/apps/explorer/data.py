@@ -26,6 +26,8 @@ both with the decoder norm folded in exactly as ``tellnorm features`` does (:fun
 :func:`tellnorm.features.reason_score`); top-activating contexts (a repeated prefix, e.g. the shared chat template,
 is shown once: a causal model gives it the same activation), top input tokens, promoted / suppressed output tokens
 (``W_dec[f] @ W_U``, computed in chunks of features), and the feature's activation along a few example responses.
+Encoding, logit effects, the correlation and the means come from :mod:`tellnorm.apps.feature_stats`, shared with
+the feature dashboards.
 
 :func:`build_explorer_data` collects the stream into a dict; :func:`tellnorm.apps.explorer.site.write_site` writes
 either form, a stream one document at a time.
@@ -34,13 +36,27 @@ either form, a stream one document at a time.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tellnorm.apps.feature_stats import (
+    LOGIT_CHUNK_ELEMENTS,
+    display_tokens,
+    encode_chunks,
+    logit_tops,
+    norm_correlation,
+    sae_name,
+    safe_mean,
+    unembedding,
+)
 from tellnorm.errors import TellnormError
 from tellnorm.generation import LayerHooks, run_forward
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = 2
 DEFAULT_PER_DIFFICULTY = 5
@@ -51,7 +67,6 @@ N_TOP_TOKENS = 5
 N_LOGITS = 8
 N_STRIPS = 2  # example responses shown along a feature page
 SHARD = 1024  # features per features_L<l>_<k> document: a feature page loads one shard, not a whole layer
-LOGIT_CHUNK_ELEMENTS = 1 << 25  # W_dec[chunk] @ W_U is computed for ≤ 32M (feature, vocab) entries at a time
 RESIDUAL_CACHE_BYTES = 1 << 28  # keep every SAE layer's vectors from the first pass when they fit in 256 MiB
 TECHNIQUES = ("alrr", "erss", "suppression")
 SUPPRESSION_FACTOR = 0.1  # PAPER §4: x' = 0.1·x on high-norm tokens
@@ -70,7 +85,7 @@ def _rl(values, digits: int = 4) -> list:
     return [_r(v, digits) for v in np.asarray(values, dtype=np.float64).tolist()]
 
 
-def check_saes(model, saes: Mapping[int, object], point: str = "resid_post") -> list[int]:
+def check_saes(model: Any, saes: Mapping[int, object], point: str = "resid_post") -> list[int]:
     """SAEs must exist, read this model's width and sit on the layer they are keyed by; returns the layers."""
     if not saes:
         raise TellnormError("no SAEs: pass at least one layer's SAE (e.g. --saes organism)")
@@ -88,6 +103,7 @@ def check_saes(model, saes: Mapping[int, object], point: str = "resid_post") -> 
 
 
 def check_feature(saes: Mapping[int, object], layer: int, feature: int) -> None:
+    """The layer must have an SAE and the feature must exist in it."""
     if layer not in saes:
         raise TellnormError(f"no SAE for layer {layer}: the explorer has layers {sorted(saes)}")
     d_sae = int(saes[layer].cfg.d_sae)
@@ -109,7 +125,8 @@ def check_techniques(techniques: Sequence[str]) -> tuple[str, ...]:
     return tuple(sorted(names, key=TECHNIQUES.index))
 
 
-def technique_layers(model, techniques: Sequence[str], *, alrr=None, erss=None) -> dict[str, list[int]]:
+def technique_layers(model: Any, techniques: Sequence[str], *, alrr: Any = None,
+                     erss: Any = None) -> dict[str, list[int]]:
     """{technique: the layers it edits}: the configs' layers, else the model's late layers (the reference code's
     default for ALRR and ERSS, and the suppression study's late set). Validates every layer."""
     out = {}
@@ -127,7 +144,7 @@ class SparseActivationObserver(LayerHooks):
     ``saes`` the non-zero SAE activations (token, feature, value); at each layer in ``keep`` the vectors themselves
     (on the CPU, for encoding later without another pass: :meth:`encode`)."""
 
-    def __init__(self, model, saes: Mapping[int, object], offsets: Sequence[int], n_total: int, *,
+    def __init__(self, model: Any, saes: Mapping[int, object], offsets: Sequence[int], n_total: int, *,
                  layers: Sequence[int] | None = None, keep: Sequence[int] = (), encode_chunk: int = 1024):
         super().__init__(model, sorted(set(layers) if layers is not None else set(saes)))
         self.saes = dict(saes)
@@ -140,7 +157,8 @@ class SparseActivationObserver(LayerHooks):
         self.kept = {int(l): [] for l in keep}  # list of (token, vectors) pairs
         self.encode_chunk = encode_chunk
 
-    def hook_for(self, layer: int):
+    def hook_for(self, layer: int) -> Callable:
+        """The hook recording ‖h‖₂ (and the kept vectors, the SAE activations) at ``layer``."""
         import torch
 
         def hook(activation, hook):
@@ -159,32 +177,24 @@ class SparseActivationObserver(LayerHooks):
             return activation
         return hook
 
-    def encode(self, layer: int, sae, gidx, h) -> None:
+    def encode(self, layer: int, sae: Any, gidx: np.ndarray, h: torch.Tensor) -> None:
         """Encode the vectors ``h`` of tokens ``gidx`` with ``sae``; keep the non-zero activations."""
         import torch
 
-        param = sae.W_dec
         with torch.no_grad():
-            for i in range(0, len(h), self.encode_chunk):
-                acts = sae.encode(h[i:i + self.encode_chunk].to(device=param.device, dtype=param.dtype))
-                acts = acts.float().cpu()
+            for i, acts in encode_chunks(sae, h, self.encode_chunk):
                 if not torch.isfinite(acts).all():
                     raise TellnormError(f"non-finite SAE output at layer {layer}: check the SAE's dtype and weights")
                 t, f = (acts > 0).nonzero(as_tuple=True)
                 self.entries.setdefault(layer, []).append((gidx[i + t.numpy()], f.numpy().astype(np.int32),
                                                            acts[t, f].numpy().astype(np.float32)))
 
-    def layer_entries(self, layer: int):
+    def layer_entries(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(token, feature, value)`` arrays of the layer's non-zero SAE activations, concatenated."""
         parts = self.entries.get(layer, [])
         if not parts:
             return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
         return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))
-
-
-def _display(model, ids) -> list[str]:
-    from tellnorm.apps.dashboards.data import display_tokens
-
-    return display_tokens(model, ids)
 
 
 def _feature_stats(tok, feat, val, norms, eligible, d_sae, think_mask, nothink_mask, scale):
@@ -202,12 +212,9 @@ def _feature_stats(tok, feat, val, norms, eligible, d_sae, think_mask, nothink_m
     sxy = np.bincount(feat, weights=v * yc[tok], minlength=d_sae)
     var_x = ss / n - (s / n) ** 2 if n else np.zeros(d_sae)
     var_y = float((yc[eligible] ** 2).mean()) if n else 0.0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        denom = np.sqrt(np.clip(var_x, 0, None) * var_y)
-        corr = np.where(denom > 0, (sxy / n) / denom, np.nan) if n else np.full(d_sae, np.nan)
-        corr = np.clip(corr, -1, 1)
-        norm_active = np.bincount(feat, weights=norms[tok], minlength=d_sae) / n_active
-        mean_active = s / n_active
+    corr = norm_correlation(sxy / max(n, 1), var_x, var_y)  # NaN everywhere when n == 0 (no variance)
+    norm_active = safe_mean(np.bincount(feat, weights=norms[tok], minlength=d_sae), n_active)
+    mean_active = safe_mean(s, n_active)
 
     def bucket_mean(mask):
         count = int(mask.sum())
@@ -338,7 +345,7 @@ def _flatten(model, corpus, difficulties) -> _Corpus:
     n_prompt = np.asarray(corpus.n_prompt, dtype=np.int64)
     generated = pos_of >= n_prompt[seq_of]
     modes = np.asarray(corpus.modes)
-    display = [_display(model, s) for s in sequences]  # display text of every token once
+    display = [display_tokens(model, s) for s in sequences]  # display text of every token once
     # Norm view: per difficulty and mode, the first response.
     chosen, seen = [], set()
     for i, (d, m) in enumerate(zip(difficulties, corpus.modes)):
@@ -366,25 +373,6 @@ def _forward(model, c: _Corpus, observer, saes, batch_size: int) -> None:
     finally:
         for l, s in saes.items():
             s.train(was[l])
-
-
-def _logit_tops(sae, W_U, k: int):
-    """Top-k promoted and suppressed vocabulary ids of ``W_dec[f] @ W_U`` for every feature, computed in chunks of
-    features (a 65k × 150k effect matrix never exists at once). Numpy arrays [d_sae, k]."""
-    import torch
-
-    W_dec = sae.W_dec.detach()
-    d_sae, vocab = int(W_dec.shape[0]), int(W_U.shape[1])
-    k = min(k, vocab)
-    chunk = max(1, LOGIT_CHUNK_ELEMENTS // max(vocab, 1))
-    parts = [[], [], [], []]
-    with torch.no_grad():
-        for a in range(0, d_sae, chunk):
-            effect = W_dec[a:a + chunk].float().to(W_U.device) @ W_U
-            up, down = torch.topk(effect, k, dim=1), torch.topk(-effect, k, dim=1)
-            for part, t in zip(parts, (up.indices, up.values, down.indices, -down.values)):
-                part.append(t.cpu())
-    return tuple(torch.cat(p).numpy() for p in parts)
 
 
 @dataclass(frozen=True)
@@ -455,9 +443,9 @@ def _layer_docs(model, layer: int, sae, c: _Corpus, reason, W_U, threshold, opt:
         hit = (lookup_key[i] == k) if len(lookup_key) else np.zeros(len(k), bool)
         return np.where(hit, lookup_val[i] if len(lookup_val) else 0.0, 0.0)
 
-    up_i, up_v, down_i, down_v = _logit_tops(sae, W_U, opt.n_logits)
+    up_i, up_v, down_i, down_v = logit_tops(sae.W_dec, W_U, opt.n_logits, chunk_elements=LOGIT_CHUNK_ELEMENTS)
     vocab_ids = np.unique(np.concatenate([up_i.ravel(), down_i.ravel()])).tolist()
-    vocab_text = dict(zip(vocab_ids, _display(model, vocab_ids)))
+    vocab_text = dict(zip(vocab_ids, display_tokens(model, vocab_ids)))
 
     # Example-response strips: entries on the norm view's responses.
     on_chosen = np.isin(seq_of[tok], c.chosen)
@@ -519,9 +507,7 @@ def _layer_docs(model, layer: int, sae, c: _Corpus, reason, W_U, threshold, opt:
             details = []
     yield f"index_L{layer}", {"layer": layer, "d_sae": d_sae, "hook_name": model.hook_name(layer),
                               "n_tokens": st["n_tokens"], "shard": opt.shard, "features": rows}
-    meta = getattr(sae.cfg, "metadata", None)
-    name = " / ".join(str(x) for x in (getattr(meta, "release", None), getattr(meta, "sae_id", None)) if x)
-    return {"layer": layer, "d_sae": d_sae, "sae": name or f"{type(sae).__name__} d_sae={d_sae}",
+    return {"layer": layer, "d_sae": d_sae, "sae": sae_name(sae),
             "threshold": _r(threshold) if threshold is not None else None, "reason_score": rs is not None,
             "n_shards": -(-d_sae // opt.shard)}
 
@@ -536,8 +522,8 @@ def _settings(cfg) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k != "layers" and v is not None}
 
 
-def technique_edit(model, name: str, layers: Sequence[int], thresholds: Mapping[int, float], *, alrr=None,
-                   erss=None, suppression_factor: float = SUPPRESSION_FACTOR):
+def technique_edit(model: Any, name: str, layers: Sequence[int], thresholds: Mapping[int, float], *,
+                   alrr: Any = None, erss: Any = None, suppression_factor: float = SUPPRESSION_FACTOR) -> Any:
     """A fresh edit of technique ``name`` at ``layers`` with the fixed per-layer τ ``thresholds``, built as
     ``tellnorm evaluate`` (ALRR, ERSS) and the suppression study (``Scale`` on AboveThreshold tokens) build them."""
     from dataclasses import replace
@@ -555,7 +541,7 @@ def technique_edit(model, name: str, layers: Sequence[int], thresholds: Mapping[
                        **{name: cfg})[0]
 
 
-def edit_marks(edit, name: str) -> dict:
+def edit_marks(edit: Any, name: str) -> dict:
     """{request id: ``[[position, layer, kind, passes], ...]``} from the edit's own record (``EditRecord.frame()``:
     the ``edited`` tokens); ALRR's kind from its per-position state: "kept" (``passes`` extra passes kept) or
     "tried" (an extra pass ran and was rejected)."""
@@ -572,8 +558,8 @@ def edit_marks(edit, name: str) -> dict:
     return out
 
 
-def technique_runs(model, c: _Corpus, thresholds: Mapping[int, float], techniques: Sequence[str],
-                   layers: Mapping[str, Sequence[int]], *, alrr=None, erss=None,
+def technique_runs(model: Any, c: _Corpus, thresholds: Mapping[int, float], techniques: Sequence[str],
+                   layers: Mapping[str, Sequence[int]], *, alrr: Any = None, erss: Any = None,
                    suppression_factor: float = SUPPRESSION_FACTOR, max_new_tokens: int = MAX_NEW_TOKENS,
                    progress: bool = False) -> dict:
     """The ``techniques`` document: the norm view's prompts decoded greedily under each technique (one run each,
@@ -609,19 +595,21 @@ def technique_runs(model, c: _Corpus, thresholds: Mapping[int, float], technique
             for m in marks:
                 entry["counts"][m[2]] += 1
             entry["runs"].append({"seq": i, "n_prompt": len(g.prompt_ids), "same": diff is None, "first_diff": diff,
-                                  "finish": g.finish_reason, "tokens": _display(model, g.generated_ids),
+                                  "finish": g.finish_reason, "tokens": display_tokens(model, g.generated_ids),
                                   "marks": marks})
         entries.append(entry)
     return {"thresholds": {str(l): float(t) for l, t in sorted(thresholds.items())},
             "max_new_tokens": max_new_tokens, "decoding": "greedy", "techniques": entries}
 
 
-def iter_explorer_docs(model, saes: Mapping[int, object], corpus, *, difficulties: Sequence[int] | None = None,
+def iter_explorer_docs(model: Any, saes: Mapping[int, object], corpus: Any, *,
+                       difficulties: Sequence[int] | None = None,
                        n_examples: int = N_EXAMPLES, context: tuple[int, int] = CONTEXT, n_bins: int = N_BINS,
                        n_top_tokens: int = N_TOP_TOKENS, n_logits: int = N_LOGITS, batch_size: int = 16,
-                       threshold_cfg=None, techniques: Sequence[str] = TECHNIQUES, alrr=None, erss=None,
-                       suppression_factor: float = SUPPRESSION_FACTOR, max_new_tokens: int = MAX_NEW_TOKENS,
-                       shard: int = SHARD, residual_cache_bytes: int = RESIDUAL_CACHE_BYTES,
+                       threshold_cfg: Any = None, techniques: Sequence[str] = TECHNIQUES, alrr: Any = None,
+                       erss: Any = None, suppression_factor: float = SUPPRESSION_FACTOR,
+                       max_new_tokens: int = MAX_NEW_TOKENS, shard: int = SHARD,
+                       residual_cache_bytes: int = RESIDUAL_CACHE_BYTES,
                        progress: bool = False) -> Iterator[tuple[str, dict]]:
     """The explorer's documents as ``(name, doc)`` pairs, one SAE layer at a time (module docstring).
 
@@ -678,7 +666,7 @@ def iter_explorer_docs(model, saes: Mapping[int, object], corpus, *, difficultie
                                        progress=progress)
 
     # 3. One layer at a time: its pass, its statistics, its documents.
-    W_U = model.hf_model.lm_head.weight.detach().float().T  # [d_model, vocab]
+    W_U = unembedding(model)  # [d_model, vocab]
     reason = _reason_masks(model, corpus, c.tok_of)
     opt = _Options(n_examples, tuple(context), n_bins, n_top_tokens, n_logits, shard, batch_size)
     index_meta = []
@@ -700,7 +688,7 @@ def iter_explorer_docs(model, saes: Mapping[int, object], corpus, *, difficultie
                    "n_examples": n_examples, "techniques": list(techniques)}
 
 
-def build_explorer_data(model, saes: Mapping[int, object], corpus, **kwargs) -> dict[str, dict]:
+def build_explorer_data(model: Any, saes: Mapping[int, object], corpus: Any, **kwargs: Any) -> dict[str, dict]:
     """Every document of :func:`iter_explorer_docs` in one dict (small suites and tests; a large suite is written
     as a stream: ``write_site(iter_explorer_docs(...), out)``)."""
     return dict(iter_explorer_docs(model, saes, corpus, **kwargs))

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
-from tellnorm.errors import TellnormError
 from tellnorm.apps.explorer.page import CSS, JS
+from tellnorm.errors import TellnormError
 
 
 def _write(path: Path, text: str) -> None:

@@ -1,4 +1,5 @@
-"""``python -m tellnorm.apps.harness ARGS``: lm-eval's CLI with ``--model tellnorm`` registered (see tellnorm.apps.harness.cli)."""
+"""``python -m tellnorm.apps.harness ARGS``: lm-eval's CLI with ``--model tellnorm`` registered (see
+tellnorm.apps.harness.cli)."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""``python -m tellnorm.apps.harness ARGS``: lm-eval's command line (``lm_eval ARGS``) with ``--model tellnorm`` registered.
+"""``python -m tellnorm.apps.harness ARGS``: lm-eval's command line (``lm_eval ARGS``) with ``--model tellnorm``
+registered.
 
 Every argument is lm-eval's own. Additions: tellnorm's per-response records are written beside lm-eval's results
 (``tellnorm_requests_<date>.jsonl`` next to ``results_<date>.json`` under ``--output_path``) unless the model arg
@@ -11,7 +12,12 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tellnorm.apps.harness.model import TellnormLM
 
 PROG = "tellnorm harness"
 
@@ -66,7 +72,7 @@ def _results_file(output: Path, since: float) -> Path | None:
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
-def write_beside_results(models, output: Path | None, since: float) -> list[Path]:
+def write_beside_results(models: Sequence[TellnormLM], output: Path | None, since: float) -> list[Path]:
     """Each model's records next to the results file lm-eval wrote in this run (models with ``stats=`` wrote
     their own file already)."""
     written = []
@@ -82,10 +88,12 @@ def write_beside_results(models, output: Path | None, since: float) -> list[Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run lm-eval's CLI on ``argv`` (default ``sys.argv[1:]``) with ``--model tellnorm``; returns the exit status
+    (2 with one line on stderr for bad input)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as the tellnorm command: no machine it runs on downloads
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from tellnorm.errors import TellnormError
     from tellnorm.apps.harness import register
+    from tellnorm.errors import TellnormError
 
     if not register():
         print(f"{PROG}: error: lm-eval is not installed: pip install 'lm-eval>=0.4.13,<0.5' math-verify",
@@ -104,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         cli_evaluate()
     except SystemExit as exc:  # --help, or lm-eval's argparse errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    except Exception as err:  # noqa: BLE001 — bad input becomes one line; anything else keeps its traceback
+    except Exception as err:
         tellnorm_error = next((e for e in _chain(err) if isinstance(e, TellnormError)), None)
         line = str(tellnorm_error) if tellnorm_error is not None else offline_dataset_message(err)
         if line is None and isinstance(err, ValueError) and str(err).startswith("Tasks not found"):

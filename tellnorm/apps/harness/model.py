@@ -37,12 +37,15 @@ import math
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from lm_eval.api.model import LM
 
 from tellnorm.errors import TellnormError
+
+if TYPE_CHECKING:
+    from lm_eval.api.instance import Instance
 
 log = logging.getLogger("tellnorm.apps.harness")
 
@@ -82,7 +85,7 @@ def _int(value, name: str, minimum: int) -> int:
     return number
 
 
-def parse_technique(value) -> tuple[str, ...]:
+def parse_technique(value: str | None) -> tuple[str, ...]:
     """``none``/None/"" → (); else tellnorm.techniques.parse_techniques (one line for an unknown name)."""
     from tellnorm.techniques import parse_techniques
 
@@ -94,12 +97,14 @@ def parse_technique(value) -> tuple[str, ...]:
 
 
 def select_methods() -> tuple[str, ...]:
+    """What ``select=`` accepts: ``lrs`` and the confidence baselines of :mod:`tellnorm.techniques.confidence`."""
     from tellnorm.techniques.confidence import method_names
 
     return (SELECT_LRS,) + method_names()
 
 
 def check_answer_spec(spec: str) -> str:
+    """``spec`` if ``answer=`` accepts it (organism, math, last-number, boxed, regex:PATTERN); else one line."""
     from tellnorm.studies.evaluation import check_extractor
 
     if spec in ("organism", "math"):
@@ -119,7 +124,8 @@ class TellnormLM(LM):
                  calibration_per_difficulty: Any = 10, calibration_max_tokens: Any = None, chat: Any = True,
                  thinking: Any = True, think_end_token: Any = None, skip_special_tokens: Any = False,
                  stats: Any = None, seed: Any = 0, dtype: str = "float32", batch_size: Any = 16,
-                 max_batch_size: Any = None, device: Any = None, trust_remote_code: Any = None, **engine_options):
+                 max_batch_size: Any = None, device: Any = None, trust_remote_code: Any = None,
+                 **engine_options: Any):
         super().__init__()
         from tellnorm.backends import BACKENDS
         from tellnorm.thresholds import ThresholdConfig
@@ -234,9 +240,11 @@ class TellnormLM(LM):
 
     @property
     def tokenizer_name(self) -> str:
+        """The model's name as lm-eval's cache keys use it (``/`` replaced by ``__``)."""
         return str(self.model.name).replace("/", "__")
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The model's chat template text (None without one); lm-eval's ``chat_template`` argument is ignored."""
         from tellnorm.thinking import template_text
 
         return template_text(self.model.tokenizer) or None
@@ -259,13 +267,17 @@ class TellnormLM(LM):
 
     # ------------------------------------------------------------------------------------------ generation
 
-    def loglikelihood(self, requests, disable_tqdm: bool = False):
+    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """Not supported: raises one TellnormError line (decode-time techniques act on generated tokens)."""
         raise TellnormError(_NO_LOGLIKELIHOOD)
 
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        """Not supported: raises one TellnormError line (decode-time techniques act on generated tokens)."""
         raise TellnormError(_NO_LOGLIKELIHOOD)
 
-    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        """One response text per request (the selected one under ``select``), with the model args' technique;
+        records per-response norm statistics."""
         if not requests:
             return []
         start = time.perf_counter()
@@ -470,6 +482,7 @@ class TellnormLM(LM):
         return info
 
     def get_model_info(self) -> dict:
+        """``{"tellnorm": summary()}``, which lm-eval stores in its results' config."""
         return {"tellnorm": self.summary()}
 
     def write_records(self, path: str | Path) -> Path:

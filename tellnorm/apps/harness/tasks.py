@@ -17,8 +17,12 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tellnorm.errors import TellnormError
+
+if TYPE_CHECKING:
+    import datasets
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "lm_eval"
 ORGANISM_JSONL = DATA_DIR / "organism_test.jsonl"
@@ -54,7 +58,7 @@ def _read_rows(path: Path, what: str) -> list[dict]:
     return read_jsonl(path)
 
 
-def organism_dataset(organism_jsonl: str | None = None, **_metadata):
+def organism_dataset(organism_jsonl: str | None = None, **_metadata: Any) -> datasets.DatasetDict:
     """lm-eval ``custom_dataset`` of ``tellnorm_organism``: the committed JSONL, or ``--metadata
     '{"organism_jsonl": "FILE"}'`` (lm-eval passes every model arg and metadata key here: the rest is ignored)."""
     import datasets
@@ -98,7 +102,7 @@ def organism_results(doc: dict, results: list[str]) -> dict:
 
 # ----------------------------------------------------------------------------------------------------- math
 
-def jsonl_dataset(jsonl: str | None = None, **_metadata):
+def jsonl_dataset(jsonl: str | None = None, **_metadata: Any) -> datasets.DatasetDict:
     """lm-eval ``custom_dataset`` of ``tellnorm_math``: ``--metadata '{"jsonl": "FILE.jsonl"}'`` of
     ``{"prompt": ..., "answer": ...}`` lines."""
     import datasets
@@ -131,6 +135,8 @@ def math_answer(text: str) -> list:
 
 
 def math_answer_correct(response: str, gold: str) -> bool:
+    """Whether math-verify finds the response's final-section answer equal to ``gold`` (False when either is
+    unparsable)."""
     from math_verify import verify
 
     gold_parsed = _parse_math(str(gold), gold=True)

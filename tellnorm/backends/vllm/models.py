@@ -9,6 +9,8 @@ runs exactly the stock forward.
 
 from __future__ import annotations
 
+from typing import Any
+
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
@@ -18,20 +20,22 @@ class TellnormTaps:
     """Where the taps go: the decoder layers in order and each layer's attention (which owns the paged KV cache)."""
 
     def tellnorm_layers(self) -> list:
+        """The decoder layers in order (``self.model.layers``)."""
         return list(self.model.layers)
 
     @staticmethod
-    def tellnorm_attention(layer):
+    def tellnorm_attention(layer: Any) -> Any:
+        """The vLLM ``Attention`` module of decoder ``layer``, which owns its paged KV cache."""
         return layer.self_attn.attn
 
 
 class TellnormQwen3ForCausalLM(TellnormTaps, Qwen3ForCausalLM):
-    pass
+    """vLLM's Qwen3 model with tellnorm's taps."""
 
 
 class TellnormQwen2ForCausalLM(TellnormTaps, Qwen2ForCausalLM):
-    pass
+    """vLLM's Qwen2 model with tellnorm's taps."""
 
 
 class TellnormLlamaForCausalLM(TellnormTaps, LlamaForCausalLM):
-    pass
+    """vLLM's Llama model with tellnorm's taps."""

@@ -15,6 +15,7 @@ TAPPED_ARCHITECTURES = {
 
 
 def register() -> None:
+    """Register each class of :data:`TAPPED_ARCHITECTURES` with vLLM's ``ModelRegistry`` (once per process)."""
     from vllm import ModelRegistry
 
     supported = set(ModelRegistry.get_supported_archs())

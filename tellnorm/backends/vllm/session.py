@@ -28,19 +28,29 @@ input, so they rewrite identical K/V; only the selected tokens' outputs are used
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from tellnorm.errors import TellnormError
 from tellnorm.generation import StepInfo
+
+if TYPE_CHECKING:
+    import torch
+
+    from tellnorm.backends.vllm import VLLMModel
+    from tellnorm.generation import Observer
 
 TAG = "tellnorm_request"  # SamplingParams.extra_args key carrying tellnorm's request index
 _HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 _CHILD = re.compile(r"^(\d+)_(.+-[0-9a-f]+)$")  # vLLM names the k-th child of request R "k_R" (parallel_sampling.py)
 
 
-def request_grid(starts, positions):
+def request_grid(starts: Sequence[int], positions: torch.Tensor,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(index, valid, grid_positions)`` ``[requests, longest]`` for a flattened batch whose request i owns rows
-    ``starts[i]:starts[i+1]``: index is each cell's row in the flat batch (0 on padding)."""
+    ``starts[i]:starts[i+1]`` (``starts`` ``[requests + 1]``, ``positions`` ``[tokens]``): index is each cell's row
+    in the flat batch (0 on padding)."""
     import torch
 
     n = len(starts) - 1
@@ -63,7 +73,8 @@ class Session:
     ``request_ids[i]`` is the id observers see for the request tagged ``i``; ``n_prompt`` optionally overrides a
     request's prompt length (teacher-forced passes whose whole sequence is the prompt)."""
 
-    def __init__(self, model, observers, request_ids=None, n_prompt=None):
+    def __init__(self, model: VLLMModel, observers: Sequence[Observer], request_ids: Sequence | None = None,
+                 n_prompt: Mapping[Any, int] | None = None):
         self.observers = list(observers)
         self.request_ids = request_ids
         self.n_prompt = n_prompt or {}
@@ -87,7 +98,8 @@ class Session:
         self.error: BaseException | None = None
 
     # -- attaching ---------------------------------------------------------------------------------------------
-    def attach(self, runner) -> None:
+    def attach(self, runner: Any) -> None:
+        """Hook the observers into ``runner``'s tapped model (a vLLM GPU/CPU model runner); raises if attached."""
         from tellnorm.backends.vllm.models import TellnormTaps
 
         model = runner.model
@@ -109,6 +121,7 @@ class Session:
             raise
 
     def detach(self) -> None:
+        """Remove every hook and drop the step's tensors; safe to call on a session that is not attached."""
         for handle in self.handles:
             handle.remove()
         self.handles = []
@@ -128,8 +141,8 @@ class Session:
             base = (child.group(2) if child else internal_id).rsplit("-", 1)[0]
         return (base, int(child.group(1))) if child else base
 
-    def _guarded(hook):
-        def run(self, *args):
+    def _guarded(hook: Callable[..., Any]) -> Callable[..., Any]:  # noqa: N805 (a decorator used in the class body)
+        def run(self: Session, *args: Any) -> Any:
             if self.error is not None:
                 return None
             try:
@@ -197,7 +210,8 @@ class Session:
         return state, torch.zeros_like(state)
 
     # -- ALRR --------------------------------------------------------------------------------------------------
-    def extra_block_pass(self, layer: int, hidden, rows, cols):
+    def extra_block_pass(self, layer: int, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                         ) -> torch.Tensor:
         """One extra pass of decoder layer ``layer`` for grid tokens ``(rows, cols)`` with inputs ``hidden``
         ``[n, d_model]``; returns their outputs ``[n, d_model]`` and leaves the KV cache as it was."""
         import torch
