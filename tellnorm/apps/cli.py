@@ -60,12 +60,6 @@ def _runner(args):
                      shard_timeout_s=shard_timeout_from_env())
 
 
-def _add_ray_flags(p) -> None:
-    p.add_argument("--ray", default=None, metavar="ADDRESS", help="shard the prompts over Ray: local, auto, "
-                   "HOST:PORT or ray://HOST:PORT (one model replica per worker)")
-    p.add_argument("--workers", type=int, default=1, help="model replicas with --ray (default 1)")
-
-
 def _profile(args) -> None:
     from tellnorm.studies.profile import ProfileConfig, run_profile
 
@@ -318,201 +312,18 @@ def _reproduce(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tellnorm.organism.task import MAX_DIFFICULTY, MIN_DIFFICULTY
-    from tellnorm.apps.reproduce import STAGE_NAMES
+    """The ``tellnorm`` parser (:mod:`tellnorm.apps.parser`) wired to this module's handlers."""
+    from tellnorm.apps.parser import build_parser as build
 
-    parser = argparse.ArgumentParser(prog="tellnorm", description="The ℓ2 norm of hidden states as a signal for "
-                                     "reasoning dynamics: tracing, SAEs, reasoning features, test-time techniques.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser("reproduce", help="the main job: evaluate the organism, trace norms, write figures and tables")
-    p.add_argument("--out", default="figures", help="output folder (default: figures)")
-    p.add_argument("--n", type=int, default=100, help="test problems per difficulty and mode (default: 100)")
-    p.add_argument("--quick", action="store_true", help="every stage at small sizes (a smoke test, < 3 min)")
-    p.add_argument("--force", action="append", default=[], metavar="STAGE",
-                   help="rerun STAGE (and the stages that read its outputs) even if its inputs are unchanged; "
-                   f"repeatable; 'all' for every stage. Stages: {', '.join(STAGE_NAMES)}")
-    p.set_defaults(func=_reproduce)
-
-    organism = sub.add_parser("organism", help="the embedded model organism: train or evaluate it")
-    osub = organism.add_subparsers(dest="organism_command", metavar="ACTION", required=True)
-    p = osub.add_parser("train", help="train the organism (deterministic under --seed; ~20 min on 2 cores)")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the config's 3600)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the config's 2e-3)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output folder (default: the shipped data/organism)")
-    p.set_defaults(func=_organism_train)
-    p = osub.add_parser("eval", help="accuracy by difficulty and mode, with n and bootstrap 95%% CIs")
-    p.add_argument("--model", default="organism")
-    p.add_argument("--n", type=int, default=100, help="test problems per difficulty (default: 100)")
-    p.add_argument("--difficulty", type=int, nargs="+", default=list(range(MIN_DIFFICULTY, MAX_DIFFICULTY + 1)),
-                   help=f"levels to evaluate ({MIN_DIFFICULTY}..{MAX_DIFFICULTY})")
-    p.add_argument("--mode", nargs="+", default=["thinking", "non-thinking"], help="thinking and/or non-thinking")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--csv", default=None, help="also write the accuracy table to this CSV file")
-    p.set_defaults(func=_organism_eval)
-
-    p = sub.add_parser("profile", help="per-layer norm profile, thinking vs non-thinking, with figures")
-    p.add_argument("--model", default="organism")
-    p.add_argument("--prompts", default=None, help="JSONL file with a 'prompt' field per line (default: organism test set)")
-    p.add_argument("--n", type=int, default=20, help="organism test problems per difficulty (default: 20)")
-    p.add_argument("--point", default="resid_post", help="hook point: resid_pre, resid_mid, resid_post, attn_out, mlp_out")
-    p.add_argument("--max-new-tokens", type=int, default=240)
-    p.add_argument("--out", default="figures/profile")
-    p.add_argument("--ray", default=None, metavar="ADDRESS", help="shard the prompts over Ray: local, auto, "
-                   "HOST:PORT or ray://HOST:PORT (one model replica per worker)")
-    p.add_argument("--workers", type=int, default=1, help="model replicas with --ray (default 1)")
-    p.set_defaults(func=_profile)
-
-    sae = sub.add_parser("sae", help="per-layer SAEs (sae_lens): train the suite and report its quality")
-    ssub = sae.add_subparsers(dest="sae_command", metavar="ACTION", required=True)
-    p = ssub.add_parser("train", help="train one SAE per layer on the model's own responses (reproduces data/organism_saes)")
-    p.add_argument("--model", default="organism")
-    p.add_argument("--architecture", default="standard", help="standard (ReLU + L1, the paper's), topk or jumprelu")
-    p.add_argument("--expansion", type=int, default=4)
-    p.add_argument("--epochs", type=float, default=6)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--l1", type=float, default=None, help="L1 coefficient (default: the organism preset's; "
-                   "--paper: the paper's 1e-3)")
-    p.add_argument("--paper", action="store_true", help="the paper's constants exactly (dense SAEs in sae_lens's "
-                   "loss normalisation; see README)")
-    p.add_argument("--corpus-problems", type=int, default=600)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output folder (default: the shipped data/organism_saes)")
-    p.set_defaults(func=_sae_train)
-
-    p = sub.add_parser("features", help="reasoning features: thinking/non-thinking contrast, ReasonScore, controls")
-    p.add_argument("--model", default="organism")
-    p.add_argument("--saes", default="organism", help="'organism', a folder, FORMAT:PATH or RELEASE:ID")
-    p.add_argument("--n", type=int, default=10, help="validation problems per difficulty (default: 10)")
-    p.add_argument("--top-k", type=int, default=20)
-    p.add_argument("--out", default="figures/features")
-    p.add_argument("--ray", default=None, metavar="ADDRESS", help="shard the prompts over Ray: local, auto, "
-                   "HOST:PORT or ray://HOST:PORT (one model replica per worker)")
-    p.add_argument("--workers", type=int, default=1, help="model replicas with --ray (default 1)")
-    p.set_defaults(func=_features)
-
-    p = sub.add_parser("dashboard", help="offline HTML dashboards of features (default: top ReasonScore features)")
-    p.add_argument("--model", default="organism")
-    p.add_argument("--saes", default="organism")
-    p.add_argument("--features", default=None, help="LAYER:F1,F2 ... (default: top 5 of each late layer)")
-    p.add_argument("--n", type=int, default=10)
-    p.add_argument("--out", default="figures/dashboard.html")
-    p.set_defaults(func=_dashboard)
-
-    p = sub.add_parser("explore", help="offline explorer site: every feature of every layer, and the norms on tokens")
-    p.add_argument("--model", default="organism")
-    p.add_argument("--saes", default="organism", help="'organism', a folder, FORMAT:PATH or RELEASE:ID")
-    p.add_argument("--n", type=int, default=5, help="validation problems per difficulty (default: 5)")
-    p.add_argument("--layers", default=None, help="L1,L2 ... (default: every layer with an SAE)")
-    p.add_argument("--feature", default=None, help="LAYER:ID: check it exists and print its page's address")
-    p.add_argument("--out", default="figures/explorer", help="output folder (index.html, assets/, data/)")
-    p.set_defaults(func=_explore)
-
-    for name, func, help_text in (
-            ("bounds", _bounds, "check the norm-bounds-feature-activation theorem per layer: exact bound, paired "
-                                "two-sided relation, assumptions A1-A4"),
-            ("correlate", _correlate, "Spearman across layers: norm vs SAE reasoning activation, and the competing "
-                                      "intrinsic signals")):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--model", default="organism")
-        p.add_argument("--saes", default="organism", help="'organism', a folder, FORMAT:PATH or RELEASE:ID")
-        p.add_argument("--n", type=int, default=10, help="validation problems per difficulty (default: 10)")
-        p.add_argument("--top-k", type=int, default=20, help="reasoning features per layer (default: 20)")
-        p.add_argument("--layers", type=int, nargs="+", default=None, help="layers to analyse (default: every SAE's)")
-        p.add_argument("--out", default=f"figures/{name}")
-        _add_ray_flags(p)
-        p.set_defaults(func=func)
-
-    p = sub.add_parser("intervene", help="causal tests: suppress high-norm vs random tokens, steer, ablate features")
-    p.add_argument("--model", default="organism")
-    p.add_argument("--saes", default="organism", help="SAEs for the feature ablation (as in tellnorm features)")
-    p.add_argument("--n", type=int, default=10, help="test problems per difficulty (default: 10)")
-    p.add_argument("--calibration-n", type=int, default=10,
-                   help="validation problems per difficulty for thresholds, steering direction, features (default: 10)")
-    p.add_argument("--factors", type=float, nargs="+", default=[0.1, 0.25, 0.5], help="suppression factors c < 1")
-    p.add_argument("--amplify", type=float, nargs="*", default=[2.0], help="amplification factors c > 1")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the random matched control")
-    p.add_argument("--threshold-mode", default="calibrated", help="calibrated (default: fixed τ from validation "
-                   "responses), fixed (--thresholds FILE), exact or pooled-p2 (streaming, with --warmup)")
-    p.add_argument("--thresholds", default=None, help="JSON file of per-layer τ for --threshold-mode fixed")
-    p.add_argument("--k", type=float, default=None, help="τ = Q3 + k·IQR (default: the paper's 1.5)")
-    p.add_argument("--warmup", type=int, default=None, help="steps before a streaming threshold exists (default 500)")
-    p.add_argument("--no-steering", action="store_true", help="skip steering along the thinking direction")
-    p.add_argument("--no-features", action="store_true", help="skip the reasoning-feature ablation")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--out", default="figures/interventions")
-    _add_ray_flags(p)
-    p.set_defaults(func=_intervene)
-
-    p = sub.add_parser("evaluate", help="ALRR, ERSS, LRS and combinations vs compute-matched baselines")
-    p.add_argument("--model", default="organism")
-    p.add_argument("--task", default="organism",
-                   help='"organism" (its test set) or a JSONL of {"prompt", "answer"[, "group", "id"]} lines')
-    p.add_argument("--extractor", default="organism",
-                   help="answer extractor for a JSONL task: last-number (default there), boxed, or regex:PATTERN")
-    p.add_argument("--calibration", default=None, help="JSONL of calibration prompts for τ (default: the task's)")
-    p.add_argument("--no-thinking", action="store_true", help="JSONL prompts with the thinking switch off")
-    p.add_argument("--n", dest="per_difficulty", type=int, default=None, help="organism problems per difficulty")
-    p.add_argument("--n-samples", type=int, default=None, help="N for the selectors (default 8)")
-    p.add_argument("--sampling-seed", type=int, default=None)
-    p.add_argument("--techniques", nargs="+", default=["alrr", "erss", "alrr+erss"],
-                   help="decode-time techniques and '+' combinations")
-    p.add_argument("--layers", default=None, help="target layers of ALRR and ERSS, e.g. 20,21 (default: late)")
-    p.add_argument("--threshold-mode", default="calibrated", help="calibrated (default), exact, pooled-p2 or fixed")
-    p.add_argument("--thresholds", default=None, help="JSON file of per-layer τ for --threshold-mode fixed")
-    p.add_argument("--k", type=float, default=None, help="τ = Q3 + k·IQR (default: the paper's 1.5)")
-    p.add_argument("--warmup", type=int, default=None, help="steps before a streaming threshold exists")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--no-controls", action="store_true", help="skip the random recursion controls")
-    p.add_argument("--no-sensitivity", action="store_true", help="skip the k / loops / streak / N sweeps")
-    p.add_argument("--quick", action="store_true", help="a minute-long smoke run (2 problems per difficulty, N=4)")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--out", default="figures/evaluation")
-    p.add_argument("--ray", default=None, metavar="ADDRESS", help="shard the prompts over Ray: local, auto, "
-                   "HOST:PORT or ray://HOST:PORT (one model replica per worker)")
-    p.add_argument("--workers", type=int, default=1, help="model replicas with --ray (default 1)")
-    p.set_defaults(func=_evaluate)
-
-    sub.add_parser("harness", help="lm-eval with --model tellnorm: every argument is lm-eval's "
-                   "(tellnorm harness --model tellnorm --model_args pretrained=organism,technique=alrr --tasks ...)")
-
-    bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")
-    bsub = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
-    p = bsub.add_parser("norms", help="overhead of norm tracing vs a plain forward and run_with_cache")
-    p.add_argument("--config", default="qwen3-0.6b", help="model shape (random init): qwen3-0.6b or organism")
-    p.add_argument("--layers", type=int, default=None, help="override the number of layers (faster runs)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default="figures/bench")
-    p.set_defaults(func=_bench_norms)
-    p = bsub.add_parser("techniques", help="wall time of generation with ALRR, ERSS, LRS bookkeeping vs plain")
-    p.add_argument("--config", default="organism", help="organism (trained; random-init with --layers) or "
-                   "qwen3-0.6b (random init)")
-    p.add_argument("--layers", type=int, default=None, help="override the number of layers (random-init weights)")
-    p.add_argument("--prompts", type=int, default=10, help="organism test prompts, one per difficulty in turn")
-    p.add_argument("--prompt-len", type=int, default=None, help="random token-id prompts of this length instead")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per request (EOS ignored)")
-    p.add_argument("--stop-at-eos", action="store_true", help="stop at EOS (token counts may then differ)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: every prompt in one batch")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's setting)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="figures/bench")
-    p.set_defaults(func=_bench_techniques)
-    p = bsub.add_parser("backends", help="tokens/s of plain vLLM, vLLM + tracing / each technique, and HF")
-    p.add_argument("--config", default="organism", help="organism (trained) or qwen3-0.6b (random init)")
-    p.add_argument("--layers", type=int, default=None, help="override the number of layers (random-init weights)")
-    p.add_argument("--prompts", type=int, default=10, help="organism test prompts, one per difficulty in turn")
-    p.add_argument("--max-new-tokens", type=int, default=96, help="tokens generated per request (EOS ignored)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--dtype", default="float32", help="float32 only: the bench compares the backends' outputs")
-    p.add_argument("--out", default="figures/bench")
-    p.set_defaults(func=_bench_backends)
-    return parser
+    return build(HANDLERS)
 
 
+HANDLERS = {
+    "reproduce": _reproduce, "organism_train": _organism_train, "organism_eval": _organism_eval, "profile": _profile,
+    "sae_train": _sae_train, "features": _features, "dashboard": _dashboard, "explore": _explore, "bounds": _bounds,
+    "correlate": _correlate, "intervene": _intervene, "evaluate": _evaluate, "bench_norms": _bench_norms,
+    "bench_techniques": _bench_techniques, "bench_backends": _bench_backends,
+}
 FILE_OUTPUTS = {_dashboard}  # commands whose --out names a file, not a folder
 
 
