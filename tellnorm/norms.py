@@ -4,7 +4,7 @@ The quantity is ``‖blocks.L.hook_resid_post‖₂`` (HF: the output of decoder
 The hook keeps one scalar per token, never a ``[tokens, d_model]`` tensor, so tracing costs about what a plain
 forward pass costs. Results are a tidy DataFrame, one row per (request, position, layer), with masks:
 prompt / generated, inside the think block, position 0 (massive activations: excluded from statistics by
-default), and the organism's ground-truth labels when the model is the organism.
+default), and the per-token labels of the model's ``token_labeler`` when it has one (the organism's ground truth).
 """
 
 from __future__ import annotations

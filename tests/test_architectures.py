@@ -1,5 +1,6 @@
-"""Every row of ``tellnorm.backends.hf.SUPPORTED_ARCHITECTURES`` on a tiny random model built from transformers' config
-classes (hidden 64, 3–4 layers, vocabulary 100, 4 experts where MoE, sliding window 4 where the architecture has one).
+"""Every row of ``tellnorm.backends.base.SUPPORTED_ARCHITECTURES`` on a tiny random model built from transformers'
+config classes (hidden 64, 3–4 layers, vocabulary 100, 4 experts where MoE, sliding window 4 where the
+architecture has one).
 
 Each is checked against an independent HF copy (same seed, eager attention, plain torch forward hooks on its decoder
 layers — HF's ``hidden_states[-1]`` is after the final norm, so the last layer comes from its hook):

@@ -10,10 +10,20 @@ import statistics
 import pandas as pd
 import pytest
 import torch
-
 from helpers import active_hook_count, hf_layer_norms_float64
-from tellnorm.apps.bench.norms import (VARIANTS, BenchConfig, bench_norms, build_model, cached_forward, cached_norms,
-                            make_sequences, plain_forward, traced_forward, traced_norms)
+
+from tellnorm.apps.bench.norms import (
+    VARIANTS,
+    BenchConfig,
+    bench_norms,
+    build_model,
+    cached_forward,
+    cached_norms,
+    make_sequences,
+    plain_forward,
+    traced_forward,
+    traced_norms,
+)
 from tellnorm.apps.cli import main
 from tellnorm.errors import TellnormError
 from tellnorm.io import CSV_SIGNIFICANT_DIGITS

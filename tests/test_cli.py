@@ -19,7 +19,8 @@ def test_help_does_not_import_the_slow_libraries():
 
 
 def test_help_lists_the_subcommands():
-    out = subprocess.run([sys.executable, "-m", "tellnorm.apps.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "tellnorm.apps.cli", "--help"], capture_output=True, text=True,
+                         check=True)
     for command in ("reproduce", "organism", "profile", "sae", "features", "dashboard", "bench"):
         assert command in out.stdout
 
@@ -35,7 +36,8 @@ def _run_bad(capsys, argv, match):
 @pytest.mark.parametrize("argv, match", [
     (["organism", "eval", "--difficulty", "0"], "difficulty 0 is out of range"),
     (["organism", "eval", "--mode", "pondering"], "unknown mode 'pondering'"),
-    (["organism", "eval", "--model", "/nonexistent/model", "--n", "1", "--difficulty", "1"], "neither an existing folder"),
+    (["organism", "eval", "--model", "/nonexistent/model", "--n", "1", "--difficulty", "1"],
+     "neither an existing folder"),
     (["organism", "eval", "--model", "nobody/no-such-model", "--n", "1", "--difficulty", "1"], "not available offline"),
 ])
 def test_bad_arguments(capsys, argv, match):
@@ -92,8 +94,9 @@ def test_bad_feature_list_and_sae_spec(capsys, tmp_path):
     _run_bad(capsys, ["features", "--saes", str(tmp_path / "nope")], "SAE spec")
 
 
-@pytest.mark.parametrize("features, match", [("6:99999", "does not exist at layer 6: its SAE has d_sae=512 features (ids 0..511)"),
-                                             ("12:1", "no SAE for layer 12")])
+@pytest.mark.parametrize("features, match", [
+    ("6:99999", "does not exist at layer 6: its SAE has d_sae=512 features (ids 0..511)"),
+    ("12:1", "no SAE for layer 12")])
 def test_dashboard_checks_its_features_before_generating(capsys, tmp_path, monkeypatch, features, match):
     import tellnorm.studies.corpus as studies
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import active_hook_count, organism_prompts, sae_reference, tiny_organism_like
+
 from tellnorm.apps.dashboards import (
     FeatureDashboardData,
     collect_dashboard_data,

@@ -61,7 +61,7 @@ def organism_run(tmp_path_factory):
 
 
 def test_evaluation_tables(organism_run):
-    model, cfg, out, result = organism_run
+    _, _, out, _ = organism_run
     table = pd.read_csv(out / "evaluation.csv")
     assert set(REQUIRED) <= set(table.columns)
     assert {"greedy", "alrr", "erss", "alrr+erss", "majority@3", "lrs-D@late@3", "self-certainty@3", "random@3",
@@ -87,7 +87,7 @@ def test_greedy_matches_the_organism_evaluation(organism_run):
 
 def test_selections_recomputed_from_responses(organism_run):
     """majority@N, pass@N and the single-sample mean, recomputed from the per-response table."""
-    model, cfg, out, result = organism_run
+    _, cfg, out, result = organism_run
     responses = pd.read_csv(out / "evaluation_responses.csv", dtype={"answer": str})
     sampled = responses[responses.run == "sampled ×3"].copy()
     sampled["item"] = sampled.request_id.str.split("#").str[0].astype(int)

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import sae_reference
+
 from tellnorm.errors import TellnormError
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -128,7 +128,7 @@ def test_technique_marks_are_the_edits_own_decisions(organism, built):
         for layer in late:
             hook, values = model.hook_name(layer), []
             for seq, k in zip(corpus.sequences, corpus.n_prompt):
-                _, cache = model.bridge.run_with_cache(torch.tensor([seq]), names_filter=lambda n: n == hook)
+                _, cache = model.bridge.run_with_cache(torch.tensor([seq]), names_filter=lambda n, hook=hook: n == hook)
                 values.append(cache[hook][0, max(k, 1):].double().norm(dim=-1).numpy())
             ref[layer] = np.concatenate(values)
     for layer, tau in calibrated_thresholds(ref).values.items():

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tellnorm.apps.cli import main
-from tellnorm.errors import TellnormError
 from tellnorm.apps.reproduce import STAGE_NAMES, ReproduceConfig, forced_stages, model_fingerprint, stage_hashes
+from tellnorm.errors import TellnormError
 
 FEATURE_DEPENDENTS = {"features", "bounds", "correlation", "dashboards"}  # features and the stages reading its outputs
 
@@ -107,7 +107,8 @@ EXPECTED = ["organism_accuracy.csv", "organism_accuracy.html", "norm_profile.csv
             "features_token_injection.csv", "dashboard.html", "REPORT.md", "norm_profile_matched.csv",
             "feature_trend_matched.csv", "bounds.csv", "bounds_assumptions.csv", "bounds_pairs.csv",
             "correlation.csv", "suppression.csv", "suppression.html", "evaluation.csv", "evaluation.md",
-            "evaluation_responses.csv", "evaluation.html", "report.html", "manifest.json", "stage_times.csv", "explorer/index.html",
+            "evaluation_responses.csv", "evaluation.html", "report.html", "manifest.json", "stage_times.csv",
+            "explorer/index.html",
             ".stages/contrast_corpus.json"] + [f".stages/{name}.json" for name in STAGE_NAMES]
 
 

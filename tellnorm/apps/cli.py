@@ -7,9 +7,19 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from contextlib import AbstractContextManager
+
+    from sae_lens import SAE
+
+    from tellnorm.apps.distributed import ShardPool
+    from tellnorm.backends.base import ModelAPI
 
 
-def _organism_train(args) -> None:
+def _organism_train(args: argparse.Namespace) -> None:
     from tellnorm.organism.paths import DEFAULT_ORGANISM_DIR
     from tellnorm.organism.train import OrganismTrainConfig, train_organism
 
@@ -20,22 +30,22 @@ def _organism_train(args) -> None:
     print(f"trained organism in {meta['train_seconds']:.0f} s, final loss {meta['final_loss']:.4f} -> {out}")
 
 
-def _organism_eval(args) -> None:
-    from tellnorm.io import write_csv
+def _organism_eval(args: argparse.Namespace) -> None:
     from tellnorm.backends import load_model
+    from tellnorm.io import write_csv
     from tellnorm.organism.evaluate import EvalConfig, evaluate, format_summary
 
     cfg = EvalConfig(per_difficulty=args.n, difficulties=tuple(args.difficulty), modes=tuple(args.mode),
                      batch_size=args.batch_size)
     model = load_model(args.model)
-    per_problem, summary = evaluate(model, cfg)
+    _per_problem, summary = evaluate(model, cfg)
     print(format_summary(summary))
     if args.csv:
         write_csv(summary, args.csv)
         print(f"wrote {args.csv}")
 
 
-def _sharded(args) -> bool:
+def _sharded(args: argparse.Namespace) -> bool:
     """Whether ``--ray``/``--workers`` ask for Ray (checked before any work; without them Ray is never imported)."""
     from tellnorm.errors import TellnormError
 
@@ -46,7 +56,7 @@ def _sharded(args) -> bool:
     return args.ray is not None
 
 
-def _runner(args):
+def _runner(args: argparse.Namespace) -> AbstractContextManager[ShardPool | None]:
     """Where a study runs, as a context manager: None (in this process, on the model the command loads) without
     ``--ray``; else a Ray :class:`~tellnorm.apps.distributed.ShardPool` of ``--workers`` replicas of ``--model``
     (and ``--saes``), closed on exit. Its shard time-out is ``$TELLNORM_SHARD_TIMEOUT_S`` (default one hour)."""
@@ -60,7 +70,7 @@ def _runner(args):
                      shard_timeout_s=shard_timeout_from_env())
 
 
-def _profile(args) -> None:
+def _profile(args: argparse.Namespace) -> None:
     from tellnorm.studies.profile import ProfileConfig, run_profile
 
     cfg = ProfileConfig(model=args.model, prompts=args.prompts, n_per_difficulty=args.n, out=args.out,
@@ -76,14 +86,14 @@ def _profile(args) -> None:
         run_profile(cfg, runner=runner)
 
 
-def _bench_norms(args) -> None:
+def _bench_norms(args: argparse.Namespace) -> None:
     from tellnorm.apps.bench.norms import BenchConfig, bench_norms
 
     bench_norms(BenchConfig(config=args.config, n_layers=args.layers, batch=args.batch, seq=args.seq,
                             repeats=args.repeats, out=args.out))
 
 
-def _bench_techniques(args) -> None:
+def _bench_techniques(args: argparse.Namespace) -> None:
     from tellnorm.apps.bench.techniques import TechniqueBenchConfig, bench_techniques
 
     bench_techniques(TechniqueBenchConfig(
@@ -92,7 +102,7 @@ def _bench_techniques(args) -> None:
         seed=args.seed, stop_at_eos=args.stop_at_eos, out=args.out))
 
 
-def _bench_backends(args) -> None:
+def _bench_backends(args: argparse.Namespace) -> None:
     from tellnorm.apps.bench.backends import BackendBenchConfig, bench_backends
 
     bench_backends(BackendBenchConfig(config=args.config, n_layers=args.layers, prompts=args.prompts,
@@ -100,7 +110,7 @@ def _bench_backends(args) -> None:
                                       out=args.out))
 
 
-def _sae_train(args) -> None:
+def _sae_train(args: argparse.Namespace) -> None:
     from tellnorm.backends import load_model
     from tellnorm.saes.training import SAETrainConfig
     from tellnorm.studies.features import sae_suite_study
@@ -113,11 +123,10 @@ def _sae_train(args) -> None:
     print(quality.round(4).to_string(index=False))
 
 
-def _features(args) -> None:
-    from tellnorm.figures import write_figure
+def _features(args: argparse.Namespace) -> None:
     from tellnorm.backends import load_model
-    from tellnorm.norms import layer_profile
-    from tellnorm.norms import trace_forward
+    from tellnorm.figures import write_figure
+    from tellnorm.norms import layer_profile, trace_forward
     from tellnorm.saes import load_saes
     from tellnorm.studies.corpus import contrast_corpus
     from tellnorm.studies.features import feature_study, trend_figure
@@ -138,11 +147,11 @@ def _features(args) -> None:
     print(f"wrote {out}/features_*.csv, feature_trend.csv, feature_trend.(html|png)")
 
 
-def _dashboard(args) -> None:
-    from tellnorm.backends import load_model
-    from tellnorm.saes import load_saes
+def _dashboard(args: argparse.Namespace) -> None:
     from tellnorm.apps.dashboards import dashboard_study
+    from tellnorm.backends import load_model
     from tellnorm.features import check_features
+    from tellnorm.saes import load_saes
     from tellnorm.studies.corpus import contrast_corpus
     from tellnorm.studies.features import feature_scores, feature_study, parse_feature_list
 
@@ -165,11 +174,11 @@ def _dashboard(args) -> None:
     print(f"wrote {path}")
 
 
-def _explore(args) -> None:
+def _explore(args: argparse.Namespace) -> None:
     """Check every argument (layers, feature, SAEs against the model) before generating the corpus."""
-    from tellnorm.errors import TellnormError
     from tellnorm.apps.explorer import build_explorer, check_feature, check_saes
     from tellnorm.backends import load_model
+    from tellnorm.errors import TellnormError
     from tellnorm.saes import load_saes
 
     if args.n < 1:
@@ -178,7 +187,8 @@ def _explore(args) -> None:
         layers = [int(x) for x in args.layers.split(",") if x.strip()] if args.layers else None
         feature = tuple(int(x) for x in args.feature.split(":")) if args.feature else None
     except ValueError:
-        raise TellnormError("cannot read --layers L1,L2 or --feature LAYER:ID (e.g. --layers 6,7 --feature 6:12)") from None
+        raise TellnormError("cannot read --layers L1,L2 or --feature LAYER:ID "
+                            "(e.g. --layers 6,7 --feature 6:12)") from None
     if feature is not None and len(feature) != 2:
         raise TellnormError(f"cannot read --feature {args.feature!r}: write LAYER:ID, e.g. 6:12")
     model = load_model(args.model)
@@ -197,9 +207,9 @@ def _explore(args) -> None:
         print(f"feature page: {index.resolve().as_uri()}#/feature/{feature[0]}/{feature[1]}")
 
 
-def _intervene(args) -> None:
-    from tellnorm.studies.suppression import InterventionConfig, format_suppression, run_intervene
+def _intervene(args: argparse.Namespace) -> None:
     from tellnorm.backends import load_model
+    from tellnorm.studies.suppression import InterventionConfig, format_suppression, run_intervene
     from tellnorm.thresholds import ThresholdConfig
 
     threshold = ThresholdConfig(**{k: v for k, v in (("k", args.k), ("warmup", args.warmup)) if v is not None})
@@ -221,10 +231,10 @@ def _intervene(args) -> None:
           f"in {result['seconds']:.0f} s")
 
 
-def _evaluate(args) -> None:
+def _evaluate(args: argparse.Namespace) -> None:
+    from tellnorm.backends import load_model
     from tellnorm.errors import TellnormError
     from tellnorm.studies.evaluation import EvaluateConfig, run_evaluate
-    from tellnorm.backends import load_model
     from tellnorm.techniques import ALRRConfig, ERSSConfig
     from tellnorm.thresholds import ThresholdConfig
 
@@ -233,7 +243,8 @@ def _evaluate(args) -> None:
         try:
             layers = tuple(int(v) for v in args.layers.split(","))
         except ValueError:
-            raise TellnormError(f"--layers {args.layers!r}: give layer indices separated by commas, e.g. 20,21,22")
+            raise TellnormError(f"--layers {args.layers!r}: give layer indices separated by commas, "
+                                "e.g. 20,21,22") from None
     threshold = ThresholdConfig(**{k: v for k, v in (("k", args.k), ("warmup", args.warmup)) if v is not None})
     quick = dict(per_difficulty=2, calibration_per_difficulty=3, n_samples=4, sample_sizes=(2, 4),
                  sensitivity=False) if args.quick else {}
@@ -257,14 +268,14 @@ def _evaluate(args) -> None:
     print(f"wrote {args.out}/evaluation.csv, evaluation.md, evaluation_*.csv and the figures")
 
 
-def _analysis_setup(args, *, bounds: bool):
+def _analysis_setup(args: argparse.Namespace, *, bounds: bool) -> tuple[ModelAPI, dict[int, SAE], Path]:
     """Check every argument of ``bounds`` / ``correlate`` before the slow work (generation), then load."""
-    from tellnorm.bounds import SUPPORTED_ARCHITECTURES
-    from tellnorm.features import select_saes
-    from tellnorm.studies.correlation import MIN_LAYERS
-    from tellnorm.errors import TellnormError
     from tellnorm.backends import load_model
+    from tellnorm.bounds import SUPPORTED_ARCHITECTURES
+    from tellnorm.errors import TellnormError
+    from tellnorm.features import select_saes
     from tellnorm.saes import load_saes
+    from tellnorm.studies.correlation import MIN_LAYERS
 
     out = Path(args.out)
     if args.n < 1:
@@ -273,11 +284,13 @@ def _analysis_setup(args, *, bounds: bool):
         raise TellnormError(f"--top-k must be ≥ 1, got {args.top_k}")
     model = load_model(args.model)
     saes = select_saes(model, load_saes(args.saes, model), top_k=args.top_k, layers=args.layers,
-                       architectures=SUPPORTED_ARCHITECTURES if bounds else None, min_layers=1 if bounds else MIN_LAYERS)
+                       architectures=SUPPORTED_ARCHITECTURES if bounds else None,
+                       min_layers=1 if bounds else MIN_LAYERS)
     return model, saes, out
 
 
-def _contrast_study(args, study, *, bounds: bool):
+def _contrast_study(args: argparse.Namespace, study: Callable[..., dict[str, Any]], *,
+                    bounds: bool) -> tuple[dict[str, Any], Path]:
     """``study`` (bounds or correlation) on the contrast corpus, sharded over Ray when ``--ray`` asks for it."""
     from tellnorm.studies.corpus import contrast_corpus
 
@@ -288,7 +301,7 @@ def _contrast_study(args, study, *, bounds: bool):
         return study(model, saes, corpus, out, top_k=args.top_k, runner=runner), out
 
 
-def _bounds(args) -> None:
+def _bounds(args: argparse.Namespace) -> None:
     from tellnorm.studies.bounds import bounds_study
 
     result, out = _contrast_study(args, bounds_study, bounds=True)
@@ -297,7 +310,7 @@ def _bounds(args) -> None:
     print(f"wrote {out}/bounds*.csv, bounds_norm_vs_reasoning.(html|png), bounds_pairs.(html|png)")
 
 
-def _correlate(args) -> None:
+def _correlate(args: argparse.Namespace) -> None:
     from tellnorm.studies.correlation import correlation_study
 
     result, out = _contrast_study(args, correlation_study, bounds=False)
@@ -305,7 +318,7 @@ def _correlate(args) -> None:
     print(f"wrote {out}/correlation*.csv, correlation_alignment.(html|png)")
 
 
-def _reproduce(args) -> None:
+def _reproduce(args: argparse.Namespace) -> None:
     from tellnorm.apps.reproduce import ReproduceConfig, reproduce
 
     reproduce(ReproduceConfig(out=args.out, per_difficulty=args.n, quick=args.quick), force=args.force)
@@ -328,6 +341,8 @@ FILE_OUTPUTS = {_dashboard}  # commands whose --out names a file, not a folder
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``tellnorm`` with ``argv`` (default: the process's arguments) and return its exit status: 0 done,
+    2 a TellnormError (printed as one line), 130 interrupted; ``tellnorm harness ...`` goes to lm-eval's own CLI."""
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no machine tellnorm runs on can download weights
     argv = sys.argv[1:] if argv is None else list(argv)

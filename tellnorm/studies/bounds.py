@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,7 +23,6 @@ from tellnorm.bounds import (
     assumptions_table,
     bounds_table,
     collect_bounds,
-    input_norm_line,
     pair_frame,
     pair_positions,
     pairs_table,
@@ -30,15 +30,23 @@ from tellnorm.bounds import (
     reasoning_line,
     sae_geometry,
 )
-from tellnorm.errors import TellnormError
 from tellnorm.features import DEFAULT_TOP_K, check_corpus, reasoning_features, select_saes
 from tellnorm.io import check_output_dir
 from tellnorm.organism.task import ORGANISM_MARKERS
 from tellnorm.studies.features import feature_collector
 from tellnorm.studies.runners import Replica, Runner, Shard, as_runner, merge_accumulators
 
+if TYPE_CHECKING:
+    import pandas as pd
+    import plotly.graph_objects as go
+    from sae_lens import SAE
 
-def bounds_shard(replica: Replica, shard: Shard, items: list, *, saes: Any, layers: Sequence[int] | None = None,
+    from tellnorm.backends.base import ModelAPI
+    from tellnorm.studies.corpus import ContrastCorpus
+
+
+def bounds_shard(replica: Replica, shard: Shard, items: list[tuple[Hashable, list[int], dict, set[int]]], *,
+                 saes: Any, layers: Sequence[int] | None = None,
                  reasoning: Mapping[int, Sequence[int]], input_scale: float = 1.0,
                  batch_size: int = 16) -> BoundsSums:
     """:func:`tellnorm.bounds.collect_bounds` of one shard's ``(request_id, sequence, masks, capture)`` items."""
@@ -48,9 +56,10 @@ def bounds_shard(replica: Replica, shard: Shard, items: list, *, saes: Any, laye
                           request_ids=[rid for rid, _, _, _ in items], input_scale=input_scale, batch_size=batch_size)
 
 
-def bounds_sums(runner: Runner, saes: Any, sequences: Sequence[Sequence[int]], masks: Mapping,
-                reasoning: Mapping[int, Sequence[int]], *, capture: Mapping | None = None,
-                request_ids: Sequence | None = None, input_scale: float = 1.0, batch_size: int = 16) -> BoundsSums:
+def bounds_sums(runner: Runner, saes: Any, sequences: Sequence[Sequence[int]], masks: Mapping[Hashable, dict],
+                reasoning: Mapping[int, Sequence[int]], *, capture: Mapping[Hashable, set[int]] | None = None,
+                request_ids: Sequence[Hashable] | None = None, input_scale: float = 1.0,
+                batch_size: int = 16) -> BoundsSums:
     """:func:`tellnorm.bounds.collect_bounds` on ``runner``, sharded by sequence and merged with ``BoundsSums.merge``.
 
     Counts (tokens, checked and active pairs, violations of the three bounds, histogram bins, fire counts) are
@@ -68,12 +77,12 @@ def bounds_sums(runner: Runner, saes: Any, sequences: Sequence[Sequence[int]], m
                       input_scale=input_scale, batch_size=batch_size)
 
 
-def bounds_study(model: Any, saes: Mapping[int, Any], corpus: Any, out: str | Path, *, top_k: int = DEFAULT_TOP_K,
-                 layers: Sequence[int] | None = None, markers: Sequence[Marker] = ORGANISM_MARKERS,
-                 scope: str = "generated", band: BandConfig = BandConfig(),
-                 thresholds: AssumptionThresholds = AssumptionThresholds(), figures: bool = True,
-                 batch_size: int = 16, runner: Runner | None = None) -> dict:
-    """The bounds check, the paired two-sided relation and the assumptions, per layer; writes
+def bounds_study(model: ModelAPI, saes: Mapping[int, SAE], corpus: ContrastCorpus, out: str | Path, *,
+                 top_k: int = DEFAULT_TOP_K, layers: Sequence[int] | None = None,
+                 markers: Sequence[Marker] = ORGANISM_MARKERS, scope: str = "generated",
+                 band: BandConfig = BandConfig(), thresholds: AssumptionThresholds = AssumptionThresholds(),
+                 figures: bool = True, batch_size: int = 16, runner: Runner | None = None) -> dict[str, Any]:
+    """The bounds check, the paired two-sided relation and the assumptions (PAPER.md §3), per layer; writes
     ``bounds.csv``, ``bounds_assumptions.csv``, ``bounds_pairs.csv``, ``bounds_pair_points.csv`` and the figures
     ``bounds_norm_vs_reasoning`` and ``bounds_pairs`` into ``out``.
 
@@ -141,9 +150,10 @@ def _grid_style(fig, *, title: str, rows: int, width: int = 1100):
     return fig
 
 
-def norm_bound_figure(sums: BoundsSums, lines: Mapping[int, tuple], top_k: int):
+def norm_bound_figure(sums: BoundsSums, lines: Mapping[int, tuple[float, float]], top_k: int) -> go.Figure:
     """Per layer: ‖h‖ against Σ_{i∈R} ã_i (sampled tokens, by mode; log scale, so tokens with Σ = 0 are left out)
-    with the exact bound from the norm alone, ``A_R·‖h‖ + B_R``."""
+    with the exact bound from the norm alone, ``A_R·‖h‖ + B_R`` (PAPER.md §3; ``lines[layer] = (A_R, B_R)``, see
+    :func:`tellnorm.bounds.reasoning_line`)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -177,14 +187,17 @@ def norm_bound_figure(sums: BoundsSums, lines: Mapping[int, tuple], top_k: int):
                                              "exact bound from the norm (tokens with Σ = 0 not shown)")
 
 
-def pairs_figure(points, fit):
-    """Per layer: Δ = ‖h_T‖² − ‖h_N‖² against S = Σ_{i∈R} Δã_i, with the fitted band and the ideal band (c = 1)."""
+def pairs_figure(points: pd.DataFrame, fit: pd.DataFrame) -> go.Figure:
+    """Per layer: Δ = ‖h_T‖² − ‖h_N‖² against S = Σ_{i∈R} Δã_i, with the fitted band and the ideal band (c = 1)
+    of the two-sided relation ``c₁·√Δ ≤ S ≤ c₂·√|R_active|·√Δ`` (PAPER.md §3). ``points``:
+    :func:`tellnorm.bounds.pair_frame`'s rows; ``fit``: :func:`tellnorm.bounds.pairs_table`'s."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     from tellnorm.figures import NEUTRAL_COLOR
 
-    title = "Paired states (same problem, both modes): squared-norm gap vs reasoning-feature gap, fitted and ideal bands"
+    title = ("Paired states (same problem, both modes): squared-norm gap vs reasoning-feature gap, fitted and ideal "
+             "bands")
     if points.empty:
         fig = go.Figure()
         fig.add_annotation(text="no marker position was found in both responses of any problem: no pairs to fit",

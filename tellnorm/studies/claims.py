@@ -8,22 +8,29 @@ verdict without rerunning anything; claims whose tables a run did not produce ar
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 REPRODUCED, PARTLY, NOT_REPRODUCED, NOT_TESTABLE = "reproduced", "partly", "not reproduced", "not testable here"
 
 
 @dataclass(frozen=True)
 class Verdict:
+    """One claim judged: the paper statement, what was measured (the numbers the rule used, with n), the verdict
+    (:data:`REPRODUCED`, :data:`PARTLY`, :data:`NOT_REPRODUCED` or :data:`NOT_TESTABLE`) and the reason."""
+
     claim: str
     measured: str
     verdict: str
     reason: str
 
 
-def _read(out: Path, name: str):
+def _read(out: Path, name: str) -> pd.DataFrame | None:
     import pandas as pd
 
     path = out / f"{name}.csv"
@@ -42,9 +49,10 @@ class Claim:
 
     text: str
     table: str
-    judge: Callable
+    judge: Callable[[pd.DataFrame], tuple[str, str, str]]
 
     def __call__(self, out: Path) -> Verdict:
+        """The verdict on the tables in the output folder ``out`` (not testable when the table is missing)."""
         table = _read(Path(out), self.table)
         if table is None:
             return Verdict(self.text, "—", NOT_TESTABLE, f"this run wrote no {self.table}.csv")
@@ -191,6 +199,7 @@ loops_collapse = Claim(
 
 
 def real_benchmarks(out: Path) -> Verdict:
+    """The real-benchmark claim (PAPER.md §7): always not testable here, whatever ``out`` holds."""
     return Verdict("the techniques' gains on AIME / MATH500 / GPQA with Qwen3, R1-Distill and Qwen2.5 models (§7)",
                    "—", NOT_TESTABLE, "no machine here can download their weights or datasets; `tellnorm harness` "
                    "and notebook 05 run that path where they are present")
@@ -203,10 +212,12 @@ CLAIMS = (norm_gap, peaks_mark_steps, features_rise_late, bound_holds, suppressi
 
 
 def judge_all(out: Path) -> list[Verdict]:
+    """Every claim of :data:`CLAIMS` judged on the tables in the output folder ``out``, in that order."""
     return [claim(Path(out)) for claim in CLAIMS]
 
 
 def claims_markdown(verdicts: list[Verdict]) -> str:
+    """The verdicts as a Markdown table: paper claim, measured here, verdict (bold), why (the rule)."""
     import pandas as pd
 
     from tellnorm.io import markdown_table

@@ -12,24 +12,32 @@ over Ray workers with a :class:`tellnorm.apps.distributed.ShardPool`; the shard 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING
 
 from tellnorm.errors import TellnormError
 from tellnorm.studies.runners import Replica, Runner, Shard, as_runner
+
+if TYPE_CHECKING:
+    from tellnorm.backends.base import ModelAPI
+    from tellnorm.norms import NormTrace
 
 MODES = ("thinking", "non-thinking")
 
 
 @dataclass
 class ContrastCorpus:
-    """The same questions answered in both modes: full sequences, prompt lengths, modes, step labels."""
+    """The same questions answered in both modes: full sequences, prompt lengths, modes, step labels.
 
-    sequences: list
-    n_prompt: list
-    modes: list
-    labels: list  # per token; None entries for models without a token labeler (only the organism has one)
+    Entry i of every list belongs to sequence i: its token ids (prompt + response), its prompt length, its mode
+    (one of :data:`MODES`) and one step label per token."""
+
+    sequences: list[list[int]]
+    n_prompt: list[int]
+    modes: list[str]
+    labels: list[list[str | None]]  # per token; None entries for models without a token labeler (only the organism)
 
     @property
     def thinking(self) -> list[int]:
@@ -37,9 +45,11 @@ class ContrastCorpus:
         return [i for i, m in enumerate(self.modes) if m == "thinking"]
 
 
-def contrast_corpus(model: Any, n_per_difficulty: int = 10, *, max_new_tokens: int = 240, progress: bool = True,
-                    prompts: list[str] | None = None, runner: Runner | None = None) -> ContrastCorpus:
-    """Greedy responses in both modes to organism *validation* problems (never the accuracy test set).
+def contrast_corpus(model: ModelAPI | None, n_per_difficulty: int = 10, *, max_new_tokens: int = 240,
+                    progress: bool = True, prompts: list[str] | None = None,
+                    runner: Runner | None = None) -> ContrastCorpus:
+    """Greedy responses in both modes to organism *validation* problems (never the accuracy test set): the
+    thinking / non-thinking contrast of PAPER.md §2.
 
     ``runner``: where the generation runs (None: here, on ``model``; a Ray pool shards it by prompt, with the same
     corpus as the result)."""
@@ -92,7 +102,7 @@ def merge_corpora(results: Sequence[ContrastCorpus], shards: Sequence[Shard]) ->
     return ContrastCorpus(*(list(c) for c in columns))
 
 
-def matched_positions(model, corpus: ContrastCorpus):
+def matched_positions(model: ModelAPI, corpus: ContrastCorpus) -> list[list[int]] | None:
     """Per sequence, the positions both modes' responses have (the roles the model's token labeler finds: the
     organism's closing ``answer : X``); None for models without a token labeler."""
     if model.token_labeler is None:
@@ -130,9 +140,9 @@ def organism_prompt_rows(n_per_difficulty: int) -> list[dict]:
             for p in task.test_split(n_per_difficulty).problems]
 
 
-def trace_both_modes(model: Any, rows: list[dict], *, point: str = "resid_post", max_new_tokens: int = 240,
+def trace_both_modes(model: ModelAPI | None, rows: list[dict], *, point: str = "resid_post", max_new_tokens: int = 240,
                      batch_size: int = 40, layers: Sequence[int] | None = None, progress: bool = True,
-                     indices: Sequence[int] | None = None, runner: Runner | None = None) -> Any:
+                     indices: Sequence[int] | None = None, runner: Runner | None = None) -> NormTrace:
     """Generate every prompt in thinking and non-thinking mode and trace all layers; one NormTrace.
 
     ``indices[i]`` (optional) is row i's index in the full prompt list (its request ids are ``MODE/indices[i]``).
@@ -147,9 +157,9 @@ def trace_both_modes(model: Any, rows: list[dict], *, point: str = "resid_post",
                       difficulty=bool(rows) and "difficulty" in rows[0], progress=progress and runner.in_process)
 
 
-def trace_shard(replica: Replica, shard: Shard, items: list, *, point: str = "resid_post", max_new_tokens: int = 240,
-                batch_size: int = 40, layers: Sequence[int] | None = None, difficulty: bool = False,
-                progress: bool = False) -> Any:
+def trace_shard(replica: Replica, shard: Shard, items: list[tuple[int, dict]], *, point: str = "resid_post",
+                max_new_tokens: int = 240, batch_size: int = 40, layers: Sequence[int] | None = None,
+                difficulty: bool = False, progress: bool = False) -> NormTrace:
     """The NormTrace of one shard's ``(prompt number, row)`` items in both modes (request ids ``MODE/number``)."""
     import pandas as pd
 
@@ -174,11 +184,12 @@ def trace_shard(replica: Replica, shard: Shard, items: list, *, point: str = "re
     return NormTrace(pd.concat(frames, ignore_index=True), gens)
 
 
-def merge_traces(results: Sequence, shards: Sequence[Shard]) -> Any:
+def merge_traces(results: Sequence[NormTrace], shards: Sequence[Shard]) -> NormTrace:
     """Shard traces as the one :func:`trace_both_modes` gives: rows by mode, then request id, layer, position;
     generations by mode, then prompt number (one shard's trace is returned as is)."""
     if len(results) == 1:
         return results[0]
+    import numpy as np
     import pandas as pd
 
     from tellnorm.norms import NormTrace
@@ -188,7 +199,7 @@ def merge_traces(results: Sequence, shards: Sequence[Shard]) -> Any:
     frame = (frame.assign(_mode_rank=rank).sort_values(["_mode_rank", "request_id", "layer", "position"], kind="stable")
              .drop(columns="_mode_rank").reset_index(drop=True))
     # A shard whose responses lack a column's strings (e.g. no closing to match) holds it as object: infer again.
-    for column in frame.columns[frame.dtypes == object]:
+    for column in frame.columns[frame.dtypes == np.dtype(object)]:
         frame[column] = frame[column].infer_objects()
     gens = [g for t in results for g in t.generations]
     gens.sort(key=lambda g: (MODES.index(g.request_id.split("/")[0]), int(g.request_id.split("/")[1])))

@@ -36,17 +36,27 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tellnorm.errors import TellnormError
 from tellnorm.features import DEFAULT_TOP_K
 from tellnorm.signals import FINAL, LAYER_SIGNALS, MIN_LAYERS, PROFILE_SIGNALS, REFERENCE, SignalSums, collect_signals
 from tellnorm.stats import spearman, spearman_with_ci
 from tellnorm.studies.features import feature_collector
 from tellnorm.studies.runners import Replica, Runner, Shard, as_runner
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import pandas as pd
+    import plotly.graph_objects as go
+    from sae_lens import SAE
+
+    from tellnorm.backends.base import ModelAPI
+    from tellnorm.studies.corpus import ContrastCorpus
 
 # PAPER §4, Spearman ×100 with the per-layer SAE reasoning activation on Qwen3-1.7B / 8B / 14B and
 # DeepSeek-R1-Distill-Llama-8B (86.47, 85.15, 87.62, 84.11); only ranges were recovered for the other signals.
@@ -56,8 +66,9 @@ PAPER_SPEARMAN_X100 = {"norm": "84.11 to 87.62", FINAL: "52 to 64", "layer_outpu
 
 # --- tables -------------------------------------------------------------------------------------------------------
 
-def layer_values(sums: SignalSums):
-    """One row per layer: the token count and every signal's pooled mean (the profiles ρ is computed from)."""
+def layer_values(sums: SignalSums) -> pd.DataFrame:
+    """One row per layer: the token count and every signal's pooled mean (the profiles ρ is computed from; PAPER.md
+    §4), and the ranks of the norm and of the reasoning activation."""
     import pandas as pd
 
     _, counts, per_problem, final = sums.arrays()
@@ -71,8 +82,10 @@ def layer_values(sums: SignalSums):
     return frame
 
 
-def correlation_table(sums: SignalSums, *, attention_layers: Sequence[int] | None = None, seed: int = 0):
-    """``signal, basis, spearman_x100, ci_low, ci_high, n, note`` (definitions in the module docstring)."""
+def correlation_table(sums: SignalSums, *, attention_layers: Sequence[int] | None = None,
+                      seed: int = 0) -> pd.DataFrame:
+    """``signal, basis, spearman_x100, ci_low, ci_high, n, n_problems, note``: every signal's Spearman ρ ×100 with
+    the reasoning activation and its bootstrap CI (PAPER.md §4; definitions in the module docstring)."""
     import pandas as pd
 
     ids, counts, per_problem, final = sums.arrays()
@@ -98,19 +111,22 @@ def correlation_table(sums: SignalSums, *, attention_layers: Sequence[int] | Non
                      "n": n_layers, "n_problems": n, "note": note})
     rows.append({"signal": FINAL, "basis": "layers", "spearman_x100": math.nan, "ci_low": math.nan,
                  "ci_high": math.nan, "n": n_layers, "n_problems": n,
-                 "note": "one value per token, not per layer: the profile is constant, rho undefined; see basis=problems"})
+                 "note": "one value per token, not per layer: the profile is constant, rho undefined; "
+                         "see basis=problems"})
     safe = np.maximum(counts, 1)
     reason_p = (reference / safe[:, None]).mean(1)
     for signal, values in ((FINAL, final / safe), ("norm", (per_problem["norm"] / safe[:, None]).mean(1))):
         rho, lo, hi = spearman_with_ci(lambda idx, v=values: spearman(v[idx], reason_p[idx]), n, seed=seed)
         rows.append({"signal": signal, "basis": "problems", "spearman_x100": rho, "ci_low": lo, "ci_high": hi,
                      "n": n, "n_problems": n,
-                     "note": "across thinking-mode problems: per-problem mean vs mean top-K activation over SAE layers"})
+                     "note": "across thinking-mode problems: per-problem mean vs mean top-K activation over SAE "
+                             "layers"})
     return pd.DataFrame(rows)
 
 
-def paper_table(table, model_name: str):
-    """Rows = signals, a column for this model beside the paper's reported range (PAPER.md §4)."""
+def paper_table(table: pd.DataFrame, model_name: str) -> pd.DataFrame:
+    """Rows = signals, a column for this model beside the paper's reported range (PAPER.md §4); ``table``:
+    :func:`correlation_table`'s rows."""
     import pandas as pd
 
     rows = []
@@ -134,12 +150,13 @@ class SignalResult:
     per-problem sums, the layers whose attention pattern was seen, the layers."""
 
     sums: SignalSums
-    attention_seen: set
-    layers: list
+    attention_seen: set[int]
+    layers: list[int]
 
 
-def signals_shard(replica: Replica, shard: Shard, items: list, *, saes: Any, layers: Sequence[int] | None = None,
-                  reasoning: Mapping[int, Sequence[int]], batch_size: int = 16) -> SignalResult:
+def signals_shard(replica: Replica, shard: Shard, items: list[tuple[Hashable, list[int], int]], *, saes: Any,
+                  layers: Sequence[int] | None = None, reasoning: Mapping[int, Sequence[int]],
+                  batch_size: int = 16) -> SignalResult:
     """:func:`tellnorm.signals.collect_signals` of one shard's ``(request_id, sequence, start)`` items."""
     observer = collect_signals(replica.model, replica.saes(saes, layers), reasoning, [seq for _, seq, _ in items],
                                {rid: start for rid, _, start in items}, request_ids=[rid for rid, _, _ in items],
@@ -147,7 +164,8 @@ def signals_shard(replica: Replica, shard: Shard, items: list, *, saes: Any, lay
     return SignalResult(observer.sums, set(observer.attention_seen), list(observer.layers))
 
 
-def merge_signals(results: Sequence[SignalResult], shards: Sequence[Shard], *, order: Sequence = ()) -> SignalResult:
+def merge_signals(results: Sequence[SignalResult], shards: Sequence[Shard], *,
+                  order: Sequence[Hashable] = ()) -> SignalResult:
     """``SignalSums.merge`` in shard order, then the problems in ``order`` (the bootstrap resamples by position);
     one shard's result is returned as is."""
     if len(results) == 1:
@@ -161,7 +179,8 @@ def merge_signals(results: Sequence[SignalResult], shards: Sequence[Shard], *, o
 
 
 def signal_sums(runner: Runner, saes: Any, reasoning: Mapping[int, Sequence[int]],
-                sequences: Sequence[Sequence[int]], starts: Mapping, *, request_ids: Sequence | None = None,
+                sequences: Sequence[Sequence[int]], starts: Mapping[Hashable, int], *,
+                request_ids: Sequence[Hashable] | None = None,
                 batch_size: int = 16) -> SignalResult:
     """:func:`tellnorm.signals.collect_signals` on ``runner``, sharded by problem (each problem's sums come from one
     shard), problems in ``request_ids`` order. ``saes``: the driver's SAEs (a Ray pool's workers load the pool's
@@ -175,11 +194,12 @@ def signal_sums(runner: Runner, saes: Any, reasoning: Mapping[int, Sequence[int]
 
 # --- the study ----------------------------------------------------------------------------------------------------
 
-def correlation_study(model: Any, saes: Mapping[int, Any], corpus: Any, out: Any, *, top_k: int = DEFAULT_TOP_K,
-                      layers: Sequence[int] | None = None, seed: int = 0, figures: bool = True,
-                      batch_size: int = 16, runner: Runner | None = None) -> dict:
-    """Write ``correlation.csv``, ``correlation_table.csv``, ``correlation_layers.csv`` and the figure
-    ``correlation_alignment`` into ``out``.
+def correlation_study(model: ModelAPI, saes: Mapping[int, SAE], corpus: ContrastCorpus, out: str | Path, *,
+                      top_k: int = DEFAULT_TOP_K, layers: Sequence[int] | None = None, seed: int = 0,
+                      figures: bool = True, batch_size: int = 16, runner: Runner | None = None) -> dict[str, Any]:
+    """The correlation study (PAPER.md §4): write ``correlation.csv``, ``correlation_table.csv``,
+    ``correlation_layers.csv`` and the figure ``correlation_alignment`` into ``out``; returns the tables, R per
+    layer, the signal sums and the feature contrast.
 
     ``runner``: where the feature sums and the signal sums run (None: here, on ``model``; a Ray pool shards them by
     sequence and by problem, with the same sums and the problems in the same order)."""
@@ -219,8 +239,9 @@ def _minmax(values):
     return (v - np.nanmin(v)) / span if span and span > 0 else np.zeros_like(v)
 
 
-def alignment_figure(values, table, top_k: int):
-    """Per layer, min-max normalised: norm and reasoning activation (left), the competing signals (right)."""
+def alignment_figure(values: pd.DataFrame, table: pd.DataFrame, top_k: int) -> go.Figure:
+    """Per layer, min-max normalised: norm and reasoning activation (left), the competing signals (right), each
+    labelled with its ρ×100 (``values``: :func:`layer_values`'s rows; ``table``: :func:`correlation_table`'s)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 

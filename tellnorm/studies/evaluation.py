@@ -21,9 +21,10 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +37,15 @@ from tellnorm.techniques.confidence import ConfidenceConfig
 from tellnorm.techniques.lrs import LRSConfig
 from tellnorm.thresholds import ThresholdConfig
 
+if TYPE_CHECKING:
+    import pandas as pd
+    import plotly.graph_objects as go
+
+    from tellnorm.backends.base import ModelAPI
+    from tellnorm.generation import Generation
+    from tellnorm.interventions.edits import Edit
+    from tellnorm.thresholds import FixedThresholds
+
 EXTRACTORS = ("organism", "last-number", "boxed")
 LRS_VARIANTS = tuple(LRSConfig(statistic=s, per_token=p, layers=layers)
                      for layers in ("late", "middle") for s in ("D", "A", "B", "C") for p in (False, True))
@@ -45,6 +55,10 @@ SHARD_SAFE_THRESHOLD_MODES = ("calibrated", "fixed")  # τ frozen before decodin
 
 @dataclass
 class EvaluateConfig:
+    """Every option of ``tellnorm evaluate``: the task, the techniques and controls (PAPER §6), N and the sampling
+    seed, the threshold mode and k (PAPER §5), the sensitivity sweeps; validated on construction (one
+    TellnormError line per bad option)."""
+
     task: str = "organism"  # "organism" or a JSONL file of {"prompt", "answer"[, "group", "id"]}
     per_difficulty: int = 20  # TELLNORM: organism test problems per difficulty (200 in all)
     difficulties: tuple[int, ...] = tuple(range(organism_task.MIN_DIFFICULTY, organism_task.MAX_DIFFICULTY + 1))
@@ -69,7 +83,7 @@ class EvaluateConfig:
     batch_size: int = 100
     seed: int = 0  # bootstrap seed
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for d in self.difficulties:
             organism_task.check_difficulty(d)
         for name in ("per_difficulty", "calibration_per_difficulty", "n_samples", "max_new_tokens", "batch_size"):
@@ -100,6 +114,7 @@ class EvaluateConfig:
 
     @property
     def max_samples(self) -> int:
+        """The largest N of the sample-size sweep: how many responses per item get sampled."""
         return max(self.sample_sizes)
 
 
@@ -107,6 +122,8 @@ class EvaluateConfig:
 
 @dataclass
 class EvalItem:
+    """One problem: its id, chat-prompt token ids, gold answer and group (a row of the accuracy table)."""
+
     id: str
     prompt_ids: list[int]
     answer: str
@@ -115,14 +132,18 @@ class EvalItem:
 
 @dataclass
 class EvalTask:
+    """The problems to evaluate, how to read an answer off a generation, and the prompts τ is calibrated on."""
+
     name: str
     items: list[EvalItem]
-    extract: Callable  # (model, Generation) -> answer string or None
+    extract: Callable[[ModelAPI, Generation], str | None]  # (model, Generation) -> answer string or None
     calibration_prompts: list[list[int]]
     group_title: str = "difficulty"
 
 
 def check_extractor(spec: str) -> None:
+    """Raise one TellnormError line unless ``spec`` names an answer extractor (organism, last-number, boxed) or is
+    ``regex:PATTERN`` with exactly one capture group."""
     if spec in EXTRACTORS:
         return
     if spec.startswith("regex:"):
@@ -167,7 +188,9 @@ def answers_match(predicted: str | None, gold: str) -> bool:
         return predicted.strip() == gold.strip()
 
 
-def organism_eval_task(model, cfg: EvaluateConfig) -> EvalTask:
+def organism_eval_task(model: ModelAPI, cfg: EvaluateConfig) -> EvalTask:
+    """The organism's test problems of ``cfg.difficulties`` (thinking-mode prompts, grouped by difficulty), its
+    answer parser, and validation problems as calibration prompts."""
     from tellnorm.organism.evaluate import problem_prompts
 
     problems = [p for p in organism_task.test_split(cfg.per_difficulty).problems if p.difficulty in cfg.difficulties]
@@ -184,7 +207,9 @@ def organism_eval_task(model, cfg: EvaluateConfig) -> EvalTask:
     return EvalTask("organism test set (thinking mode)", items, extract, calibration)
 
 
-def read_jsonl(path: str | Path, *, need_answers: bool = True) -> list[dict]:
+def read_jsonl(path: str | Path, *, need_answers: bool = True) -> list[dict[str, Any]]:
+    """The rows of a JSONL task file (blank lines skipped); each needs a non-empty "prompt" string and, when
+    ``need_answers``, an "answer". Bad lines raise a TellnormError naming the line."""
     rows = []
     path = Path(path)
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -206,7 +231,10 @@ def read_jsonl(path: str | Path, *, need_answers: bool = True) -> list[dict]:
     return rows
 
 
-def jsonl_eval_task(model, cfg: EvaluateConfig) -> EvalTask:
+def jsonl_eval_task(model: ModelAPI, cfg: EvaluateConfig) -> EvalTask:
+    """A task from the JSONL file ``cfg.task``: chat prompts (thinking switch ``cfg.thinking``), gold answers, groups
+    and ids (unique), the text extractor ``cfg.extractor``; calibration prompts from ``cfg.calibration`` or the
+    task's own prompts."""
     rows = read_jsonl(cfg.task)
     extract_text = text_extractor(cfg.extractor)
 
@@ -230,7 +258,8 @@ def jsonl_eval_task(model, cfg: EvaluateConfig) -> EvalTask:
     return EvalTask(Path(cfg.task).name, items, extract, calibration, group_title="group")
 
 
-def load_task(model, cfg: EvaluateConfig) -> EvalTask:
+def load_task(model: ModelAPI, cfg: EvaluateConfig) -> EvalTask:
+    """The organism's test set when ``cfg.task`` is "organism", else the JSONL task it names."""
     return organism_eval_task(model, cfg) if cfg.task == "organism" else jsonl_eval_task(model, cfg)
 
 
@@ -243,33 +272,37 @@ class Run:
     name: str
     n_samples: int
     greedy: bool
-    responses: object  # DataFrame: item, sample, request_id, answer, correct, n_generated, firing counters
+    responses: pd.DataFrame  # item, sample, request_id, answer, correct, n_generated, firing counters
     wall_s: float
-    norms: object | None = None  # generated-token norms (request_id, layer, position, norm) when traced
-    token_stats: dict = field(default_factory=dict)  # request_id -> {stat: array}
+    norms: pd.DataFrame | None = None  # generated-token norms (request_id, layer, position, norm) when traced
+    token_stats: dict[str, dict] = field(default_factory=dict)  # request_id -> {stat: array}
 
 
 @dataclass
 class Setup:
-    model: object
+    """What every decoding of one evaluation shares: the model, options, task, τ (PAPER §5), calibration norms, the
+    late and middle layers, and where decoding runs."""
+
+    model: ModelAPI | None  # None in the portable copy decode() sends to shards (each puts its replica's model)
     cfg: EvaluateConfig
     task: EvalTask
-    thresholds: object  # FixedThresholds: the file's, or calibrated (then also LRS's τ in the adaptive modes)
-    calibration: dict  # layer -> calibration norms (for recalibrating with another k); empty in mode "fixed"
+    thresholds: FixedThresholds | None  # the file's, or calibrated (then also LRS's τ in the adaptive modes)
+    calibration: dict[int, np.ndarray]  # layer -> norms [tokens] (recalibrating with another k); empty if "fixed"
     late: list[int]
     middle: list[int]
     runner: Runner | None = None  # where decode() runs (e.g. a Ray pool); None: in this process, on ``model``
 
 
-def middle_layers(model, late: list[int]) -> list[int]:
-    """As many layers as ``late``, centred in the stack (the paper's "middle layers" ablation)."""
+def middle_layers(model: ModelAPI, late: list[int]) -> list[int]:
+    """As many layers as ``late``, centred in the stack (the paper's "middle layers" ablation, PAPER §6 LRS)."""
     n = len(late)
     start = max((model.n_layers - n) // 2, 0)
     return list(range(start, start + n))
 
 
-def setup(model, cfg: EvaluateConfig, *, progress: bool = True) -> Setup:
-    """Validate every option against the model, then calibrate τ (before any evaluation generation)."""
+def setup(model: ModelAPI, cfg: EvaluateConfig, *, progress: bool = True) -> Setup:
+    """Validate every option against the model, then calibrate τ = Q3 + k·IQR per layer (PAPER §5) on the task's
+    calibration prompts (before any evaluation generation), or read it from ``cfg.thresholds_file``."""
     from tellnorm.techniques import calibrated_thresholds, calibration_norms, check_thresholds
     from tellnorm.thresholds import FixedThresholds
 
@@ -302,7 +335,7 @@ def check_evaluation_shardable(cfg: EvaluateConfig) -> None:
 
 
 def decode(st: Setup, name: str, *, techniques: tuple[str, ...] = (), n_samples: int = 1,
-           edits: Callable | None = None, trace: bool = False, thresholds: Any = None,
+           edits: Callable | None = None, trace: bool = False, thresholds: FixedThresholds | None = None,
            alrr: ALRRConfig | None = None, erss: ERSSConfig | None = None, progress: bool = True,
            item_indices: Sequence[int] | None = None) -> Run:
     """Decode every item ``n_samples`` times (greedy when 1, else the paper's sampling) with the techniques'
@@ -342,7 +375,7 @@ def merge_runs(results: Sequence[Run], shards: Sequence[Shard]) -> Run:
         return results[0]
     first = results[0]
     responses = concat_frames([r.responses for r in results], sort_by=("item", "sample"))
-    for column in responses.columns[responses.dtypes == object]:  # e.g. a shard whose answers were all None
+    for column in responses.columns[responses.dtypes.eq(object)]:  # e.g. a shard whose answers were all None
         responses[column] = responses[column].infer_objects()
     norms = None
     if first.norms is not None:
@@ -356,7 +389,7 @@ def merge_runs(results: Sequence[Run], shards: Sequence[Shard]) -> Run:
 
 
 def _decode_items(st: Setup, name: str, chosen: list[int], *, techniques: tuple[str, ...] = (), n_samples: int = 1,
-                  edits: Callable | None = None, trace: bool = False, thresholds=None,
+                  edits: Callable | None = None, trace: bool = False, thresholds: FixedThresholds | None = None,
                   alrr: ALRRConfig | None = None, erss: ERSSConfig | None = None, progress: bool = True) -> Run:
     """The items ``chosen`` decoded on ``st.model`` (what :func:`decode` runs on every shard)."""
     import pandas as pd
@@ -399,12 +432,14 @@ def _decode_items(st: Setup, name: str, chosen: list[int], *, techniques: tuple[
     return Run(name, n_samples, n_samples == 1, responses, wall, norms, stats)
 
 
-def extra_passes(responses) -> np.ndarray:
+def extra_passes(responses: pd.DataFrame) -> np.ndarray:
+    """ALRR's extra block passes per response, shape [len(responses)] (column ``alrr_extra_passes``; zeros when the
+    run had no ALRR, PAPER §6)."""
     column = "alrr_extra_passes"
     return responses[column].to_numpy() if column in responses else np.zeros(len(responses), dtype=int)
 
 
-def control_edits(st: Setup, alrr_run: Run, kind: str):
+def control_edits(st: Setup, alrr_run: Run, kind: str) -> Callable[[Sequence[str]], list[Edit]]:
     """Recursion at random tokens with ALRR's extra passes per response: ``kind`` = random-tokens (ALRR's layers),
     fixed-layer (the middle of the stack) or random-layer (every layer equally likely). The keep rule is ALRR's."""
     from tellnorm.interventions.selection import RandomFraction
@@ -450,7 +485,9 @@ def _compute(st: Setup, run: Run, r, n_used: int):
     return agg
 
 
-def single_pass_method(st: Setup, run: Run, method: str, family: str):
+def single_pass_method(st: Setup, run: Run, method: str, family: str) -> pd.DataFrame:
+    """Per item (one row each): the correctness of a single-pass run's one response and its compute, labelled with
+    ``method``, ``family`` and the item's group."""
     r = _per_item(st, run)
     out = _compute(st, run, r, 1)
     out["correct"] = r.groupby("item").correct.first().astype(float)
@@ -464,8 +501,10 @@ def _label(st: Setup, per_item, method: str, family: str, n_samples: int, seeds:
 
 
 def sampled_methods(st: Setup, run: Run, n: int, *, prefix: str = "", family: str = "selection",
-                    selectors: tuple[str, ...] | None = None, lrs_variants=LRS_VARIANTS):
-    """Every selector at N = ``n`` over the first n samples of each item (the same responses for all)."""
+                    selectors: tuple[str, ...] | None = None,
+                    lrs_variants: Sequence[LRSConfig] = LRS_VARIANTS) -> pd.DataFrame:
+    """Every selector at N = ``n`` over the first n samples of each item (the same responses for all): one per-item
+    frame of the mean sample, pass@n, the confidence selectors and the LRS variants (PAPER §6 LRS)."""
     import pandas as pd
 
     from tellnorm.techniques import confidence as C
@@ -506,7 +545,7 @@ def sampled_methods(st: Setup, run: Run, n: int, *, prefix: str = "", family: st
         for variant in lrs_variants:
             score = L.scores(table, variant, st.late if variant.layers == "late" else st.middle)
             correct, chosen_tokens = [], []
-            for i, g in groups.items():
+            for _i, g in groups.items():
                 index = L.pick(score.reindex(g.request_id).fillna(-np.inf).to_numpy())
                 correct.append(float(g.correct.iloc[index]))
                 chosen_tokens.append(int(g.n_generated.iloc[index]))
@@ -525,7 +564,7 @@ SUMMARY_COLUMNS = ["method", "family", "n_samples", "seeds", "difficulty", "n", 
                    "block_passes", "wall_s", "selected_tokens", "pool_tokens"]
 
 
-def summarise(per_item, reference: str = "greedy", seed: int = 0):
+def summarise(per_item: pd.DataFrame, reference: str = "greedy", seed: int = 0) -> pd.DataFrame:
     """Accuracy with bootstrap CIs per method and group (and "all"), the paired difference to ``reference`` in
     absolute points, and mean compute per problem."""
     import pandas as pd
@@ -553,7 +592,7 @@ def summarise(per_item, reference: str = "greedy", seed: int = 0):
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
-def firing_summary(runs: list[Run]):
+def firing_summary(runs: list[Run]) -> pd.DataFrame:
     """Per run: responses, and for each counter its mean per response and the share of responses where it fired."""
     import pandas as pd
 
@@ -577,8 +616,10 @@ SENSITIVITY_LOW_K = (40, 20, 10, 5)  # TELLNORM: ERSS's streak length (40 never 
 SENSITIVITY_SELECTORS = ("majority", "deepconf-lowest-filter10", "self-certainty", "random")
 
 
-def sensitivity(st: Setup, greedy_items, sampled: Run | None, *, progress: bool = True):
-    """The paper's ablations (ISSUE 10 §3), one per-item frame with a ``sweep`` and ``setting`` column."""
+def sensitivity(st: Setup, greedy_items: pd.DataFrame, sampled: Run | None, *,
+                progress: bool = True) -> pd.DataFrame:
+    """The paper's ablations (ISSUE 10 §3; k and a global τ: PAPER §5, ALRR loops and ERSS streak: PAPER §6), one
+    per-item frame with a ``sweep`` and ``setting`` column."""
     import pandas as pd
 
     from tellnorm.techniques import calibrated_thresholds
@@ -622,7 +663,7 @@ def sensitivity(st: Setup, greedy_items, sampled: Run | None, *, progress: bool 
     return frame
 
 
-def sensitivity_table(frame, seed: int = 0):
+def sensitivity_table(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     """Overall accuracy of every sweep setting with its paired difference to greedy and what fired."""
     import pandas as pd
 
@@ -646,7 +687,7 @@ FAMILY_COLORS = {"base": "#555555", "technique": "#c0392b", "control": "#e67e22"
                  "selection": "#2471a3", "lrs": "#8e44ad", "technique+selection": "#16a085", "upper bound": "#bbbbbb"}
 
 
-def main_methods(summary, n: int) -> list[str]:
+def main_methods(summary: pd.DataFrame, n: int) -> list[str]:
     """The methods of the headline figure: every single-pass method, DeepConf's recommended filtered votes, the
     paper's LRS rule and its per-token variant, the combinations; the other LRS ablations have their own figure."""
     keep = []
@@ -660,7 +701,7 @@ def main_methods(summary, n: int) -> list[str]:
     return keep
 
 
-def accuracy_figure(summary, title: str, methods: list[str] | None = None):
+def accuracy_figure(summary: pd.DataFrame, title: str, methods: list[str] | None = None) -> go.Figure:
     """Overall accuracy per method with its 95% CI, greedy as a reference line, compute in the hover."""
     import plotly.graph_objects as go
 
@@ -690,7 +731,8 @@ def accuracy_figure(summary, title: str, methods: list[str] | None = None):
     return fig
 
 
-def difficulty_figure(summary, methods: list[str], title: str, group_title: str):
+def difficulty_figure(summary: pd.DataFrame, methods: list[str], title: str, group_title: str) -> go.Figure:
+    """Accuracy per group (difficulty, or a JSONL's group) of each of ``methods``, with 95% CIs."""
     import plotly.graph_objects as go
 
     from tellnorm.figures import style
@@ -711,7 +753,9 @@ def difficulty_figure(summary, methods: list[str], title: str, group_title: str)
     return fig
 
 
-def sensitivity_figure(table):
+def sensitivity_figure(table: pd.DataFrame) -> go.Figure:
+    """One panel per sweep of :func:`sensitivity_table` (k and τ: PAPER §5; ALRR loops, ERSS streak: PAPER §6; N):
+    accuracy per setting with 95% CIs, greedy dotted."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -741,20 +785,28 @@ def sensitivity_figure(table):
 
 # --------------------------------------------------------------------------------------------------- markdown
 
-def _pct(x) -> str:
+def _pct(x: float | None) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
-def markdown_table(summary) -> str:
+SUMMARY_MARKDOWN_COLUMNS = ["method", "N", "n", "accuracy % [95% CI]", "Δ vs greedy, points [paired CI]",
+                            "generated tokens", "extra block passes", "block passes"]
+
+
+def summary_markdown(summary: pd.DataFrame) -> str:
+    """The overall ("all") rows of :func:`summarise` as a GitHub markdown table: accuracy in % with its CI, the
+    paired Δ to greedy in points, and compute per problem (cells formatted here, rendered by
+    :func:`tellnorm.io.markdown_table`)."""
+    import pandas as pd
+
+    from tellnorm.io import markdown_table
+
     s = summary[summary.difficulty == "all"]
-    lines = ["| method | N | n | accuracy % [95% CI] | Δ vs greedy, points [paired CI] | generated tokens | "
-             "extra block passes | block passes |", "|---|---|---|---|---|---|---|---|"]
-    for _, r in s.iterrows():
-        lines.append(f"| {r.method} | {r.n_samples} | {r.n} | {_pct(r.accuracy)} [{_pct(r.ci_low)}, "
-                     f"{_pct(r.ci_high)}] | {100 * r.delta_vs_greedy:+.1f} [{100 * r.delta_ci_low:+.1f}, "
-                     f"{100 * r.delta_ci_high:+.1f}] | {r.generated_tokens:.0f} | {r.extra_block_passes:.1f} | "
-                     f"{r.block_passes:.0f} |")
-    return "\n".join(lines)
+    rows = [[f"{r.method}", f"{r.n_samples}", f"{r.n}", f"{_pct(r.accuracy)} [{_pct(r.ci_low)}, {_pct(r.ci_high)}]",
+             f"{100 * r.delta_vs_greedy:+.1f} [{100 * r.delta_ci_low:+.1f}, {100 * r.delta_ci_high:+.1f}]",
+             f"{r.generated_tokens:.0f}", f"{r.extra_block_passes:.1f}", f"{r.block_passes:.0f}"]
+            for _, r in s.iterrows()]
+    return markdown_table(pd.DataFrame(rows, columns=SUMMARY_MARKDOWN_COLUMNS, dtype=object))
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -763,8 +815,8 @@ KEY_METHODS = ("greedy", "alrr", "erss", "sample", "majority@{n}", "lrs-D@late@{
                "deepconf-lowest-filter10@{n}", "pass@{n}")
 
 
-def run_evaluate(model: Any, cfg: EvaluateConfig, out: Path, *, progress: bool = True,
-                 runner: Runner | None = None) -> dict:
+def run_evaluate(model: ModelAPI, cfg: EvaluateConfig, out: Path, *, progress: bool = True,
+                 runner: Runner | None = None) -> dict[str, Any]:
     """Everything ``tellnorm evaluate`` does; writes tables, figures and ``evaluation.md`` to ``out``.
 
     ``runner``: where every decoding runs (None: here; a Ray pool shards the items over its workers, and ``cfg`` is
@@ -853,7 +905,10 @@ def run_evaluate(model: Any, cfg: EvaluateConfig, out: Path, *, progress: bool =
             "thresholds": None if st.thresholds is None else dict(st.thresholds.values)}
 
 
-def evaluation_markdown(st: Setup, summary, firing, sens) -> str:
+def evaluation_markdown(st: Setup, summary: pd.DataFrame, firing: pd.DataFrame,
+                        sens: pd.DataFrame | None) -> str:
+    """``evaluation.md``: the setup in a paragraph (sampling as in PAPER §7, τ as in PAPER §5), the overall accuracy
+    table, what fired per run, and the sensitivity table when ``sens`` is given."""
     from tellnorm.io import markdown_table as frame_markdown
 
     cfg = st.cfg
@@ -864,7 +919,7 @@ def evaluation_markdown(st: Setup, summary, firing, sens) -> str:
              f"{st.middle}. Bootstrap 95% CIs over problems; Δ in absolute points, paired. Compute per problem: "
              "generated tokens and block passes (layers × (prompt + generated tokens) per sample, plus every extra "
              "pass); wall time is in evaluation_wall_time.csv (machine-dependent).", "",
-             markdown_table(summary), "", "## What fired (mean per response; share of responses where it fired)", "",
+             summary_markdown(summary), "", "## What fired (mean per response; share of responses where it fired)", "",
              frame_markdown(firing)]
     if sens is not None:
         cols = ["sweep", "setting", "method", "n", "accuracy", "ci_low", "ci_high", "delta_vs_greedy"]

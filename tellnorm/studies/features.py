@@ -4,18 +4,28 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tellnorm.errors import TellnormError
 from tellnorm.studies.corpus import MODES, ContrastCorpus, contrast_corpus, matched_positions
 from tellnorm.studies.runners import Replica, Runner, Shard, as_runner, merge_accumulators
 
+if TYPE_CHECKING:
+    import pandas as pd
+    import plotly.graph_objects as go
+    from sae_lens import SAE
+
+    from tellnorm.backends.base import ModelAPI
+    from tellnorm.features import FeatureSums
+    from tellnorm.saes.training import SAETrainConfig
+
 # --- feature sums on a runner -------------------------------------------------------------------------------------
 
-def feature_sums_shard(replica: Replica, shard: Shard, items: list, *, saes: Any, layers: Sequence[int] | None = None,
-                       fold_decoder_norm: bool = False, batch_size: int = 16) -> Any:
+def feature_sums_shard(replica: Replica, shard: Shard, items: list[tuple[Hashable, list[int], dict | None]], *,
+                       saes: Any, layers: Sequence[int] | None = None, fold_decoder_norm: bool = False,
+                       batch_size: int = 16) -> FeatureSums:
     """:func:`tellnorm.features.collect_feature_sums` of one shard's ``(request_id, sequence, bucket masks)`` items
     (``saes``: loaded SAEs or a spec, see :meth:`~tellnorm.studies.runners.Replica.saes`)."""
     from tellnorm.features import collect_feature_sums
@@ -26,8 +36,9 @@ def feature_sums_shard(replica: Replica, shard: Shard, items: list, *, saes: Any
                                 batch_size=batch_size)
 
 
-def feature_sums(runner: Runner, saes: Any, sequences: Sequence[Sequence[int]], bucket_masks: Mapping, *,
-                 request_ids: Sequence | None = None, fold_decoder_norm: bool = False, batch_size: int = 16) -> Any:
+def feature_sums(runner: Runner, saes: Any, sequences: Sequence[Sequence[int]],
+                 bucket_masks: Mapping[Hashable, dict], *, request_ids: Sequence[Hashable] | None = None,
+                 fold_decoder_norm: bool = False, batch_size: int = 16) -> FeatureSums:
     """:func:`tellnorm.features.collect_feature_sums` on ``runner``, sharded by sequence and merged with
     ``FeatureSums.merge`` (every count as in one call; float64 sums up to the order of additions).
 
@@ -40,7 +51,7 @@ def feature_sums(runner: Runner, saes: Any, sequences: Sequence[Sequence[int]], 
                       fold_decoder_norm=fold_decoder_norm, batch_size=batch_size)
 
 
-def feature_collector(runner: Runner) -> Callable:
+def feature_collector(runner: Runner) -> Callable[..., FeatureSums]:
     """:func:`feature_sums` on ``runner`` in :func:`tellnorm.features.collect_feature_sums`'s call form (for the
     core functions that take ``collect=``, e.g. :func:`tellnorm.features.reasoning_features`)."""
 
@@ -53,9 +64,10 @@ def feature_collector(runner: Runner) -> Callable:
 
 # --- the study ----------------------------------------------------------------------------------------------------
 
-def feature_study(model: Any, saes: dict, corpus: ContrastCorpus, out: Path, *, top_k: int = 20,
-                  groups: Sequence[str] | None = None, seed: int = 0, runner: Runner | None = None) -> dict:
-    """The paper's contrast and ReasonScore for every layer, the trend figure, and the two controls.
+def feature_study(model: ModelAPI, saes: dict[int, SAE], corpus: ContrastCorpus, out: Path, *, top_k: int = 20,
+                  groups: Sequence[str] | None = None, seed: int = 0, runner: Runner | None = None) -> dict[str, Any]:
+    """The paper's contrast and ReasonScore for every layer (PAPER.md §2), the top-K trend, and the two controls
+    (token injection, label overlap); writes their CSV tables into ``out`` and returns them by name.
 
     ``runner``: where the contrast and injection sums run (None: here, on ``model``; a Ray pool shards them by
     sequence, its workers loading the pool's SAE spec)."""
@@ -96,17 +108,19 @@ def feature_study(model: Any, saes: dict, corpus: ContrastCorpus, out: Path, *, 
         result["matched_trend"] = matched_feature_trend(sums, contrast_tab, layers, top_k, corpus.modes, seed=seed)
         write_csv(result["matched_trend"], out / "feature_trend_matched.csv")
     if model.token_labeler is not None:  # step labels (the organism's) to compare features with
-        top_contrast = {layer: contrast_tab[(contrast_tab.layer == layer) & (contrast_tab["rank"] <= 5)].feature.tolist()
-                        for layer in late}
+        top_contrast = {
+            layer: contrast_tab[(contrast_tab.layer == layer) & (contrast_tab["rank"] <= 5)].feature.tolist()
+            for layer in late}
         overlap = F.label_overlap(model, saes, corpus.sequences, corpus.labels, top_contrast)
         write_csv(overlap, out / "features_label_overlap.csv")
         result["overlap"] = overlap
     return result
 
 
-def matched_feature_trend(sums, contrast_tab, layers, top_k: int, modes, *, seed: int = 0):
-    """The reasoning-feature trend on token-matched positions only, two ways: features re-ranked by the contrast
-    on matched tokens (``thinking``, ``non-thinking``, with bootstrap 95% CIs over problems and of their
+def matched_feature_trend(sums: FeatureSums, contrast_tab: pd.DataFrame, layers: Sequence[int], top_k: int,
+                          modes: Sequence[str], *, seed: int = 0) -> pd.DataFrame:
+    """The reasoning-feature trend (PAPER.md §2) on token-matched positions only, two ways: features re-ranked by
+    the contrast on matched tokens (``thinking``, ``non-thinking``, with bootstrap 95% CIs over problems and of their
     difference; the top-K set is chosen once on all problems and held fixed), and the all-token top-K features
     evaluated on matched tokens (``all_token_features_*``); ``top_k_jaccard`` is the overlap of the two sets.
     ``modes[i]`` is request i's mode; the j-th thinking and the j-th non-thinking request are one problem."""
@@ -147,10 +161,11 @@ def matched_feature_trend(sums, contrast_tab, layers, top_k: int, modes, *, seed
     return trend
 
 
-def token_injection_control(model: Any, saes: Mapping, corpus: ContrastCorpus, vocab: Mapping, features: dict, *,
-                            seed: int = 0,
-                            every: int = 4, runner: Runner | None = None) -> Any:
+def token_injection_control(model: ModelAPI, saes: Mapping[int, SAE], corpus: ContrastCorpus,
+                            vocab: Mapping[str, Sequence[tuple[int, ...]]], features: Mapping[int, Sequence[int]], *,
+                            seed: int = 0, every: int = 4, runner: Runner | None = None) -> pd.DataFrame:
     """Do top ReasonScore features fire on reasoning words pasted into non-reasoning text (the user prompts)?
+    The token-injection control of PAPER.md §8 for the ReasonScore features of §2.
 
     Per feature: mean activation (decoder-norm folded) on windows around *injected* words, on windows around the
     same words in genuine thinking traces, and on all other prompt tokens. injected ≈ genuine means the feature
@@ -176,7 +191,7 @@ def token_injection_control(model: Any, saes: Mapping, corpus: ContrastCorpus, v
         masks[("injected", j)] = {"injected": window, "other": [p > 0 and not w for p, w in enumerate(window)]}
     genuine = F.reason_score_masks([corpus.sequences[i] for i in thinking], vocab, ignore_ids=ignore,
                                    start=[corpus.n_prompt[i] for i in thinking])
-    for j, i in enumerate(thinking):
+    for j, _i in enumerate(thinking):
         masks[("genuine", j)] = {"genuine": genuine[j]["P"]}
     seqs = injected_seqs + [corpus.sequences[i] for i in thinking]
     ids = [("injected", j) for j in range(len(thinking))] + [("genuine", j) for j in range(len(thinking))]
@@ -193,9 +208,12 @@ def token_injection_control(model: Any, saes: Mapping, corpus: ContrastCorpus, v
     return pd.DataFrame(rows)
 
 
-def trend_figure(norm_profile, feature_trend, k: int, matched_trend=None):
-    """The paper's two trends side by side: hidden-state norm and mean top-K reasoning-feature activation (with
-    ``matched_trend``, also the trend of features ranked on token-matched positions, dashed)."""
+def trend_figure(norm_profile: pd.DataFrame, feature_trend: pd.DataFrame, k: int,
+                 matched_trend: pd.DataFrame | None = None) -> go.Figure:
+    """The paper's two trends side by side (PAPER.md §2): hidden-state norm and mean top-K reasoning-feature
+    activation (with ``matched_trend``, also the trend of features ranked on token-matched positions, dashed).
+    ``norm_profile``: :func:`tellnorm.norms.layer_profile`'s rows by mode; ``feature_trend``:
+    :func:`tellnorm.features.top_k_scores`'s; ``matched_trend``: :func:`matched_feature_trend`'s."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -241,7 +259,7 @@ def parse_feature_list(text: str) -> dict[int, list[int]]:
 CORPUS_SEED_OFFSET = 50_000  # corpus problems come from their own stream, disjoint from test and validation
 
 
-def organism_corpus_prompts(model, n_problems: int, seed: int) -> list[tuple[str, list[int]]]:
+def organism_corpus_prompts(model: ModelAPI, n_problems: int, seed: int) -> list[tuple[str, list[int]]]:
     """(mode, prompt ids) for fresh training-distribution problems in both modes."""
     from tellnorm.organism import task
 
@@ -255,9 +273,12 @@ def organism_corpus_prompts(model, n_problems: int, seed: int) -> list[tuple[str
     return out
 
 
-def sae_suite_study(model, cfg=None, out_dir=None, *, quality_corpus: ContrastCorpus | None = None,
-                    progress: bool = True):
-    """Train the per-layer SAE suite on the model's own responses and measure it on held-out responses."""
+def sae_suite_study(model: ModelAPI, cfg: SAETrainConfig | None = None, out_dir: str | Path | None = None, *,
+                    quality_corpus: ContrastCorpus | None = None,
+                    progress: bool = True) -> tuple[dict[int, SAE], pd.DataFrame]:
+    """Train the per-layer SAE suite (PAPER.md §2) on the model's own responses and measure it on held-out
+    responses; returns ``(saes, quality)`` and writes ``quality.csv`` beside the SAEs in ``out_dir`` (default: the
+    organism's SAE folder)."""
     from tellnorm.organism.paths import DEFAULT_SAE_DIR
     from tellnorm.saes.quality import sae_quality
     from tellnorm.saes.training import SAETrainConfig, build_corpus, train_saes
@@ -275,8 +296,9 @@ def sae_suite_study(model, cfg=None, out_dir=None, *, quality_corpus: ContrastCo
     return saes, quality
 
 
-def feature_scores(result) -> dict:
-    """{(layer, feature): {"reason_score": ..., "differential": ...}} for dashboard cards."""
+def feature_scores(result: Mapping[str, Any]) -> dict[tuple[int, int], dict[str, float]]:
+    """{(layer, feature): {"reason_score": ..., "differential": ...}} for dashboard cards, from
+    :func:`feature_study`'s result."""
     scores = {}
     for row in result["reason"].itertuples():
         scores.setdefault((row.layer, row.feature), {})["reason_score"] = row.reason_score

@@ -13,15 +13,23 @@ it (``next_label == "step"``: the ``=`` whose hidden state must hold the compute
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from tellnorm.thresholds import ThresholdConfig, exact_threshold
 
+if TYPE_CHECKING:
+    import pandas as pd
+    import plotly.graph_objects as go
+    from numpy.typing import ArrayLike
+
 TARGETS = {"step token": "label", "predicts a step": "next_label"}
 
 
-def auroc(scores, positives) -> float:
-    """Mann–Whitney AUROC (ties count ½); NaN when one class is empty."""
+def auroc(scores: ArrayLike, positives: ArrayLike) -> float:
+    """Mann–Whitney AUROC (ties count ½) of ``scores`` ``[n]`` against the boolean labels ``positives`` ``[n]``;
+    NaN when one class is empty."""
     from scipy.stats import rankdata
 
     scores, positives = np.asarray(scores, dtype=np.float64), np.asarray(positives, dtype=bool)
@@ -32,15 +40,17 @@ def auroc(scores, positives) -> float:
     return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def peak_mask(frame, cfg: ThresholdConfig | None = None):
-    """Boolean Series: norm above its response's Q3 + k·IQR at that layer."""
+def peak_mask(frame: pd.DataFrame, cfg: ThresholdConfig | None = None) -> pd.Series:
+    """Boolean Series aligned with ``frame`` (columns request_id, layer, norm): the norm is above its response's
+    ``τ_l = Q3 + k·IQR`` at that layer (PAPER.md §5, exact whole-response quantiles)."""
     cfg = cfg or ThresholdConfig()
     tau = frame.groupby(["request_id", "layer"])["norm"].transform(lambda v: float(exact_threshold(v.to_numpy(), cfg)))
     return frame["norm"] > tau
 
 
-def position_residual(frame):
-    """Norm minus a per-layer linear fit on position and a per-response intercept (removes drift with length)."""
+def position_residual(frame: pd.DataFrame) -> np.ndarray:
+    """Norm minus a per-layer linear fit on position and a per-response intercept (removes drift with length);
+    ``[len(frame)]`` float64, in ``frame``'s row order (columns layer, request_id, norm, position)."""
     out = np.empty(len(frame))
     for _, idx in frame.groupby("layer").indices.items():
         g = frame.iloc[idx]
@@ -51,8 +61,11 @@ def position_residual(frame):
     return out
 
 
-def peak_table(frame, *, mode: str = "thinking", cfg: ThresholdConfig | None = None):
-    """One row per (target, layer): n, base rate, precision/recall of peaks, AUROC and the two controls."""
+def peak_table(frame: pd.DataFrame, *, mode: str = "thinking", cfg: ThresholdConfig | None = None) -> pd.DataFrame:
+    """One row per (target, layer): n, base rate, precision/recall of peaks, AUROC and the two controls.
+
+    ``frame``: the per-token norm table of a traced run with the organism's labels (columns mode, is_generated,
+    is_position_zero, label, next_label, request_id, layer, position, token, norm); peaks as in PAPER.md §5."""
     import pandas as pd
 
     f = frame[(frame["mode"] == mode) & frame["is_generated"] & ~frame["is_position_zero"]].copy()
@@ -80,7 +93,9 @@ def peak_table(frame, *, mode: str = "thinking", cfg: ThresholdConfig | None = N
     return pd.DataFrame(rows)
 
 
-def peak_figure(table):
+def peak_figure(table: pd.DataFrame) -> go.Figure:
+    """AUROC per layer of the norm and its two controls (position fit removed, same input token) beside position
+    alone, one panel per target, from :func:`peak_table`'s rows."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -102,8 +117,10 @@ def peak_figure(table):
                  x_title="layer", y_title="AUROC", width=960)
 
 
-def peak_composition(frame, *, mode: str = "thinking", cfg: ThresholdConfig | None = None, top_tokens: int = 4):
-    """Where the peaks are instead: per layer, the number of peaks, their share by label, and the top tokens."""
+def peak_composition(frame: pd.DataFrame, *, mode: str = "thinking", cfg: ThresholdConfig | None = None,
+                     top_tokens: int = 4) -> pd.DataFrame:
+    """Where the peaks are instead: per layer, the number of peaks, their share by label, and the top tokens
+    (``frame`` as in :func:`peak_table`)."""
     import pandas as pd
 
     f = frame[(frame["mode"] == mode) & frame["is_generated"] & ~frame["is_position_zero"]].copy()

@@ -7,18 +7,29 @@ figure and a layer × token heatmap of one response.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tellnorm.errors import TellnormError
 from tellnorm.studies.corpus import MODES, load_prompts, organism_prompt_rows, trace_both_modes
 from tellnorm.studies.runners import Runner
 
+if TYPE_CHECKING:
+    import pandas as pd
+    import plotly.graph_objects as go
+
+    from tellnorm.backends.base import ModelAPI
+    from tellnorm.norms import NormTrace
+
 
 @dataclass
 class ProfileConfig:
+    """Every option of ``tellnorm profile``: the model (a name, path or loaded model), the prompts (a JSONL file,
+    or None for ``n_per_difficulty`` organism test problems per level), the output folder, the hook point traced,
+    the generation budget and batch size."""
+
     model: object = "organism"
     prompts: str | None = None  # JSONL with a "prompt" field; default: the organism's test set
     n_per_difficulty: int = 20
@@ -28,7 +39,11 @@ class ProfileConfig:
     batch_size: int = 40
 
 
-def norm_trend_figure(profile, *, title: str = "Hidden-state L2 norm by layer (generated tokens)"):
+def norm_trend_figure(profile: pd.DataFrame, *,
+                      title: str = "Hidden-state L2 norm by layer (generated tokens)") -> go.Figure:
+    """The paper's "hidden-state L2 norm trend" (PAPER.md §1, §4): mean ‖h‖₂ per layer, one line per mode with its
+    95% CI band, from :func:`tellnorm.norms.layer_profile`'s rows (columns mode, layer, mean_norm, ci_low, ci_high,
+    n_requests)."""
     import plotly.graph_objects as go
 
     from tellnorm.figures import MODE_COLORS, style
@@ -42,8 +57,9 @@ def norm_trend_figure(profile, *, title: str = "Hidden-state L2 norm by layer (g
                                  hoverinfo="skip", showlegend=False))
         fig.add_trace(go.Scatter(x=g.layer, y=g.mean_norm, mode="lines+markers", name=mode, line={"color": color},
                                  customdata=g[["n_requests", "ci_low", "ci_high"]].to_numpy(),
-                                 hovertemplate="layer %{x}<br>mean ‖h‖ %{y:.3f}<br>95%% CI [%{customdata[1]:.3f}, "
-                                               "%{customdata[2]:.3f}]<br>n = %{customdata[0]} responses<extra></extra>"))
+                                 hovertemplate="layer %{x}<br>mean ‖h‖ %{y:.3f}<br>95%% CI "
+                                               "[%{customdata[1]:.3f}, %{customdata[2]:.3f}]"
+                                               "<br>n = %{customdata[0]} responses<extra></extra>"))
     return style(fig, title=title, x_title="layer (resid_post)", y_title="mean ‖h‖₂ (95% CI over responses)")
 
 
@@ -53,8 +69,10 @@ TOKEN_SET_TITLES = {"all tokens": "all generated tokens", "answer_word": "the `a
                     "answer_value": "the answer value X"}
 
 
-def matched_comparison(frame, *, token_sets=MATCHED_TOKEN_SETS, seed: int = 0):
-    """Thinking vs non-thinking norms per layer, paired by problem, on all tokens and on matched positions.
+def matched_comparison(frame: pd.DataFrame, *, token_sets: Sequence[str] = MATCHED_TOKEN_SETS,
+                       seed: int = 0) -> pd.DataFrame:
+    """Thinking vs non-thinking norms per layer, paired by problem, on all tokens and on matched positions
+    (PAPER.md §4's token-by-token, layer-by-layer comparison).
 
     ``frame``: statistics rows of a both-modes trace (columns mode, prompt_index, layer, norm, matched_role).
     For "all tokens" a response contributes its mean norm; for a matched role (e.g. ``answer_value``) the norm
@@ -85,8 +103,9 @@ def matched_comparison(frame, *, token_sets=MATCHED_TOKEN_SETS, seed: int = 0):
     return pd.DataFrame(rows)
 
 
-def matched_norm_figure(table):
-    """Norm by layer per mode, one panel per token set: all tokens beside positions both modes have."""
+def matched_norm_figure(table: pd.DataFrame) -> go.Figure:
+    """Norm by layer per mode, one panel per token set: all tokens beside positions both modes have
+    (``table``: :func:`matched_comparison`'s rows)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -112,8 +131,10 @@ def matched_norm_figure(table):
                  width=1100, height=430)
 
 
-def heatmap_figure(frame, request_id, *, title: str | None = None, max_tokens: int = 160):
-    """Layer × token heatmap of one response, each layer's norms divided by that layer's median (peaks stand out)."""
+def heatmap_figure(frame: pd.DataFrame, request_id: Hashable, *, title: str | None = None,
+                   max_tokens: int = 160) -> go.Figure:
+    """Layer × token heatmap of one response, each layer's norms divided by that layer's median (peaks stand out);
+    ``frame``: a trace's per-token table, the first ``max_tokens`` generated positions of ``request_id`` shown."""
     import numpy as np
     import plotly.graph_objects as go
 
@@ -135,8 +156,9 @@ def heatmap_figure(frame, request_id, *, title: str | None = None, max_tokens: i
                  y_title="layer", height=460, width=max(720, 9 * len(labels)))
 
 
-def profile_study(model: Any, rows: list[dict], out: Path, *, point: str = "resid_post", max_new_tokens: int = 240,
-                  batch_size: int = 40, trace: Any = None, runner: Runner | None = None) -> tuple:
+def profile_study(model: ModelAPI | None, rows: list[dict], out: Path, *, point: str = "resid_post",
+                  max_new_tokens: int = 240, batch_size: int = 40, trace: NormTrace | None = None,
+                  runner: Runner | None = None) -> tuple[NormTrace, pd.DataFrame, pd.DataFrame | None]:
     """Trace ``rows`` in both modes and write the per-token table, the profile and the figures to ``out``
     (``trace``: an already merged trace of ``rows``; then no generation). ``runner``: where the tracing runs (None:
     here, on ``model``; a Ray pool shards it by prompt). Nothing is written before the trace is complete, so a
@@ -165,8 +187,9 @@ def profile_study(model: Any, rows: list[dict], out: Path, *, point: str = "resi
     return trace, profile, matched
 
 
-def run_profile(cfg: ProfileConfig, *, runner: Runner | None = None) -> tuple:
-    """``tellnorm profile``: the prompts (a file or the organism's test set) profiled into ``cfg.out``.
+def run_profile(cfg: ProfileConfig, *, runner: Runner | None = None) -> tuple[NormTrace, pd.DataFrame]:
+    """``tellnorm profile``: the prompts (a file or the organism's test set) profiled into ``cfg.out``; returns
+    ``(trace, profile)``.
     ``runner``: None loads ``cfg.model`` here; a Ray pool (e.g. ``ShardPool(cfg.model, ray_address=...)``) shards
     the tracing over its workers, which load the model themselves."""
     from tellnorm.backends import load_model
@@ -183,7 +206,7 @@ def run_profile(cfg: ProfileConfig, *, runner: Runner | None = None) -> tuple:
     return trace, profile
 
 
-def example_request(frame):
+def example_request(frame: pd.DataFrame) -> Hashable:
     """A thinking response to one of the hardest prompts: the most interesting one to look at."""
     thinking = frame[frame["mode"] == "thinking"]
     if "difficulty" in thinking and thinking["difficulty"].notna().any():

@@ -42,9 +42,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tellnorm.errors import TellnormError
 from tellnorm.features import DEFAULT_TOP_K
@@ -54,6 +55,24 @@ from tellnorm.organism.evaluate import EvalConfig
 from tellnorm.studies.runners import Replica, Runner, Shard, as_runner, merge_dicts
 from tellnorm.thresholds import MODES, ThresholdConfig
 
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    import pandas as pd
+    import plotly.graph_objects as go
+    import torch
+    from sae_lens import SAE
+
+    from tellnorm.backends.base import ModelAPI
+    from tellnorm.generation import Generation
+    from tellnorm.interventions.edits import Edit, EditRecord
+    from tellnorm.organism.task import Problem
+    from tellnorm.studies.corpus import ContrastCorpus
+    from tellnorm.thresholds import FixedThresholds
+
+    # what a generation shard sends back: ({request_id: Generation}, {condition: [(edit name, record), ...]})
+    _ShardOutcome = tuple[dict[str, Generation], dict[str, list[tuple[str, EditRecord]]]]
+
 THRESHOLD_MODES = ("calibrated",) + MODES
 EXTRA_COLUMNS = ("direction_norm", "n_features", "mass")  # per-condition numbers, averaged over pooled seeds
 MASS_TOLERANCE = 0.02  # random feature sets match the top-K's activation mass to within 2%
@@ -61,6 +80,11 @@ MASS_TOLERANCE = 0.02  # random feature sets match the top-K's activation mass t
 
 @dataclass
 class InterventionConfig:
+    """Every option of ``tellnorm intervene``: the test problems, the suppression factors, amplification, clamp and
+    random-control seeds (PAPER.md §4), the threshold mode and k (PAPER.md §5), the steering scales and feature
+    ablation, the generation budget and batch size, the bootstrap seed; validated on construction (one
+    TellnormError line per bad option). Each field's comment says where its default comes from."""
+
     per_difficulty: int = 10  # TELLNORM: test problems per difficulty (keeps the default run to a few minutes)
     difficulties: tuple[int, ...] = tuple(range(task.MIN_DIFFICULTY, task.MAX_DIFFICULTY + 1))
     calibration_per_difficulty: int = 10  # TELLNORM: validation problems per difficulty for τ, direction, features
@@ -83,7 +107,7 @@ class InterventionConfig:
     batch_size: int = 50  # TELLNORM: generation batch (requests of all conditions share batches)
     seed: int = 0  # bootstrap seed
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         from tellnorm.interventions.edits import check_factor
 
         for d in self.difficulties:
@@ -117,8 +141,9 @@ class InterventionConfig:
             raise TellnormError("threshold mode 'fixed' needs --thresholds FILE, and --thresholds needs mode 'fixed'")
 
 
-def layer_sets(model) -> dict[str, list[int]]:
-    """The paper code's late layers and early/middle controls with as many layers (early starts after layer 0)."""
+def layer_sets(model: ModelAPI) -> dict[str, list[int]]:
+    """The paper code's late layers (PAPER.md §1) and early/middle controls with as many layers (early starts after
+    layer 0)."""
     late = model.late_layers()
     n = len(late)
     early = list(range(1, 1 + n)) if n + 1 <= late[0] else list(range(n))
@@ -139,11 +164,12 @@ class Condition:
     factor: float | None = None  # scale factor, clamp fraction of τ, or steering scale
     seed: int | None = None
     features: str = ""  # "top-K", "random-matched"
-    build: Callable | None = None  # (condition, request_ids, fractions) -> list[Edit]
+    build: Callable[[Condition, list[str], dict[str, float]], list[Edit]] | None = None  # -> the condition's edits
     matches: str | None = None  # random controls: the high-norm condition whose edited fraction they match
     extra: dict = field(default_factory=dict)  # more label columns (steering: vector norm; features: count, mass)
 
     def request_id(self, problem: int) -> str:
+        """The request id of test problem number ``problem`` under this condition (``NAME#problem``)."""
         return f"{self.name}#{problem}"
 
 
@@ -151,14 +177,15 @@ class Condition:
 class Context:
     """What the conditions need, computed once from the validation contrast corpus."""
 
-    model: object
+    model: ModelAPI | None  # None in the portable copy sent to shards (each puts its replica's model)
     cfg: InterventionConfig
-    sets: dict
-    thresholds: object | None = None  # FixedThresholds (calibrated or file), None for adaptive modes
-    direction: dict = field(default_factory=dict)  # late layer -> thinking − non-thinking mean difference
-    saes: dict = field(default_factory=dict)
-    feature_sets: dict = field(default_factory=dict)  # name -> {layer: [features]}
-    feature_mass: dict = field(default_factory=dict)  # name -> summed folded mean activation (thinking)
+    sets: dict[str, list[int]]  # layer set name ("early", "middle", "late") -> layers
+    thresholds: FixedThresholds | None = None  # calibrated or from a file; None for adaptive modes
+    # late layer -> thinking − non-thinking mean difference, float32 [d_model]
+    direction: dict[int, torch.Tensor] = field(default_factory=dict)
+    saes: Mapping[int, SAE] = field(default_factory=dict)
+    feature_sets: dict[str, dict[int, list[int]]] = field(default_factory=dict)  # name -> {layer: [features]}
+    feature_mass: dict[str, float] = field(default_factory=dict)  # name -> summed folded mean activation (thinking)
 
 
 # ------------------------------------------------------------------------------------------------ calibration
@@ -170,11 +197,12 @@ class _Identity:
         return x
 
 
-def calibrate(model: Any, cfg: InterventionConfig, sets: dict, *, progress: bool = True, corpus: Any = None,
-              runner: Runner | None = None) -> Context:
-    """Thresholds, steering direction and reasoning features from clean responses to validation problems
-    (``corpus``: the validation contrast corpus when already generated; else generated on ``runner``, None: here).
-    The calibration pass itself runs here: its quantiles and means pool the whole corpus."""
+def calibrate_suppression(model: ModelAPI, cfg: InterventionConfig, sets: dict[str, list[int]], *,
+                          progress: bool = True, corpus: ContrastCorpus | None = None,
+                          runner: Runner | None = None) -> Context:
+    """Thresholds (PAPER.md §5), steering direction and reasoning features (PAPER.md §2) from clean responses to
+    validation problems (``corpus``: the validation contrast corpus when already generated; else generated on
+    ``runner``, None: here). The calibration pass itself runs here: its quantiles and means pool the whole corpus."""
     import numpy as np
 
     from tellnorm import features as F
@@ -224,7 +252,8 @@ def calibrate(model: Any, cfg: InterventionConfig, sets: dict, *, progress: bool
     return ctx
 
 
-def matched_feature_sets(table, k: int, seeds) -> tuple[dict, dict]:
+def matched_feature_sets(table: pd.DataFrame, k: int,
+                         seeds: Sequence[int]) -> tuple[dict[str, dict[int, list[int]]], dict[str, float]]:
     """Top-K features by Δ per layer, and per seed a random set of other features with the same activation mass:
     non-top features in a seeded random order, each kept when it brings the set's mass closer to the top-K's
     (mass = summed mean decoder-norm-folded activation on thinking tokens), until within 2%. Returns
@@ -339,12 +368,14 @@ def build_conditions(ctx: Context) -> list[Condition]:
 class Outcome:
     """Per request of one run: the generation and the edits that acted on it."""
 
-    generations: dict = field(default_factory=dict)  # request_id -> Generation
-    edits: dict = field(default_factory=dict)  # condition name -> list[Edit]
+    generations: dict[str, Generation] = field(default_factory=dict)  # request_id -> Generation
+    # condition name -> its edits (RecordedEdit when merged from shards)
+    edits: dict[str, list[Edit | RecordedEdit]] = field(default_factory=dict)
 
 
-def run_conditions(model, conds: list[Condition], problems, prompts, cfg: InterventionConfig, fractions: dict,
-                   *, progress: bool, desc: str, indices=None) -> Outcome:
+def run_conditions(model: ModelAPI, conds: list[Condition], problems: Sequence[Problem],
+                   prompts: Sequence[list[int]], cfg: InterventionConfig, fractions: dict[str, dict[str, float]],
+                   *, progress: bool, desc: str, indices: Sequence[int] | None = None) -> Outcome:
     """Generate every problem under every condition in shared batches (``indices``: the problems' numbers in the
     request ids, default 0, 1, ...; a shard of the problems keeps their original numbers)."""
     from tellnorm.generation import SamplingConfig, generate
@@ -365,8 +396,9 @@ def run_conditions(model, conds: list[Condition], problems, prompts, cfg: Interv
     return outcome
 
 
-def answer_logprobs(model, conds: list[Condition], problems, prompts, cfg: InterventionConfig, fractions: dict,
-                    *, indices=None):
+def answer_logprobs(model: ModelAPI, conds: list[Condition], problems: Sequence[Problem],
+                    prompts: Sequence[list[int]], cfg: InterventionConfig, fractions: dict[str, dict[str, float]],
+                    *, indices: Sequence[int] | None = None) -> dict[str, tuple[float, float]]:
     """Teacher-forced on prompt + gold response under each condition's edits: {request_id: (log p(gold answer |
     … "answer :"), mean log p of the response tokens)} (``indices`` as in :func:`run_conditions`)."""
     import torch
@@ -412,7 +444,7 @@ class RecordedEdit:
     """An edit as the study's tables read it after a run: its name and its decision record."""
 
     name: str
-    record: Any
+    record: EditRecord
 
 
 def _shard_context(replica: Replica, ctx: Context, saes) -> Context:
@@ -440,9 +472,10 @@ def _shard_conditions(ctx: Context, names: Sequence[str]) -> list[Condition]:
     return [by_name[n] for n in names]
 
 
-def intervention_shard(replica: Replica, shard: Shard, items: list, *, ctx: Context, saes: Any,
-                       names: Sequence[str], cfg: InterventionConfig, fractions: dict, what: str = "generate",
-                       progress: bool = False, desc: str = "") -> tuple | dict:
+def intervention_shard(replica: Replica, shard: Shard, items: list[tuple[Problem, list[int]]], *, ctx: Context,
+                       saes: Any, names: Sequence[str], cfg: InterventionConfig,
+                       fractions: dict[str, dict[str, float]], what: str = "generate", progress: bool = False,
+                       desc: str = "") -> _ShardOutcome | dict[str, tuple[float, float]]:
     """One shard of the problems (``(problem, prompt ids)`` items, request ids numbered by their original index)
     under the conditions ``names``, rebuilt from the calibration ``ctx`` on the replica's model:
     ``generate``: ``(generations, {condition: [(edit name, record), ...]})``; ``logprobs``: the answer log-probs."""
@@ -456,7 +489,7 @@ def intervention_shard(replica: Replica, shard: Shard, items: list, *, ctx: Cont
     return outcome.generations, {name: [(e.name, e.record) for e in edits] for name, edits in outcome.edits.items()}
 
 
-def merge_outcomes(results: Sequence, shards: Sequence[Shard]) -> Outcome:
+def merge_outcomes(results: Sequence[_ShardOutcome], shards: Sequence[Shard]) -> Outcome:
     """Shard outcomes as one: every generation, and per condition its edits' records merged (requests disjoint)."""
     from tellnorm.interventions.edits import EditRecord
 
@@ -501,8 +534,10 @@ def _edited_counts(edits) -> dict:
     return counts
 
 
-def per_request_table(model, conds, problems, outcomes: list[Outcome], logps: dict):
-    """One row per (condition, problem): correct, answer log-prob, response length, edited token-layers."""
+def per_request_table(model: ModelAPI, conds: Sequence[Condition], problems: Sequence[Problem],
+                      outcomes: list[Outcome], logps: dict[str, tuple[float, float]]) -> pd.DataFrame:
+    """One row per (condition, problem): correct, answer log-prob, response length, edited token-layers
+    (``logps``: :func:`answer_logprobs`'s result)."""
     import pandas as pd
 
     gens = {rid: g for o in outcomes for rid, g in o.generations.items()}
@@ -524,7 +559,7 @@ def per_request_table(model, conds, problems, outcomes: list[Outcome], logps: di
     return pd.DataFrame(rows)
 
 
-def matched_fractions(cond: Condition, per_request, problems) -> dict:
+def matched_fractions(cond: Condition, per_request: pd.DataFrame, problems: Sequence[Problem]) -> dict[str, float]:
     """{request_id of the random control: the high-norm rule's edited fraction at that problem's difficulty}."""
     hn = per_request[per_request.condition == cond.matches]
     by_difficulty = hn.groupby("difficulty")[["n_edited", "n_token_layers"]].sum()
@@ -561,8 +596,10 @@ def _summary_row(group, clean, seed: int) -> dict:
             "no_answer": per_problem.no_answer.mean(), "mean_generated": per_problem.n_generated.mean()}
 
 
-def summarise(conds: list[Condition], per_request, cfg: InterventionConfig, families: tuple[str, ...]):
-    """Rows per condition (random seeds also pooled) × difficulty (and "all")."""
+def summarise(conds: list[Condition], per_request: pd.DataFrame, cfg: InterventionConfig,
+              families: tuple[str, ...]) -> pd.DataFrame:
+    """Rows per condition of ``families`` (random seeds also pooled) × difficulty (and "all"): accuracy with its
+    bootstrap CI, the paired difference to the clean run, Δ log p and the edited fraction (module docstring)."""
     import pandas as pd
 
     clean = per_request[per_request.condition == "clean"]
@@ -597,9 +634,10 @@ def summarise(conds: list[Condition], per_request, cfg: InterventionConfig, fami
     return table
 
 
-def hits_tables(model, conds: list[Condition], outcomes: list[Outcome]):
+def hits_tables(model: ModelAPI, conds: list[Condition],
+                outcomes: list[Outcome]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """What the high-norm rule hits: share by ground-truth label, and the most edited tokens, per condition
-    (clean = the probes of the clean run, factor 1)."""
+    (clean = the probes of the clean run, factor 1); returns ``(by_label, top_tokens)``."""
     import pandas as pd
 
     from tellnorm.interventions.edits import edited_tokens
@@ -636,9 +674,10 @@ def hits_tables(model, conds: list[Condition], outcomes: list[Outcome]):
 
 # ----------------------------------------------------------------------------------------------------- figures
 
-def suppression_figure(table, sets: dict, control_factor: float):
-    """Left: late layers, accuracy vs factor, high-norm vs random (seeds pooled), 95% CIs, clean as a band.
-    Right: the paper's factor at the early, middle and late layer sets, and the τ/4 clamp at the late layers."""
+def suppression_figure(table: pd.DataFrame, sets: dict[str, list[int]], control_factor: float) -> go.Figure:
+    """The suppression test (PAPER.md §4) from :func:`summarise`'s table. Left: late layers, accuracy vs factor,
+    high-norm vs random (seeds pooled), 95% CIs, clean as a band. Right: the paper's factor at the early, middle
+    and late layer sets, and the τ/4 clamp at the late layers."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -653,7 +692,8 @@ def suppression_figure(table, sets: dict, control_factor: float):
                                         f"Layer sets at c = {control_factor:g}, and clamping"))
 
     def errors(g):
-        return {"type": "data", "symmetric": False, "array": g.ci_high - g.accuracy, "arrayminus": g.accuracy - g.ci_low}
+        return {"type": "data", "symmetric": False, "array": g.ci_high - g.accuracy,
+                "arrayminus": g.accuracy - g.ci_low}
 
     order = {"early": 0, "middle": 1, "late": 2}
     panel = t[((t.edit == "scale") & (t.factor == control_factor)) | (t.edit == "clamp")]
@@ -688,8 +728,9 @@ def suppression_figure(table, sets: dict, control_factor: float):
     return fig.update_layout(margin={"b": 95})  # room for three-line category labels
 
 
-def extras_figure(steering, features):
-    """Steering accuracy vs scale; ablating the top-K reasoning features vs random features of matched mass."""
+def extras_figure(steering: pd.DataFrame | None, features: pd.DataFrame | None) -> go.Figure:
+    """Steering accuracy vs scale; ablating the top-K reasoning features vs random features of matched mass
+    (:func:`summarise`'s tables of the two families; None or empty: that panel stays empty)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -726,8 +767,8 @@ def extras_figure(steering, features):
 
 # ------------------------------------------------------------------------------------------------------- main
 
-def run_intervene(model: Any, cfg: InterventionConfig, out: Path, *, progress: bool = True,
-                  runner: Runner | None = None) -> dict:
+def run_intervene(model: ModelAPI, cfg: InterventionConfig, out: Path, *, progress: bool = True,
+                  runner: Runner | None = None) -> dict[str, Any]:
     """The whole study: calibration, both generation phases, log-probs, tables and figures in ``out``.
 
     ``runner``: where the per-problem work runs (None: here, on ``model``; a Ray pool shards the validation corpus,
@@ -748,7 +789,7 @@ def run_intervene(model: Any, cfg: InterventionConfig, out: Path, *, progress: b
     runner = as_runner(runner, model)
     if not runner.in_process:
         check_intervention_shardable(cfg)  # before any work
-    ctx = calibrate(model, cfg, sets, progress=progress, runner=runner)
+    ctx = calibrate_suppression(model, cfg, sets, progress=progress, runner=runner)
     conds = build_conditions(ctx)
     problems = [p for p in task.test_split(cfg.per_difficulty).problems if p.difficulty in cfg.difficulties]
     prompts = problem_prompts(model, problems, "thinking")
@@ -795,7 +836,7 @@ def _zero_logps(conds, problems) -> dict:
     return {c.request_id(i): (float("nan"), float("nan")) for c in conds for i in range(len(problems))}
 
 
-def format_suppression(table) -> str:
+def format_suppression(table: pd.DataFrame) -> str:
     """The all-difficulty rows (random seeds pooled) as a compact text table for the terminal."""
     t = table[(table.difficulty.astype(str) == "all") & table.seed.isin(["", "pooled"])]
     lines = [f"{'layers':<12}{'selection':<11}{'edit':<7}{'c':>6}{'n':>5}{'acc':>7}  {'95% CI':<16}"

@@ -154,7 +154,7 @@ def bench_backends(cfg: BackendBenchConfig) -> dict:
     """Run the benchmark, write ``bench_backends.json`` / ``.csv`` into ``cfg.out``, print the table."""
     from tqdm.auto import tqdm
 
-    from tellnorm.apps.bench.techniques import Setup, bench_prompts, calibrate
+    from tellnorm.apps.bench.techniques import Setup, bench_prompts, bench_thresholds
     from tellnorm.generation import SamplingConfig
 
     out = Path(cfg.out)
@@ -171,12 +171,12 @@ def bench_backends(cfg: BackendBenchConfig) -> dict:
             raise TellnormError(f"the longest prompt + --max-new-tokens {cfg.max_new_tokens} exceeds the context of "
                                 f"{vllm_model.max_positions}: lower --max-new-tokens")
         layers = vllm_model.late_layers()
-        thresholds, _ = calibrate(vllm_model, prompts, layers, cfg.max_new_tokens, len(prompts))
+        thresholds, _ = bench_thresholds(vllm_model, prompts, layers, cfg.max_new_tokens, len(prompts))
         setup = Setup(prompts, SamplingConfig(max_new_tokens=cfg.max_new_tokens, ignore_eos=True), len(prompts),
                       layers, thresholds)
         agreement = compare_backends(hf_model, vllm_model, prompts, setup.sampling)
         reference = {}
-        for w in range(cfg.warmup):
+        for _ in range(cfg.warmup):
             for v in VARIANTS:
                 result = _run(v, models, setup)
                 reference.setdefault(v, result)

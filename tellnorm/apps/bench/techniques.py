@@ -5,17 +5,18 @@ it reports* (those passes are the technique, not overhead). Everything measured 
 
 Model and prompts. ``organism``: the trained organism (``data/organism``); with ``n_layers`` a random-init model of
 the organism's shape with that many layers (the trained weights have 8). ``qwen3-0.6b``: a random-init fp32 model of
-Qwen3-0.6B's shape (:func:`tellnorm.apps.bench.norms.build_model`; weights do not matter for speed), optionally with fewer
-layers. Prompts: the organism's thinking-mode prompts of held-out test problems
+Qwen3-0.6B's shape (:func:`tellnorm.apps.bench.norms.build_model`; weights do not matter for speed), optionally
+with fewer layers. Prompts: the organism's thinking-mode prompts of held-out test problems
 (:func:`tellnorm.organism.task.test_split`, :func:`tellnorm.organism.evaluate.problem_prompts`), taken round-robin
 over the difficulties, so there is one of every difficulty among the first ten; their token ids are valid for both
 shapes (both use the organism's tokenizer). ``prompt_len`` replaces them by random non-special token ids of that
 length. Greedy decoding, CPU, fp32, one batch of all prompts unless ``batch_size`` says otherwise.
 
 Fixed token counts. With ``stop_at_eos=False`` (the default) the bench samples with
-``SamplingConfig(ignore_eos=True)`` (vLLM's ``ignore_eos``): every request then generates exactly ``max_new_tokens`` tokens in every variant (checked; ``prompt + max_new_tokens``
-must fit the context), so all variants do the same base work. On the trained organism, tokens after its natural
-EOS are the model continuing past its answer: realistic for speed, off-distribution for norms. With
+``SamplingConfig(ignore_eos=True)`` (vLLM's ``ignore_eos``): every request then generates exactly
+``max_new_tokens`` tokens in every variant (checked; ``prompt + max_new_tokens`` must fit the context), so all
+variants do the same base work. On the trained organism, tokens after its natural EOS are the model continuing past
+its answer: realistic for speed, off-distribution for norms. With
 ``stop_at_eos=True`` requests stop at EOS and lengths may differ between variants (ALRR and ERSS change the tokens).
 Times are always also reported per generated token (wall time / tokens generated), and every ratio is a ratio of
 medians of the per-token time (equal to the ratio of per-run times when the counts are fixed).
@@ -188,7 +189,7 @@ class Setup:
     thresholds: object  # FixedThresholds
 
 
-def calibrate(model: Any, setup_prompts: list[list[int]], layers: list[int], max_new_tokens: int,
+def bench_thresholds(model: Any, setup_prompts: list[list[int]], layers: list[int], max_new_tokens: int,
               batch_size: int) -> tuple[Any, dict]:
     """``(FixedThresholds, per-layer details)``: τ_l = Q3 + 1.5·IQR of the generated tokens' norms of a clean greedy
     traced run; where that puts no token in ALRR's band (τ, 1.5·τ), the 90th percentile instead (see the module
@@ -205,7 +206,7 @@ def calibrate(model: Any, setup_prompts: list[list[int]], layers: list[int], max
     for layer in layers:
         x = np.asarray(norms[layer], dtype=np.float64)
 
-        def band(tau):
+        def band(tau: float, x: np.ndarray = x) -> int:
             return int(((x > tau) & (x < BLOWUP_RATIO * tau)).sum())
 
         tau, source = calibrated[layer], "Q3 + 1.5·IQR"
@@ -297,7 +298,7 @@ def bench_techniques(cfg: TechniqueBenchConfig) -> dict:
 
     with torch.no_grad():
         t0 = time.perf_counter()
-        thresholds, threshold_details = calibrate(model, prompts, layers, cfg.max_new_tokens, batch_size)
+        thresholds, threshold_details = bench_thresholds(model, prompts, layers, cfg.max_new_tokens, batch_size)
         calibrate_s = time.perf_counter() - t0
         setup = Setup(prompts, sampling, batch_size, layers, thresholds)
 
@@ -362,9 +363,9 @@ def bench_techniques(cfg: TechniqueBenchConfig) -> dict:
                           "layer, same prompts",
             "cpu_time": "time.process_time per call (all threads of the process): the same ratios without the "
                         "time spent waiting for a CPU other processes hold",
-            "alrr_beyond_passes": "measured: time ALRR spent inside extra_block_pass in the same call (median over rounds) "
-                                  "subtracted; estimate: reported extra block passes × plain time per token / "
-                                  "n_layers subtracted",
+            "alrr_beyond_passes": "measured: time ALRR spent inside extra_block_pass in the same call (median "
+                                  "over rounds) subtracted; estimate: reported extra block passes × plain time per "
+                                  "token / n_layers subtracted",
         },
         "checks": checks,
         "variants": variants,

@@ -99,7 +99,7 @@ CSS = """
 .tn-hidden { display:none !important; }
 @media (max-width:900px) { .tn-dash { grid-template-columns:1fr; } .tn-nav { position:static; max-height:none; }
   .tn-grid { grid-template-columns:1fr; } .tn-side { border-left:none; border-top:1px solid var(--tn-border); } }
-""" % {"font": FONT}
+""" % {"font": FONT}  # noqa: UP031 (CSS braces would all need doubling in a format string)
 
 JS = """
 (function () {
@@ -250,7 +250,7 @@ def _histogram_figure(d: FeatureDashboardData, div_id: str) -> dict | None:
         "id": div_id,
         "data": [{
             "type": "bar", "x": centers, "y": h.counts, "width": [width] * len(centers), "customdata": ranges,
-            "marker": {"color": "rgba(%d,%d,%d,0.8)" % ACT_RGB, "line": {"width": 0}},
+            "marker": {"color": "rgba({},{},{},0.8)".format(*ACT_RGB), "line": {"width": 0}},
             "hovertemplate": "activation %{customdata}<br>%{y:,} tokens<extra></extra>",
         }],
         "layout": {
