@@ -8,7 +8,7 @@ also exposed as session-scoped fixtures that cache their results:
   (``shutil.copytree``) before corrupting or editing files.
 * ``tiny_loaded_model(arch="qwen3", n_layers=3) -> LoadedModel``: ``tellnorm.backends.load_model`` of that folder,
   shared for the session; tests must leave no hooks on it (``run_with_cache``/``bridge.hooks(...)`` clean up).
-* ``hf_reference(arch="qwen3", n_layers=3) -> PreTrainedModel``: an independent eager-attention HF copy of that folder,
+* ``hf_reference(arch="qwen3", n_layers=3) -> PreTrainedModel``: an independent sdpa-attention HF copy of that folder,
   to compare tellnorm's activations against; never handed to tellnorm.
 * ``tiny_hf_pair(arch="qwen3", n_layers=3, seed=0) -> (model, tokenizer)``: a fresh in-memory pair (not cached) with
   the same weights as ``tiny_model_dir`` for the same arguments.
@@ -177,7 +177,8 @@ def tiny_loaded_model(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def hf_reference(tiny_model_dir):
-    """Factory ``(arch="qwen3", n_layers=3) -> HF model``: an independent eager copy of the tiny folder (cached)."""
+    """Factory ``(arch="qwen3", n_layers=3) -> HF model``: an independent copy of the tiny folder (cached) on the
+    kernel the backend runs it with (sdpa)."""
     from transformers import AutoModelForCausalLM
 
     refs: dict[tuple, object] = {}
@@ -186,7 +187,7 @@ def hf_reference(tiny_model_dir):
         key = (arch, n_layers)
         if key not in refs:
             refs[key] = AutoModelForCausalLM.from_pretrained(
-                tiny_model_dir(arch, n_layers), attn_implementation="eager", local_files_only=True
+                tiny_model_dir(arch, n_layers), attn_implementation="sdpa", local_files_only=True
             ).eval()
         return refs[key]
 

@@ -2,7 +2,8 @@
 config classes (hidden 64, 3–4 layers, vocabulary 100, 4 experts where MoE, sliding window 4 where the
 architecture has one).
 
-Each is checked against an independent HF copy (same seed, eager attention, plain torch forward hooks on its decoder
+Each is checked against an independent HF copy (same seed, the same attention kernel as the backend runs — sdpa,
+or eager where the table says so — plain torch forward hooks on its decoder
 layers — HF's ``hidden_states[-1]`` is after the final norm, so the last layer comes from its hook):
 
 * ``blocks.L.hook_resid_post`` equals HF decoder layer L's output for every L, logits equal HF's (1e-5), also in a
@@ -37,7 +38,7 @@ from conftest import (
 )
 from helpers import ExtraPassProbe, active_hook_count
 
-from tellnorm.backends import load_model
+from tellnorm.backends import fastpath, load_model
 from tellnorm.backends.base import HOOK_POINTS, REFUSED_ARCHITECTURES, SUPPORTED_ARCHITECTURES
 from tellnorm.errors import TellnormError
 from tellnorm.generation import SamplingConfig, generate
@@ -132,14 +133,14 @@ def tokenizer_for(arch: str):
 
 @pytest.fixture(scope="module")
 def tiny():
-    """``arch -> (LoadedModel, independent eager HF reference)``, built once per module."""
+    """``arch -> (LoadedModel, independent HF reference on the same attention kernel)``, built once per module."""
     made: dict = {}
 
     def make(arch: str):
         if arch not in made:
             lm = load_model((build(arch), tokenizer_for(arch)))
             ref = build(arch)
-            ref.set_attn_implementation("eager")
+            ref.set_attn_implementation(lm.info["attention"])
             made[arch] = (lm, ref)
         return made[arch]
 
@@ -231,6 +232,51 @@ def test_resid_post_and_logits_equal_hf(arch, tiny):
     for L in range(lm.n_layers):
         assert max_diff(cache[lm.hook_name(L)][real], layer_out[L][real]) <= TOL, f"{arch} padded resid_post {L}"
     assert max_diff(logits[real], out.logits[real]) <= TOL, f"{arch} padded logits"
+
+
+# ------------------------------------------------------------------------------------ 1b. the attention kernel
+
+
+class _CountKernel(torch.overrides.TorchFunctionMode):
+    """Counts calls of torch's fused attention kernel (what HF's sdpa integration runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _kernel_calls(lm, ids, **kwargs) -> tuple[int, torch.Tensor]:
+    with _CountKernel() as counter, torch.no_grad():
+        logits = lm.bridge(ids, **kwargs)
+    return counter.calls, logits
+
+
+@pytest.mark.parametrize("arch", list(TINY))
+def test_the_backend_runs_the_fastest_kernel_the_architecture_allows(arch, tiny):
+    """sdpa on every layer unless the table asks for eager; a hook on the attention pattern switches the hooked layer
+    to the bridge's eager re-implementation for that call only, says so, and changes no output."""
+    lm, ref = tiny(arch)
+    ids = torch.tensor([lm.encode(PROMPT)])
+    calls, logits = _kernel_calls(lm, ids)
+    if SUPPORTED_ARCHITECTURES[arch].attn_implementation == "eager":
+        assert lm.info["attention"] == "eager" and calls == 0
+        return
+    assert lm.info["attention"] == ref.config._attn_implementation == "sdpa"
+    assert calls == lm.n_layers, f"{arch}: {calls} fused-attention calls for {lm.n_layers} layers"
+    patterns = []
+    fastpath._WARNED.discard("hook_pattern")  # said once per process and hook kind
+    with pytest.warns(UserWarning, match="hook_pattern needs the bridge's eager attention"), lm.bridge.hooks(
+            fwd_hooks=[("blocks.0.attn.hook_pattern", lambda pattern, hook: patterns.append(pattern.detach()))]):
+        hooked_calls, hooked_logits = _kernel_calls(lm, ids)
+    assert hooked_calls == lm.n_layers - 1  # layer 0 ran eager, the others kept sdpa
+    assert len(patterns) == 1 and torch.allclose(patterns[0].sum(-1), torch.ones(()), atol=1e-5)
+    assert max_diff(hooked_logits, logits) <= TOL
+    assert _kernel_calls(lm, ids)[0] == lm.n_layers  # for that call only
 
 
 # --------------------------------------------------------------------------------------------- 2. batched generation

@@ -97,7 +97,8 @@ def test_reason_score_matches_numpy_reference(setup):
         acts = [_cached_acts(model, saes[layer], layer, s) for s in seqs]
         ref = _reference_reason_score(acts, seqs, vocab)
         ours = table[table.layer == layer].sort_values("feature").reason_score.to_numpy()
-        np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-10)
+        # batch_size=4 pads the shorter sequences; sdpa's masked kernel moves float32 activations by ~1e-7 relative
+        np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-9)
 
 
 def test_reason_score_single_group_has_unit_entropy():

@@ -1,6 +1,6 @@
 """tellnorm.backends.hf: the bridge must reproduce HF's own decoder-layer outputs, and bad input must fail in one line.
 
-Every activation is checked against an independently loaded HF copy of the same folder (eager attention,
+Every activation is checked against an independently loaded HF copy of the same folder (sdpa, the kernel tellnorm runs,
 forward hooks on ``model.model.layers[L]``), never against numbers produced by tellnorm itself.
 """
 

@@ -819,12 +819,21 @@ def test_alrr_erss_runs_are_bit_reproducible(organism):
     pd.testing.assert_frame_equal(a[3], b[3], check_exact=True)
 
 
-def test_float64_left_padding_is_refused(load):
-    """The bridge's attention softmax runs in float32, where a float64 padding mask turns NaN: refused up front."""
+def test_float64_left_padding_runs_on_sdpa_and_is_refused_under_eager_attention(load):
+    """sdpa masks padding exactly in float64: a left-padded batch equals each request alone. Eager attention takes
+    its softmax in float32, where a float64 padding mask turns NaN: refused up front there."""
     model = load("organism", "float64")
     prompts = prompts_for(model, "organism", 2)
-    assert len({len(p) for p in prompts}) == 2
-    with pytest.raises(TellnormError, match="float64 model cannot run left-padded batches"):
-        generate(model, prompts, SamplingConfig(max_new_tokens=2))
-    gens = generate(model, prompts, SamplingConfig(max_new_tokens=2), batch_size=1)  # one at a time works
+    assert len({len(p) for p in prompts}) == 2 and model.info["attention"] == "sdpa"
+    batched_norms = NormTracer(model)
+    alone_norms = NormTracer(model)
+    batch = generate(model, prompts, SamplingConfig(max_new_tokens=4), observers=[batched_norms])
+    alone = generate(model, prompts, SamplingConfig(max_new_tokens=4), observers=[alone_norms], batch_size=1)
+    assert [g.generated_ids for g in batch] == [g.generated_ids for g in alone]
+    left, right = (t.frame().sort_values(["request_id", "position", "layer"]) for t in (batched_norms, alone_norms))
+    assert left["norm"].to_numpy() == pytest.approx(right["norm"].to_numpy(), rel=1e-12, abs=0)
+    eager = load_model("organism", dtype="float64", attn_implementation="eager")
+    with pytest.raises(TellnormError, match="float64 model cannot run left-padded batches under eager attention"):
+        generate(eager, prompts, SamplingConfig(max_new_tokens=2))
+    gens = generate(eager, prompts, SamplingConfig(max_new_tokens=2), batch_size=1)  # one at a time works
     assert all(len(g.generated_ids) == 2 for g in gens)

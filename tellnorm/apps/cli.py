@@ -110,6 +110,15 @@ def _bench_backends(args: argparse.Namespace) -> None:
                                       out=args.out))
 
 
+def _bench_attention(args: argparse.Namespace) -> None:
+    from tellnorm.apps.bench.attention import AttentionBenchConfig, bench_attention
+
+    bench_attention(AttentionBenchConfig(config=args.config, n_layers=args.layers, batch=args.batch,
+                                         contexts=tuple(args.contexts), decode_steps=args.decode_steps,
+                                         repeats=args.repeats, eager_up_to=args.eager_up_to, device=args.device,
+                                         dtype=args.dtype, memory=not args.no_memory, out=args.out))
+
+
 def _sae_train(args: argparse.Namespace) -> None:
     from tellnorm.backends import load_model
     from tellnorm.saes.training import SAETrainConfig
@@ -335,7 +344,7 @@ HANDLERS = {
     "reproduce": _reproduce, "organism_train": _organism_train, "organism_eval": _organism_eval, "profile": _profile,
     "sae_train": _sae_train, "features": _features, "dashboard": _dashboard, "explore": _explore, "bounds": _bounds,
     "correlate": _correlate, "intervene": _intervene, "evaluate": _evaluate, "bench_norms": _bench_norms,
-    "bench_techniques": _bench_techniques, "bench_backends": _bench_backends,
+    "bench_techniques": _bench_techniques, "bench_backends": _bench_backends, "bench_attention": _bench_attention,
 }
 FILE_OUTPUTS = {_dashboard}  # commands whose --out names a file, not a folder
 

@@ -294,7 +294,7 @@ def add_harness(sub: Any) -> None:
 
 
 def add_bench(sub: Any, handlers: Handlers) -> None:
-    """``tellnorm bench norms | techniques | backends``."""
+    """``tellnorm bench norms | techniques | backends | attention``."""
     bench = _command(sub, "bench", "benchmarks (ratios measured side by side in one run, repeated)",
                      "Each variant runs in interleaved rounds on the same inputs; results are ratios of medians "
                      "with their spread, written as JSON and CSV.", "tellnorm bench techniques --repeats 9")
@@ -336,6 +336,23 @@ def add_bench(sub: Any, handlers: Handlers) -> None:
     p.add_argument("--dtype", default="float32", help="float32 only: the bench compares the backends' outputs")
     _out(p, "figures/bench")
     p.set_defaults(func=handlers["bench_backends"])
+    p = _command(bsub, "attention", "the HF backend vs raw HF on one attention kernel, prefill and decode by length",
+                 "A prefill and one decode step at each context length, tellnorm's HF backend against the raw HF model "
+                 "with the same weights and kernel, and the bridge as booted (eager, bridged blocks); time ratios and "
+                 "peak prefill memory.", "tellnorm bench attention --contexts 128 1024 4096 8192")
+    p.add_argument("--config", default="qwen3-0.6b", help="model shape (random init): qwen3-0.6b or organism")
+    p.add_argument("--layers", type=int, default=2, help="number of layers (the shape's width)")
+    p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096], help="context lengths in tokens")
+    p.add_argument("--batch", type=int, default=1, help="sequences per call")
+    p.add_argument("--decode-steps", type=int, default=20, help="decode steps per round (their median is timed)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+    p.add_argument("--eager-up-to", type=int, default=4096,
+                   help="longest context for the bridge variant (eager: its prefill holds heads x T^2 scores); 0: skip")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory passes")
+    _out(p, "figures/bench")
+    p.set_defaults(func=handlers["bench_attention"])
 
 
 def build_parser(handlers: Handlers) -> argparse.ArgumentParser:

@@ -21,18 +21,21 @@ DEFAULT_MODEL = "organism"  # the model organism tellnorm trains itself (tellnor
 
 
 def load_model(spec: Any = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "float32", backend: str = "hf",
-               **engine_options: Any) -> ModelAPI:
+               attn_implementation: str | None = None, **engine_options: Any) -> ModelAPI:
     """Load ``spec`` on ``backend``: a registered subject (``"organism"``), a local HF folder, a hub name in the
     local cache, or an in-memory ``(model, tokenizer)`` pair (HF only); a loaded model is returned as it is.
 
     ``backend="vllm"`` runs it in vLLM (:func:`tellnorm.backends.vllm.load_vllm_model`; ``engine_options`` go
-    there): generation, tracing, edits and techniques take the same calls on either backend."""
+    there): generation, tracing, edits and techniques take the same calls on either backend. ``attn_implementation``
+    (HF only): the attention kernel, None for HF's default (``sdpa``; see :mod:`tellnorm.backends.attention`)."""
     if isinstance(spec, ModelAPI):
         return spec
     if backend not in BACKENDS:
         raise TellnormError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     subject = subjects().get(spec) if isinstance(spec, str) else None
     if backend == "vllm":
+        if attn_implementation is not None:
+            raise TellnormError("attn_implementation applies to backend='hf' only: vLLM picks its attention backend")
         from tellnorm.backends.vllm import load_vllm_model
 
         return load_vllm_model(spec, dtype=dtype, subject=subject, **engine_options)
@@ -40,4 +43,4 @@ def load_model(spec: Any = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "
         raise TellnormError(f"engine options {sorted(engine_options)} apply to backend='vllm' only")
     from tellnorm.backends.hf import load_hf_model
 
-    return load_hf_model(spec, device=device, dtype=dtype, subject=subject)
+    return load_hf_model(spec, device=device, dtype=dtype, subject=subject, attn_implementation=attn_implementation)

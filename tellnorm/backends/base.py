@@ -38,7 +38,8 @@ class Family:
     """How tellnorm treats one HF architecture (a row of :data:`SUPPORTED_ARCHITECTURES`).
 
     ``bos``: True/False, or None to follow the tokenizer (BOS when its own encoding adds one).
-    ``attn_implementation``: forced on the HF model before the bridge wraps it (None: keep the model's).
+    ``attn_implementation``: the attention kernel forced for numerics (None: the model's own, ``sdpa`` by default;
+    see :mod:`tellnorm.backends.fastpath`).
     ``alrr``: None when ALRR's extra block pass works, else why it cannot run (one clause)."""
 
     family: str
@@ -67,7 +68,7 @@ SUPPORTED_ARCHITECTURES: dict[str, Family] = {
                                 "softcapping (eager attention: sdpa drops the softcap)", attn_implementation="eager"),
     "Gemma3ForCausalLM": Family("gemma3", True, "Gemma 3 text-only (1B, or a text_config); local/global RoPE"),
     "GptOssForCausalLM": Family("gpt_oss", False, "gpt-oss; attention sinks, sliding layers, MoE; the harmony "
-                                "format has no BOS", attn_implementation="eager"),
+                                "format has no BOS (eager attention: sdpa has no sinks)", attn_implementation="eager"),
     "Phi3ForCausalLM": Family("phi3", None, "Phi-3, Phi-3.5, Phi-4 (BOS as the tokenizer does it)"),
     "Olmo2ForCausalLM": Family("olmo2", None, "OLMo 2 (norms after each sublayer)"),
     "Olmo3ForCausalLM": Family("olmo3", None, "OLMo 3 (sliding layers with their own RoPE)"),

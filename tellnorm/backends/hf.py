@@ -37,6 +37,7 @@ from tellnorm.backends.base import (
     subject_of_folder,
     wants_bos,
 )
+from tellnorm.backends.fastpath import use_model_kernel, use_raw_layers
 from tellnorm.errors import TellnormError
 from tellnorm.generation import (
     TOKEN_STATS,
@@ -128,35 +129,41 @@ class LoadedModel(ModelAPI):
         return logits if return_logits else None
 
 
-def load_hf_model(spec: Any, *, device: str = "cpu", dtype: str = "float32",
-                  subject: Subject | None = None) -> LoadedModel:
+def load_hf_model(spec: Any, *, device: str = "cpu", dtype: str = "float32", subject: Subject | None = None,
+                  attn_implementation: str | None = None) -> LoadedModel:
     """``spec`` (a folder, a cached hub name or a ``(model, tokenizer)`` pair) under the bridge; ``subject``: the
-    registered subject it names (then its folder is loaded)."""
+    registered subject it names (then its folder is loaded).
+
+    ``attn_implementation``: HF's attention kernel (``"sdpa"``, ``"flash_attention_2"``, ``"eager"``, ...); None keeps
+    the one HF picks when loading (``sdpa`` where torch has it). Architectures that need eager attention get it
+    whatever is asked (:data:`~tellnorm.backends.base.SUPPORTED_ARCHITECTURES`)."""
     import torch
 
     torch_dtype = getattr(torch, dtype)
     if isinstance(spec, tuple) and len(spec) == 2:
         model, tokenizer = spec
         return _wrap(model, tokenizer, name=getattr(model.config, "_name_or_path", "") or "in-memory model",
-                     source="memory", device=device)
+                     source="memory", device=device, attn_implementation=attn_implementation)
     if not isinstance(spec, (str, Path)):
         raise TellnormError(f"cannot load a model from {type(spec).__name__}: pass 'organism', a folder, "
                             "a hub name or a (model, tokenizer) pair")
     spec = str(spec)
     if subject is not None:
         return _load_folder(subject.model_dir, name=subject.name, source=subject.name, device=device,
-                            dtype=torch_dtype, rebuild=subject.rebuild)
+                            dtype=torch_dtype, rebuild=subject.rebuild, attn_implementation=attn_implementation)
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
             raise TellnormError(f"{spec} is a file: pass the folder that holds config.json and the weights")
-        return _load_folder(path, name=spec, source="folder", device=device, dtype=torch_dtype)
+        return _load_folder(path, name=spec, source="folder", device=device, dtype=torch_dtype,
+                            attn_implementation=attn_implementation)
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise TellnormError(f"model {spec!r} is neither an existing folder nor a hub name like 'Qwen/Qwen3-4B'")
-    return _load_hub_cache(spec, device=device, dtype=torch_dtype)
+    return _load_hub_cache(spec, device=device, dtype=torch_dtype, attn_implementation=attn_implementation)
 
 
-def _load_folder(path: Path, *, name: str, source: str, device: str, dtype, rebuild: str = "") -> LoadedModel:
+def _load_folder(path: Path, *, name: str, source: str, device: str, dtype, rebuild: str = "",
+                 attn_implementation: str | None = None) -> LoadedModel:
     config_file = path / "config.json"
     rebuild = f" Rebuild it with: {rebuild}" if rebuild else ""
     if not config_file.is_file():
@@ -173,22 +180,28 @@ def _load_folder(path: Path, *, name: str, source: str, device: str, dtype, rebu
 
     hf_logging.disable_progress_bar()  # a tiny checkpoint's "Loading weights" bar is noise on stderr
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                     **_kernel_option(attn_implementation))
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as err:  # corrupt or truncated files surface as many exception types
         first_line = str(err).splitlines()[0][:200]
         raise TellnormError(f"cannot load {path}: {type(err).__name__}: {first_line}.{rebuild}") from None
     subject = subject_of_folder(path)  # a retrained copy of the organism elsewhere is still the organism
     return _wrap(model, tokenizer, name=name, source=subject.name if subject else source, device=device,
-                 labeler=subject.token_labeler if subject else None)
+                 labeler=subject.token_labeler if subject else None, attn_implementation=attn_implementation)
 
 
-def _load_hub_cache(name: str, *, device: str, dtype) -> LoadedModel:
+def _kernel_option(attn_implementation: str | None) -> dict:
+    return {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+
+
+def _load_hub_cache(name: str, *, device: str, dtype, attn_implementation: str | None = None) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=offline,
+                                                     **_kernel_option(attn_implementation))
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
     except Exception:
         raise TellnormError(
@@ -196,7 +209,8 @@ def _load_hub_cache(name: str, *, device: str, dtype) -> LoadedModel:
             f"(hf download {name} --local-dir DIR), copy DIR here and pass it as the model"
         ) from None
     check_architecture(model.config.architectures or [type(model).__name__], name)
-    return _wrap(model, tokenizer, name=name, source="hub-cache", device=device)
+    return _wrap(model, tokenizer, name=name, source="hub-cache", device=device,
+                 attn_implementation=attn_implementation)
 
 
 def _stable_tokenizer(tokenizer):
@@ -218,7 +232,8 @@ def _stable_tokenizer(tokenizer):
     return reloaded
 
 
-def _wrap(model, tokenizer, *, name: str, source: str, device: str, labeler=None) -> LoadedModel:
+def _wrap(model, tokenizer, *, name: str, source: str, device: str, labeler=None,
+          attn_implementation: str | None = None) -> LoadedModel:
     from transformer_lens.model_bridge import TransformerBridge
 
     arch = check_architecture(model.config.architectures or [type(model).__name__], name)
@@ -228,10 +243,12 @@ def _wrap(model, tokenizer, *, name: str, source: str, device: str, labeler=None
     family = SUPPORTED_ARCHITECTURES[arch]
     model.eval()
     model.to(device)
-    wanted = family.attn_implementation
-    if wanted and getattr(model.config, "_attn_implementation", None) != wanted:
-        model.set_attn_implementation(wanted)
+    kernel = family.attn_implementation or attn_implementation or model.config._attn_implementation or "sdpa"
+    if getattr(model.config, "_attn_implementation", None) != kernel:
+        model.set_attn_implementation(kernel)
     bridge = TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tokenizer, device=device)
+    use_model_kernel(bridge, model, kernel)  # the bridge boots eager; the model's own kernel comes back
+    raw_layers = use_raw_layers(model) if family.alrr is None else 0  # MLA layers cannot run on the bridge's cache
     cfg = model.config
     # Llama and Gemma expect BOS (their chat templates write it); Qwen has none (STACK.md). Avoid a double BOS.
     prepend_bos = wants_bos(family, tokenizer)
@@ -244,7 +261,8 @@ def _wrap(model, tokenizer, *, name: str, source: str, device: str, labeler=None
         d_model=cfg.hidden_size,
         max_positions=cfg.max_position_embeddings,
         source=source,
-        info={"prepend_bos": prepend_bos, "hf_architecture": arch, "alrr_refusal": family.alrr},
+        info={"prepend_bos": prepend_bos, "hf_architecture": arch, "alrr_refusal": family.alrr,
+              "attention": kernel, "raw_layers": raw_layers},
         token_labeler=labeler,
     )
 
@@ -289,10 +307,9 @@ def _generate_batch(model, batch, sampling: SamplingConfig, observers, reuse_cac
                             cache=cache, attention_mask=attention, fresh=fresh)
             for obs in observers:
                 obs.on_step(info)
-            out = model.hf_model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                 past_key_values=cache, use_cache=True)
-            cache = out.past_key_values if reuse_cache else DynamicCache()
-            logits = out.logits[:, -1, :].float()
+            logits, cache = forward_step(model.hf_model, input_ids, attention, positions, cache)
+            if not reuse_cache:
+                cache = DynamicCache()
             next_tokens = []
             for row, rid in enumerate(live):
                 history = prompt_of[rid] + generated[rid]
@@ -337,6 +354,16 @@ def _generate_batch(model, batch, sampling: SamplingConfig, observers, reuse_cac
     return gens
 
 
+def forward_step(hf_model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 cache: Any) -> tuple[torch.Tensor, Any]:
+    """One step of cached generation (a prefill or a decode): ``(float32 logits [batch, vocab] at each row's last
+    position, the cache)``. HF computes the logits of the last position only, so a prefill of T tokens never holds
+    ``[T, vocab]`` logits (0.6 MB per token at Qwen3's vocabulary in float32)."""
+    out = hf_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1, :].float(), out.past_key_values
+
+
 def left_pad(model: LoadedModel, sequences: Sequence[Sequence[int]],
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``input_ids, attention_mask, position_ids``, each ``[batch, max_len]`` on the model's device, for
@@ -345,11 +372,13 @@ def left_pad(model: LoadedModel, sequences: Sequence[Sequence[int]],
 
     device = model.device
     width = max(len(ids) for ids in sequences)
-    if min(len(ids) for ids in sequences) < width and model.hf_model.dtype == torch.float64:
-        # The bridge's attention takes its softmax in float32, where a float64 mask value is -inf: fully masked
-        # padding rows turn NaN and spread into the real tokens of their row.
-        raise TellnormError("a float64 model cannot run left-padded batches (the bridge's float32 softmax turns the "
-                            "padding mask into NaN): use batch_size=1 or prompts of one length, or float32")
+    if (min(len(ids) for ids in sequences) < width and model.hf_model.dtype == torch.float64
+            and model.info.get("attention") == "eager"):
+        # Eager attention (HF's and the bridge's) takes its softmax in float32, where a float64 mask value is -inf:
+        # fully masked padding rows turn NaN and spread into the real tokens of their row (sdpa masks exactly).
+        raise TellnormError("a float64 model cannot run left-padded batches under eager attention (its float32 "
+                            "softmax turns the padding mask into NaN): use batch_size=1, prompts of one length, sdpa "
+                            "attention or float32")
     input_ids = torch.full((len(sequences), width), model.tokenizer.pad_token_id, dtype=torch.long, device=device)
     attention = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
     for row, ids in enumerate(sequences):

@@ -17,7 +17,6 @@ observer mistakes an extra pass for a token) called with a read-only view of the
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import time
@@ -26,6 +25,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tellnorm.backends.fastpath import unwrap
 from tellnorm.errors import TellnormError
 from tellnorm.interventions.edits import Edit
 from tellnorm.interventions.selection import AboveThreshold, Selection, is_number
@@ -73,16 +73,6 @@ class ALRRConfig:
 _RAW = weakref.WeakKeyDictionary()
 
 
-def _unwrap(module):
-    """A shallow copy of ``module`` whose TransformerLens bridge children are replaced by the HF modules they wrap
-    (recursively): the same parameters, HF's own forward, no hook points."""
-    module = getattr(module, "original_component", module)
-    clone = copy.copy(module)
-    clone._modules = {name: _unwrap(child) if child is not None else None
-                      for name, child in module._modules.items()}
-    return clone
-
-
 def raw_parts(model: ModelAPI) -> tuple[list[torch.nn.Module], torch.nn.Module]:
     """``(decoder layers, rotary embedding)`` of the HF model without TransformerLens hooks (cached per model).
 
@@ -94,7 +84,7 @@ def raw_parts(model: ModelAPI) -> tuple[list[torch.nn.Module], torch.nn.Module]:
     hf = model.hf_model
     if hf not in _RAW:
         inner = hf.model
-        _RAW[hf] = ([_unwrap(block) for block in inner.layers], _unwrap(inner.rotary_emb))
+        _RAW[hf] = ([unwrap(block) for block in inner.layers], unwrap(inner.rotary_emb))
     return _RAW[hf]
 
 
