@@ -138,3 +138,15 @@ def test_use_bridge_layers_gives_back_the_bridge_as_booted(tiny_model_dir, monke
         booted = model.bridge(ids)
     assert counter.calls == model.n_layers
     assert (fast - booted).abs().max().item() <= 1e-5
+
+
+def test_an_unknown_kernel_fails_in_one_line(tiny_model_dir, tiny_hf_pair):
+    from tellnorm.backends import load_model
+    from tellnorm.errors import TellnormError
+
+    for spec in (tiny_model_dir("qwen3"), tiny_hf_pair("qwen3")):
+        with pytest.raises(TellnormError, match="sdpaa") as err:
+            load_model(spec, attn_implementation="sdpaa")
+        assert "\n" not in str(err.value)
+    with pytest.raises(TellnormError, match="backend='hf' only"):
+        load_model("organism", backend="vllm", attn_implementation="sdpa")

@@ -27,7 +27,7 @@ def load_model(spec: Any = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "
 
     ``backend="vllm"`` runs it in vLLM (:func:`tellnorm.backends.vllm.load_vllm_model`; ``engine_options`` go
     there): generation, tracing, edits and techniques take the same calls on either backend. ``attn_implementation``
-    (HF only): the attention kernel, None for HF's default (``sdpa``; see :mod:`tellnorm.backends.attention`)."""
+    (HF only): the attention kernel, None for HF's default (``sdpa``; see :mod:`tellnorm.backends.fastpath`)."""
     if isinstance(spec, ModelAPI):
         return spec
     if backend not in BACKENDS:

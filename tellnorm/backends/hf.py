@@ -245,7 +245,11 @@ def _wrap(model, tokenizer, *, name: str, source: str, device: str, labeler=None
     model.to(device)
     kernel = family.attn_implementation or attn_implementation or model.config._attn_implementation or "sdpa"
     if getattr(model.config, "_attn_implementation", None) != kernel:
-        model.set_attn_implementation(kernel)
+        try:
+            model.set_attn_implementation(kernel)
+        except (ValueError, ImportError) as err:
+            first_line = str(err).splitlines()[0][:200]
+            raise TellnormError(f"attention kernel {kernel!r} is not available for {name}: {first_line}") from None
     bridge = TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tokenizer, device=device)
     use_model_kernel(bridge, model, kernel)  # the bridge boots eager; the model's own kernel comes back
     raw_layers = use_raw_layers(model) if family.alrr is None else 0  # MLA layers cannot run on the bridge's cache
