@@ -150,3 +150,20 @@ def test_an_unknown_kernel_fails_in_one_line(tiny_model_dir, tiny_hf_pair):
         assert "\n" not in str(err.value)
     with pytest.raises(TellnormError, match="backend='hf' only"):
         load_model("organism", backend="vllm", attn_implementation="sdpa")
+
+
+def test_compatibility_mode_keeps_the_bridges_forward(tiny_model_dir, monkeypatch):
+    """TransformerLens's compatibility mode folds weights into the bridge's modules: the raw HF layers would not see
+    them, so every block and attention layer runs the bridge's own forward."""
+    from tellnorm.backends import load_model
+
+    model = load_model(tiny_model_dir("qwen3"))
+    ids = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        before = model.bridge(ids)
+        model.bridge.enable_compatibility_mode(disable_warnings=True)
+        counter = _Counter(monkeypatch)
+        after = model.bridge(ids)
+    assert counter.calls == model.n_layers
+    assert torch.equal(before.argmax(-1), after.argmax(-1))
+    assert ((before - before.mean(-1, keepdim=True)) - (after - after.mean(-1, keepdim=True))).abs().max() <= 1e-4

@@ -15,12 +15,14 @@ both for hook points tellnorm's studies do not read (they hook the residual stre
    lets each decoder-layer bridge run the HF layer it wraps directly — between the block's own ``hook_in`` and
    ``hook_out`` (``blocks.L.hook_resid_pre`` / ``hook_resid_post``) — whenever no hook is set inside the block.
 
-Both decide per call, so the whole hook namespace keeps working: a hook on an attention internal (scores, pattern,
-rotated q/k, ...) runs that layer's attention through the bridge's eager re-implementation for that call and says so
-once per hook kind; any hook inside a block (``attn.hook_z``, ``hook_resid_mid``, ``mlp.hook_post``, ...) runs that
-block through the bridge for that call. Numerics do not change: the raw layer is the module the bridge delegates
-to. Architectures whose numerics need eager attention keep it (``Family.attn_implementation`` in
-:mod:`tellnorm.backends.base`), and ones whose HF layers cannot run against the bridge's cache (MLA) keep the bridge.
+Both decide per call, so the whole hook namespace keeps working: a hook on an attention internal (scores,
+pattern, rotated q/k, ...) runs that layer's attention through the bridge's eager re-implementation for that call
+and says so once per hook kind; any hook inside a block (``attn.hook_z``, ``hook_resid_mid``, ``mlp.hook_post``, ...)
+runs that block through the bridge for that call; TransformerLens's compatibility mode, whose processed weights live
+in the bridge's modules, keeps the bridge's forward throughout. Numerics do not change: the raw layer is the module
+the bridge delegates to. Architectures whose numerics need eager attention keep it (``Family.attn_implementation``
+in :mod:`tellnorm.backends.base`), and ones whose HF layers cannot run against the bridge's cache (MLA) keep the
+bridge.
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ class ModelKernelMixin:
         from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
         hf_config = getattr(self.original_component, "config", None)
-        if getattr(hf_config, "_attn_implementation", "eager") == "eager":
-            return super().forward(*args, **kwargs)
+        if self.compatibility_mode or getattr(hf_config, "_attn_implementation", "eager") == "eager":
+            return super().forward(*args, **kwargs)  # compatibility mode: processed weights live in the bridge
         if any(getattr(self.config, name, False) for name in REIMPLEMENTATION_SETTINGS):
             return super().forward(*args, **kwargs)
         hooked = hooked_internals(self)
@@ -121,7 +123,7 @@ class RawLayerMixin:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The raw HF layer between the block's ``hook_in`` and ``hook_out``, or the bridge's forward."""
         raw = self.__dict__.get("_tellnorm_raw")
-        if raw is None or self._tellnorm_inner_hooked():
+        if raw is None or self.compatibility_mode or self._tellnorm_inner_hooked():
             return super().forward(*args, **kwargs)
         if self.__dict__.get("_stop_at_layer_idx") is not None:  # bridge(..., stop_at_layer=k) sets it
             self._check_stop_at_layer(*args, **kwargs)
