@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import threading
 import warnings
 from collections.abc import Iterator
@@ -83,7 +84,30 @@ def write_figure(fig: go.Figure, stem: str | Path, *, png: bool = True) -> list[
 PNG_ATTEMPTS = 3
 
 
+@contextmanager
+def browser_temp() -> Iterator[None]:
+    """A temp folder of its own for the browsers kaleido starts inside the block (Chromium leaves
+    ``.org.chromium.*`` folders in ``TMPDIR``, sometimes after its parent has returned), removed on every exit path.
+    Short, under the system's temp folder: Chromium's socket path inside it must stay under 108 bytes."""
+    folder = tempfile.mkdtemp(prefix="tn-browser-")
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = folder
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _write_png(fig, path: Path) -> None:
+    with browser_temp():  # a browser started for this figure alone leaves nothing behind
+        _write_png_attempts(fig, path)
+
+
+def _write_png_attempts(fig, path: Path) -> None:
     for attempt in range(PNG_ATTEMPTS):
         try:
             with warnings.catch_warnings():  # plotly passes kaleido options a running png_session() ignores
@@ -111,15 +135,16 @@ def png_session() -> Iterator[None]:
     import kaleido
 
     os.environ.setdefault("BROWSER_PATH", browser)
-    kaleido.start_sync_server(silence_warnings=True)
-    try:
-        if not _png_server_answers(kaleido):
-            # kaleido's server thread dies quietly when its browser fails to start, and every later call would wait
-            # forever: go back to a browser per figure, which raises the browser's error instead
+    with browser_temp():
+        kaleido.start_sync_server(silence_warnings=True)
+        try:
+            if not _png_server_answers(kaleido):
+                # kaleido's server thread dies quietly when its browser fails to start, and every later call would
+                # wait forever: go back to a browser per figure, which raises the browser's error instead
+                kaleido.stop_sync_server(silence_warnings=True)
+            yield
+        finally:
             kaleido.stop_sync_server(silence_warnings=True)
-        yield
-    finally:
-        kaleido.stop_sync_server(silence_warnings=True)
 
 
 def _png_server_answers(kaleido) -> bool:

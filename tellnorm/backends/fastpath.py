@@ -149,7 +149,8 @@ class RawLayerMixin:
 
 def use_raw_layers(hf_model: Any) -> int:
     """Let every decoder-layer bridge of ``hf_model`` run its HF layer directly when no hook is set inside it (see
-    the module's docstring); returns how many layers can."""
+    the module's docstring); returns how many layers can. The raw copies share parameters but are made now: a module
+    replaced later (an adapter, say) reaches them when this is called again."""
     from transformer_lens.hook_points import HookPoint
     from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
     from transformer_lens.model_bridge.generalized_components.block import BlockBridge
