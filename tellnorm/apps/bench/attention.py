@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tellnorm.apps.bench import timing
-from tellnorm.apps.bench.norms import CONFIGS, build_hf_model, profile_memory
+from tellnorm.apps.bench.norms import build_hf_model, check_shape_settings, profile_memory
 from tellnorm.errors import TellnormError
 
 if TYPE_CHECKING:
@@ -72,13 +72,7 @@ class AttentionBenchConfig:
     variants: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
-        if self.config not in CONFIGS:
-            raise TellnormError(f"unknown bench config {self.config!r}: choose one of {', '.join(CONFIGS)}")
-        for name in ("batch", "decode_steps", "repeats"):
-            if getattr(self, name) < 1:
-                raise TellnormError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
-        if self.n_layers is not None and self.n_layers < 1:
-            raise TellnormError(f"--layers must be ≥ 1, got {self.n_layers}")
+        check_shape_settings(self, ("batch", "decode_steps", "repeats"))
         self.contexts = tuple(sorted(set(self.contexts)))
         if not self.contexts or self.contexts[0] < 1:
             raise TellnormError(f"--contexts must be positive token counts, got {list(self.contexts)}")

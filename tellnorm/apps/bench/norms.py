@@ -57,7 +57,7 @@ from tellnorm.apps.bench import timing
 from tellnorm.errors import TellnormError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     import pandas as pd
     import torch
@@ -93,17 +93,23 @@ class BenchConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.config not in CONFIGS:
-            raise TellnormError(f"unknown bench config {self.config!r}: choose one of {', '.join(CONFIGS)}")
-        for name in ("batch", "seq", "repeats"):
-            if getattr(self, name) < 1:
-                raise TellnormError(f"--{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.n_layers is not None and self.n_layers < 1:
-            raise TellnormError(f"--layers must be ≥ 1, got {self.n_layers}")
+        check_shape_settings(self, ("batch", "seq", "repeats"))
         if self.warmup < 1:
             raise TellnormError(f"warmup must be ≥ 1 (the first warm-up round checks correctness), got {self.warmup}")
         if self.threads is not None and self.threads < 1:
             raise TellnormError(f"threads must be ≥ 1, got {self.threads}")
+
+
+def check_shape_settings(cfg: Any, counts: Sequence[str]) -> None:
+    """One TellnormError line unless ``cfg.config`` names a shape, ``cfg.n_layers`` is None or ≥ 1 and each field
+    in ``counts`` is ≥ 1 (named as its CLI flag)."""
+    if cfg.config not in CONFIGS:
+        raise TellnormError(f"unknown bench config {cfg.config!r}: choose one of {', '.join(CONFIGS)}")
+    for name in counts:
+        if getattr(cfg, name) < 1:
+            raise TellnormError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(cfg, name)}")
+    if cfg.n_layers is not None and cfg.n_layers < 1:
+        raise TellnormError(f"--layers must be ≥ 1, got {cfg.n_layers}")
 
 
 # --------------------------------------------------------------------------------------------- model and inputs
