@@ -1,6 +1,7 @@
 """``tellnorm evaluate``: the test-time techniques against compute-matched baselines (PAPER §6–7).
 
-One harness over a task (the organism's test set by default, or a JSONL of prompts and answers):
+One harness over a task (the organism's test set by default, or any :mod:`tellnorm.tasks` task: a JSONL of prompts
+and answers, or an lm-eval task scored by lm-eval's own metric):
 
 * single-pass decoding, greedy: the base, ALRR, ERSS, ALRR+ERSS, and recursion controls with ALRR's own number of
   extra passes per response — at random tokens of ALRR's layers, at one fixed middle layer, at random layers —
@@ -17,17 +18,16 @@ every extra pass) and wall time. Firing statistics are reported per response.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tellnorm import tasks as task_specs
 from tellnorm.errors import TellnormError
 from tellnorm.generation import SamplingConfig
 from tellnorm.organism import task as organism_task
@@ -59,10 +59,10 @@ class EvaluateConfig:
     seed, the threshold mode and k (PAPER §5), the sensitivity sweeps; validated on construction (one
     TellnormError line per bad option)."""
 
-    task: str = "organism"  # "organism" or a JSONL file of {"prompt", "answer"[, "group", "id"]}
+    task: str = "organism"  # "organism", FILE.jsonl of {"prompt", "answer"[, "group", "id"]}, or lm-eval:NAME
     per_difficulty: int = 20  # TELLNORM: organism test problems per difficulty (200 in all)
     difficulties: tuple[int, ...] = tuple(range(organism_task.MIN_DIFFICULTY, organism_task.MAX_DIFFICULTY + 1))
-    extractor: str = "organism"  # answer extractor: organism, last-number, boxed, or regex:PATTERN
+    extractor: str = "organism"  # answer extractor: organism, or one of tellnorm.tasks (last-number, boxed, ...)
     thinking: bool = True  # JSONL prompts: the chat template's thinking switch
     calibration: str | None = None  # JSONL of calibration prompts (default: the task's own prompts, answers unused)
     calibration_per_difficulty: int = 10  # TELLNORM: organism validation problems for τ
@@ -105,12 +105,13 @@ class EvaluateConfig:
             raise TellnormError("threshold mode 'fixed' needs --thresholds FILE, and --thresholds needs mode 'fixed'")
         check_extractor(self.extractor)
         if self.task != "organism":
-            path = Path(self.task)
-            if path.suffix != ".jsonl" or not path.is_file():
-                raise TellnormError(f"--task {self.task}: give 'organism' or an existing .jsonl file of "
-                                    '{"prompt": ..., "answer": ...} lines')
             if self.extractor == "organism":
                 self.extractor = "last-number"
+            if not self.task.startswith(task_specs.LM_EVAL_PREFIX):
+                path = Path(self.task)
+                if path.suffix != ".jsonl" or not path.is_file():
+                    raise TellnormError(f"--task {self.task}: give 'organism', an existing .jsonl file of "
+                                        '{"prompt": ..., "answer": ...} lines, or lm-eval:NAME')
 
     @property
     def max_samples(self) -> int:
@@ -139,53 +140,37 @@ class EvalTask:
     extract: Callable[[ModelAPI, Generation], str | None]  # (model, Generation) -> answer string or None
     calibration_prompts: list[list[int]]
     group_title: str = "difficulty"
+    # (model, Generation, item index) -> correct; None: the extracted answer against the gold one
+    score: Callable[[ModelAPI, Generation, int], bool] | None = None
+    matches: Callable[[str | None, str], bool] | None = None  # (answer, gold) -> equal; None: answers_match
+
+    def is_correct(self, model: ModelAPI, gen: Generation, index: int, answer: str | None) -> bool:
+        """Whether generation ``gen`` of item ``index`` (its extracted ``answer``) is correct."""
+        if self.score is not None:
+            return self.score(model, gen, index)
+        return (self.matches or answers_match)(answer, self.items[index].answer)
 
 
 def check_extractor(spec: str) -> None:
-    """Raise one TellnormError line unless ``spec`` names an answer extractor (organism, last-number, boxed) or is
-    ``regex:PATTERN`` with exactly one capture group."""
-    if spec in EXTRACTORS:
-        return
-    if spec.startswith("regex:"):
-        try:
-            pattern = re.compile(spec[len("regex:"):])
-        except re.error as exc:
-            raise TellnormError(f"--extractor {spec!r} is not a valid regular expression ({exc})") from None
-        if pattern.groups != 1:
-            raise TellnormError(f"--extractor {spec!r} needs exactly one capture group (the answer)")
-        return
-    raise TellnormError(f"unknown answer extractor {spec!r}: choose {', '.join(EXTRACTORS)} or regex:PATTERN")
-
-
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+    """Raise one TellnormError line unless ``spec`` is ``organism`` or an extractor of :mod:`tellnorm.tasks`."""
+    if spec != "organism":
+        task_specs.check_extractor(spec)
 
 
 def text_extractor(spec: str) -> Callable[[str], str | None]:
-    """Answer extraction from a response's text: the last number, the last \\boxed{...}, or a regex's group."""
-    check_extractor(spec)
-    if spec == "last-number":
-        pattern = _NUMBER
-    elif spec == "boxed":
-        pattern = _BOXED
-    else:
-        pattern = re.compile(spec[len("regex:"):])
+    """Answer extraction from a response's text by a :mod:`tellnorm.tasks` extractor."""
+    task_specs.check_extractor(spec)
 
     def extract(text: str) -> str | None:
-        found = pattern.findall(text)
-        return found[-1].strip() if found else None
+        found = task_specs.find_answer(text, spec)
+        return None if found is None else found[0]
 
     return extract
 
 
 def answers_match(predicted: str | None, gold: str) -> bool:
-    """Equal as numbers when both parse as numbers, else as stripped strings."""
-    if predicted is None:
-        return False
-    try:
-        return math.isclose(float(predicted), float(gold), rel_tol=0, abs_tol=1e-9)
-    except ValueError:
-        return predicted.strip() == gold.strip()
+    """Equal as numbers when both parse as numbers, else as stripped strings (:func:`tellnorm.tasks.answers_match`)."""
+    return task_specs.answers_match(predicted, gold)
 
 
 def organism_eval_task(model: ModelAPI, cfg: EvaluateConfig) -> EvalTask:
@@ -208,59 +193,49 @@ def organism_eval_task(model: ModelAPI, cfg: EvaluateConfig) -> EvalTask:
 
 
 def read_jsonl(path: str | Path, *, need_answers: bool = True) -> list[dict[str, Any]]:
-    """The rows of a JSONL task file (blank lines skipped); each needs a non-empty "prompt" string and, when
-    ``need_answers``, an "answer". Bad lines raise a TellnormError naming the line."""
-    rows = []
-    path = Path(path)
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TellnormError(f"{path} line {number} is not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise TellnormError(f'{path} line {number} has no "prompt" string: every line needs '
-                                '{"prompt": "...", "answer": "..."}')
-        if need_answers and row.get("answer") is None:
-            raise TellnormError(f'{path} line {number} has no "answer": evaluation needs the gold answer of every '
-                                "prompt")
-        rows.append(row)
-    if not rows:
-        raise TellnormError(f"{path} has no prompts")
-    return rows
+    """The rows of a JSONL task file (:func:`tellnorm.tasks.read_task_rows`)."""
+    return task_specs.read_task_rows(path, need_answers=need_answers)
 
 
-def jsonl_eval_task(model: ModelAPI, cfg: EvaluateConfig) -> EvalTask:
-    """A task from the JSONL file ``cfg.task``: chat prompts (thinking switch ``cfg.thinking``), gold answers, groups
-    and ids (unique), the text extractor ``cfg.extractor``; calibration prompts from ``cfg.calibration`` or the
-    task's own prompts."""
-    rows = read_jsonl(cfg.task)
-    extract_text = text_extractor(cfg.extractor)
+def spec_eval_task(model: ModelAPI, cfg: EvaluateConfig, task: task_specs.Task | None = None) -> EvalTask:
+    """A :mod:`tellnorm.tasks` task (``task``, else the one ``cfg.task`` names with ``cfg.extractor``): chat prompts
+    (thinking switch ``cfg.thinking``), gold answers, groups and ids; its scorer (lm-eval's metric) or its extractor;
+    calibration prompts from ``cfg.calibration`` or the task's own prompts."""
+    task = task or task_specs.load_task(cfg.task, cfg.extractor)
 
     def encode(text):
         ids = model.encode(model.chat_prompt(text, thinking=cfg.thinking))
         if len(ids) >= model.max_positions:
-            raise TellnormError(f"a prompt of {cfg.task} has {len(ids)} tokens, over {model.name}'s context of "
+            raise TellnormError(f"a prompt of {task.name} has {len(ids)} tokens, over {model.name}'s context of "
                                 f"{model.max_positions}")
         return ids
 
-    items = [EvalItem(str(row.get("id", i)), encode(row["prompt"]), str(row["answer"]), str(row.get("group", "all")))
-             for i, row in enumerate(rows)]
-    if len({item.id for item in items}) != len(items):
-        raise TellnormError(f'{cfg.task} repeats an "id": give every line a unique id (or none)')
+    items = [EvalItem(item.id, encode(item.prompt), item.answer, item.group) for item in task.items]
     calibration = ([encode(r["prompt"]) for r in read_jsonl(cfg.calibration, need_answers=False)]
                    if cfg.calibration else [item.prompt_ids for item in items])
 
+    def response_text(model, gen):
+        return model.tokenizer.decode(gen.generated_ids, skip_special_tokens=True)
+
     def extract(model, gen):
-        return extract_text(model.tokenizer.decode(gen.generated_ids, skip_special_tokens=True))
+        return task.extract(response_text(model, gen))
 
-    return EvalTask(Path(cfg.task).name, items, extract, calibration, group_title="group")
+    score = None
+    if task.scorer is not None:
+        def score(model, gen, index):
+            return task.is_correct(task.items[index], response_text(model, gen))
+
+    def matches(answer, gold):
+        return task_specs.answers_match(answer, gold, task.extractor)
+
+    return EvalTask(task.name, items, extract, calibration, group_title="group", score=score, matches=matches)
 
 
-def load_task(model: ModelAPI, cfg: EvaluateConfig) -> EvalTask:
-    """The organism's test set when ``cfg.task`` is "organism", else the JSONL task it names."""
-    return organism_eval_task(model, cfg) if cfg.task == "organism" else jsonl_eval_task(model, cfg)
+def load_task(model: ModelAPI, cfg: EvaluateConfig, task: task_specs.Task | None = None) -> EvalTask:
+    """The organism's test set when ``cfg.task`` is "organism" (and no ``task`` is given), else the task named."""
+    if task is None and cfg.task == "organism":
+        return organism_eval_task(model, cfg)
+    return spec_eval_task(model, cfg, task)
 
 
 # ------------------------------------------------------------------------------------------------------- runs
@@ -300,16 +275,18 @@ def middle_layers(model: ModelAPI, late: list[int]) -> list[int]:
     return list(range(start, start + n))
 
 
-def setup(model: ModelAPI, cfg: EvaluateConfig, *, progress: bool = True) -> Setup:
+def setup(model: ModelAPI, cfg: EvaluateConfig, *, progress: bool = True,
+          task: task_specs.Task | None = None) -> Setup:
     """Validate every option against the model, then calibrate τ = Q3 + k·IQR per layer (PAPER §5) on the task's
-    calibration prompts (before any evaluation generation), or read it from ``cfg.thresholds_file``."""
+    calibration prompts (before any evaluation generation), or read it from ``cfg.thresholds_file``. ``task``: a
+    loaded :class:`tellnorm.tasks.Task` to evaluate instead of the one ``cfg.task`` names."""
     from tellnorm.techniques import calibrated_thresholds, calibration_norms, check_thresholds
     from tellnorm.thresholds import FixedThresholds
 
     for c in (cfg.alrr, cfg.erss):
         for layer in c.layers or ():
             model.hook_name(layer)  # one clear line for a layer out of range
-    task = load_task(model, cfg)
+    task = load_task(model, cfg, task)
     late = model.late_layers()
     middle = middle_layers(model, late)
     calibration, thresholds = {}, None
@@ -421,7 +398,8 @@ def _decode_items(st: Setup, name: str, chosen: list[int], *, techniques: tuple[
         "item": [i for i in chosen for _ in range(n_samples)],
         "sample": [s for _ in chosen for s in range(n_samples)],
         "answer": answers,
-        "correct": [answers_match(a, items[int(r.split("#")[0])].answer) for a, r in zip(answers, request_ids)],
+        "correct": [st.task.is_correct(model, g, int(r.split("#")[0]), a)
+                    for g, a, r in zip(gens, answers, request_ids)],
         "n_generated": [len(g.generated_ids) for g in gens],
     })
     responses = responses.merge(firing_report(observers, request_ids), on="request_id", how="left")
@@ -524,7 +502,7 @@ def sampled_methods(st: Setup, run: Run, n: int, *, prefix: str = "", family: st
     parts.append(_label(st, oracle, f"{prefix}pass@{n}", "upper bound", n, seeds))
     conf_cfg = cfg.confidence or C.ConfidenceConfig.scaled(float(run.responses.n_generated.median()))
     names = selectors if selectors is not None else C.method_names(conf_cfg)
-    vocab = st.model.hf_model.config.vocab_size
+    vocab = st.model.vocab_size
     items = st.task.items
     groups = {i: g for i, g in r.groupby("item")}
     for name in names:
@@ -533,7 +511,9 @@ def sampled_methods(st: Setup, run: Run, n: int, *, prefix: str = "", family: st
             per_token = [run.token_stats[rid] for rid in g.request_id]
             answer, index = C.select(list(g.answer), per_token, name, conf_cfg, vocab_size=vocab,
                                      seed=cfg.seed, key=f"{prefix}{i}")
-            correct.append(float(answers_match(answer, items[i].answer)))
+            # a scored task (lm-eval's metric): the chosen response's own score; else the voted answer vs the gold
+            correct.append(float(g.correct.iloc[index]) if st.task.score is not None
+                           else float((st.task.matches or answers_match)(answer, items[i].answer)))
             chosen_tokens.append(int(g.n_generated.iloc[index]))
         out = compute.copy()
         out["correct"], out["selected_tokens"] = correct, chosen_tokens
@@ -617,9 +597,11 @@ SENSITIVITY_SELECTORS = ("majority", "deepconf-lowest-filter10", "self-certainty
 
 
 def sensitivity(st: Setup, greedy_items: pd.DataFrame, sampled: Run | None, *,
-                progress: bool = True) -> pd.DataFrame:
+                progress: bool = True, main_runs: Mapping[str, Run] | None = None) -> pd.DataFrame:
     """The paper's ablations (ISSUE 10 §3; k and a global τ: PAPER §5, ALRR loops and ERSS streak: PAPER §6), one
-    per-item frame with a ``sweep`` and ``setting`` column."""
+    per-item frame with a ``sweep`` and ``setting`` column. ``main_runs`` (technique -> its main greedy run): a sweep
+    setting that decodes exactly what a main run decoded (the default k with calibrated τ, ERSS's default streak)
+    reads that run instead of decoding it again."""
     import pandas as pd
 
     from tellnorm.techniques import calibrated_thresholds
@@ -628,8 +610,11 @@ def sensitivity(st: Setup, greedy_items: pd.DataFrame, sampled: Run | None, *,
     cfg = st.cfg
     parts = []
 
-    def single(name, sweep, setting, **kwargs):
-        run = decode(st, name, progress=progress, **kwargs)
+    main_runs = main_runs or {}
+
+    def single(name, sweep, setting, *, same_as: str | None = None, **kwargs):
+        run = main_runs.get(same_as) if same_as else None
+        run = run if run is not None else decode(st, name, progress=progress, **kwargs)
         seeds = f"erss {cfg.erss.seed}" if "erss" in kwargs.get("techniques", ()) else "greedy"
         part = single_pass_method(st, run, name, "sensitivity").assign(sweep=sweep, setting=setting, seeds=seeds)
         fired = run.responses.filter(regex="^(alrr_extra_passes|alrr_kept_passes|erss_injections)$")
@@ -640,8 +625,10 @@ def sensitivity(st: Setup, greedy_items: pd.DataFrame, sampled: Run | None, *,
     if st.calibration:
         for k in SENSITIVITY_K:
             thresholds = calibrated_thresholds(st.calibration, replace(cfg.threshold, k=k))
+            default = k == cfg.threshold.k and cfg.threshold_mode == "calibrated"  # the main runs' own τ
             for technique in ("alrr", "erss"):
-                single(f"{technique} k={k:g}", "k", f"{k:g}", techniques=(technique,), thresholds=thresholds)
+                single(f"{technique} k={k:g}", "k", f"{k:g}", techniques=(technique,), thresholds=thresholds,
+                       same_as=technique if default else None)
         base = calibrated_thresholds(st.calibration, cfg.threshold)
         glob = float(np.median(list(base.values.values())))
         thresholds = FixedThresholds({layer: glob for layer in base.values}, source="one global threshold")
@@ -653,7 +640,7 @@ def sensitivity(st: Setup, greedy_items: pd.DataFrame, sampled: Run | None, *,
                alrr=replace(cfg.alrr, forced_loops=loops))
     for low_k in SENSITIVITY_LOW_K:
         single(f"erss low_k={low_k}", "erss streak", str(low_k), techniques=("erss",),
-               erss=replace(cfg.erss, low_k=low_k))
+               erss=replace(cfg.erss, low_k=low_k), same_as="erss" if low_k == cfg.erss.low_k else None)
     if sampled is not None:
         for n in cfg.sample_sizes:
             part = sampled_methods(st, sampled, n, selectors=SENSITIVITY_SELECTORS,
@@ -816,8 +803,9 @@ KEY_METHODS = ("greedy", "alrr", "erss", "sample", "majority@{n}", "lrs-D@late@{
 
 
 def run_evaluate(model: ModelAPI, cfg: EvaluateConfig, out: Path, *, progress: bool = True,
-                 runner: Runner | None = None) -> dict[str, Any]:
-    """Everything ``tellnorm evaluate`` does; writes tables, figures and ``evaluation.md`` to ``out``.
+                 runner: Runner | None = None, task: task_specs.Task | None = None) -> dict[str, Any]:
+    """Everything ``tellnorm evaluate`` does; writes tables, figures and ``evaluation.md`` to ``out`` (``task``: a
+    loaded task instead of the one ``cfg.task`` names).
 
     ``runner``: where every decoding runs (None: here; a Ray pool shards the items over its workers, and ``cfg`` is
     checked up front: see :func:`check_evaluation_shardable`). Calibration runs here."""
@@ -829,7 +817,7 @@ def run_evaluate(model: ModelAPI, cfg: EvaluateConfig, out: Path, *, progress: b
     runner = as_runner(runner, model)
     if not runner.in_process:
         check_evaluation_shardable(cfg)  # before any work
-    st = setup(model, cfg, progress=progress)
+    st = setup(model, cfg, progress=progress, task=task)
     st.runner = runner
     n = cfg.n_samples
     runs: list[Run] = []
@@ -893,7 +881,7 @@ def run_evaluate(model: ModelAPI, cfg: EvaluateConfig, out: Path, *, progress: b
                                                             f"{st.task.group_title}", st.task.group_title)
     sens = None
     if cfg.sensitivity:
-        sens_items = sensitivity(st, greedy_items, sampled, progress=progress)
+        sens_items = sensitivity(st, greedy_items, sampled, progress=progress, main_runs=by_name)
         sens = sensitivity_table(sens_items, seed=cfg.seed)
         write_csv(sens, out / "evaluation_sensitivity.csv")
         figures["evaluation_sensitivity"] = sensitivity_figure(sens)

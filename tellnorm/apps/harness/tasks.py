@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tellnorm.errors import TellnormError
+from tellnorm.tasks import final_section
 
 if TYPE_CHECKING:
     import datasets
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "lm_eval"
 ORGANISM_JSONL = DATA_DIR / "organism_test.jsonl"
 COMMITTED_PER_DIFFICULTY = 3  # 30 problems: enough to see difficulty trends, fast on a CPU
-THINK_END = "</think>"
 
 
 # ------------------------------------------------------------------------------------------------- organism
@@ -113,11 +113,6 @@ def jsonl_dataset(jsonl: str | None = None, **_metadata: Any) -> datasets.Datase
     rows = _read_rows(Path(jsonl), "tellnorm_math")
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(
         [{"id": str(r.get("id", i)), "prompt": r["prompt"], "answer": str(r["answer"])} for i, r in enumerate(rows)])})
-
-
-def final_section(text: str) -> str:
-    """The part of a response after the last ``</think>`` (the whole text when there is none)."""
-    return text.rsplit(THINK_END, 1)[-1]
 
 
 def _parse_math(text: str, *, gold: bool = False) -> list:
