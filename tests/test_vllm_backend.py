@@ -315,8 +315,6 @@ def test_what_the_backend_cannot_run_is_refused_in_one_line(engines, prompts):
     vllm_model, _ = engines
     cases = [
         (lambda: NormTracer(vllm_model, [1], point="mlp_out"), "hook point 'mlp_out' is not available"),
-        (lambda: generate(vllm_model, prompts[:1], SamplingConfig(max_new_tokens=2), token_stats=True),
-         "token_stats need the full next-token distribution"),
         (lambda: generate(vllm_model, prompts[:1], SamplingConfig(max_new_tokens=2), reuse_cache=False),
          "runs on the HF backend only"),
         (lambda: run_forward(vllm_model, prompts[:1], return_logits=True), "HF backend only"),

@@ -74,6 +74,12 @@ class LoadedModel(ModelAPI):
     token_labeler: Any = None  # the subject's step labeler (organism), else None
 
     @property
+    def vocab_size(self) -> int:
+        """Width of the next-token logits (the vocabulary self-certainty's uniform reference spans)."""
+        vocab = getattr(self.hf_model.config, "vocab_size", None)
+        return int(vocab if vocab is not None else self.hf_model.get_output_embeddings().weight.shape[0])
+
+    @property
     def hf_model(self) -> Any:
         """The HF ``PreTrainedModel`` the bridge wraps."""
         return self.bridge.original_model
@@ -108,10 +114,12 @@ class LoadedModel(ModelAPI):
                     observers: Sequence[Observer] = (), n_prompt: Sequence[int] | None = None, batch_size: int = 16,
                     return_logits: bool = False) -> dict[Any, torch.Tensor] | None:
         """Teacher-forced passes in left-padded batches (see :func:`tellnorm.generation.run_forward`); returns
-        ``{request_id: [T, vocab] float32 logits}`` when ``return_logits``, else None."""
+        ``{request_id: [T, vocab] float32 logits}`` when ``return_logits``, else None. Logits of every position
+        are computed only when returned or an observer declares ``reads_logits``; otherwise the last one only."""
         import torch
 
         logits = {}
+        reads_logits = any(getattr(obs, "reads_logits", False) for obs in observers)
         with self.bridge.hooks(fwd_hooks=[h for obs in observers for h in obs.hooks(self)]), torch.no_grad():
             for start in range(0, len(sequences), batch_size):
                 rids = request_ids[start : start + batch_size]
@@ -121,8 +129,10 @@ class LoadedModel(ModelAPI):
                 info = StepInfo(rids, positions, attention.bool(), "forward", 0, prompt_lengths)
                 for obs in observers:
                     obs.on_step(info)
+                # logits nobody reads are skipped: [T, vocab] is 2.5 GB at 4k tokens for Qwen3's vocabulary
+                keep = {} if return_logits or reads_logits else {"logits_to_keep": 1}
                 out = self.hf_model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                    use_cache=False)
+                                    use_cache=False, **keep)
                 if return_logits:
                     for row, (rid, ids) in enumerate(zip(rids, chunk)):
                         logits[rid] = out.logits[row, -len(ids):].float()

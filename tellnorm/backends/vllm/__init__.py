@@ -103,6 +103,11 @@ class VLLMModel(ModelAPI):
     hook_points = ("resid_post",)
 
     @property
+    def vocab_size(self) -> int:
+        """Width of the next-token logits (vLLM's model config)."""
+        return int(self.llm.llm_engine.model_config.get_vocab_size())
+
+    @property
     def bridge(self) -> Any:
         """Not available on vLLM (also ``hf_model``): raises one TellnormError line pointing to ``backend='hf'``."""
         raise TellnormError("this needs the TransformerLens bridge, which the vLLM backend does not have: load the "
@@ -112,14 +117,15 @@ class VLLMModel(ModelAPI):
 
     @contextmanager
     def observe(self, observers: Sequence[Observer], request_ids: Sequence | None = None,
-                n_prompt: Mapping[Any, int] | None = None) -> Iterator[Session]:
+                n_prompt: Mapping[Any, int] | None = None, token_stats: dict | None = None) -> Iterator[Session]:
         """Attach ``observers`` to the engine's worker for the duration of the block (detached on every exit path).
 
         Requests tagged ``SamplingParams(extra_args={"tellnorm_request": i})`` are seen as ``request_ids[i]``;
-        others by their vLLM request id."""
+        others by their vLLM request id. ``token_stats``, when a dict, is filled with each request's
+        per-generated-token statistics ``{request id: {stat: [float]}}`` (:data:`tellnorm.generation.TOKEN_STATS`)."""
         from tellnorm.backends.vllm.session import Session
 
-        session = Session(self, observers, request_ids, n_prompt)
+        session = Session(self, observers, request_ids, n_prompt, token_stats)
         self.llm.collective_rpc("tellnorm_attach", args=(session,))
         try:
             yield session
@@ -146,9 +152,9 @@ class VLLMModel(ModelAPI):
 
     def run(self, prompts: Sequence[Sequence[int]], params: Sequence[Any], *, observers: Sequence[Observer] = (),
             request_ids: Sequence | None = None, n_prompt: Mapping[Any, int] | None = None, progress: bool = False,
-            desc: str = "generating") -> list[Any]:
+            desc: str = "generating", token_stats: dict | None = None) -> list[Any]:
         """Run ``prompts`` (token ids) with ``params`` (one SamplingParams each) through the engine with
-        ``observers`` attached; returns vLLM's outputs in prompt order.
+        ``observers`` attached; returns vLLM's outputs in prompt order. ``token_stats``: as in :meth:`observe`.
 
         tellnorm drives the engine's steps itself (as ``LLM.generate`` does) so that an observer's exception ends
         the run cleanly: the session stops observing, the run's requests are aborted, the error is re-raised, and
@@ -167,7 +173,7 @@ class VLLMModel(ModelAPI):
         ids = [f"tellnorm-{run_id}-{i}" for i in range(len(prompts))]
         outputs = {}
         bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="req")
-        with self.observe(observers, request_ids, n_prompt) as session:
+        with self.observe(observers, request_ids, n_prompt, token_stats) as session:
             try:
                 for rid, ids_, p in zip(ids, prompts, params):
                     p.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, children merged (as LLM)
@@ -193,23 +199,36 @@ class VLLMModel(ModelAPI):
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, request_ids: Sequence,
                  observers: Sequence[Observer] = (), progress: bool = False, token_stats: bool = False,
                  reuse_cache: bool = True, desc: str = "generating", batch_size: int = 16) -> list[Generation]:
-        """Generation in the engine (vLLM schedules its own batches: ``batch_size`` does not apply)."""
-        from tellnorm.generation import Generation
+        """Generation in the engine (vLLM schedules its own batches: ``batch_size`` does not apply).
+
+        ``token_stats=True`` stores in each Generation's ``meta``, as the HF backend does, one float32 array
+        ``[n_generated]`` per :data:`~tellnorm.generation.TOKEN_STATS` name, taken inside the engine from the
+        model's raw float32 next-token logits (before penalties, temperature, top-k/top-p) at the sampler's input."""
+        import numpy as np
+
+        from tellnorm.generation import TOKEN_STATS, Generation
 
         if not reuse_cache:
             raise TellnormError("the cache-free reference (reuse_cache=False) runs on the HF backend only")
-        if token_stats:
-            raise TellnormError("token_stats need the full next-token distribution, which the vLLM backend does not "
-                                "return (vLLM gives top-k logprobs): use backend='hf' for the confidence baselines")
         params = [self.sampling_params(len(ids), sampling, tag, rid)
                   for tag, (rid, ids) in enumerate(zip(request_ids, prompts))]
+        stats: dict | None = {} if token_stats else None
         outputs = self.run(prompts, params, observers=observers, request_ids=list(request_ids), progress=progress,
-                           desc=desc)
+                           desc=desc, token_stats=stats)
         gens = []
         for rid, ids, out in zip(request_ids, prompts, outputs):
             completion = out.outputs[0]
             reason = "eos" if completion.finish_reason == "stop" else "length"
-            gens.append(Generation(rid, [int(t) for t in ids], list(completion.token_ids), reason))
+            generated = list(completion.token_ids)
+            meta = {}
+            if stats is not None:
+                recorded = stats.get(rid, {name: [] for name in TOKEN_STATS})
+                if len(recorded[TOKEN_STATS[0]]) < len(generated):
+                    raise TellnormError(f"request {rid!r}: {len(recorded[TOKEN_STATS[0]])} token_stats for "
+                                        f"{len(generated)} generated tokens (a vLLM step was not seen)")
+                # An engine that schedules ahead (async scheduling) samples once more after a request stops.
+                meta = {name: np.asarray(recorded[name][:len(generated)], dtype=np.float32) for name in TOKEN_STATS}
+            gens.append(Generation(rid, [int(t) for t in ids], generated, reason, meta=meta))
         return gens
 
     def run_forward(self, sequences: Sequence[Sequence[int]], *, request_ids: Sequence,

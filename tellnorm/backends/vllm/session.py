@@ -23,6 +23,14 @@ vLLM writes the current tokens' K/V into the paged cache at the step's slot mapp
 extra pass is run with the normal slot mapping (its own fresh K/V land in the token's slot and are attended to)
 and every cache block the step touched is restored afterwards. Tokens not being recursed take their first-pass
 input, so they rewrite identical K/V; only the selected tokens' outputs are used.
+
+Token statistics (``generate(..., token_stats=True)``, :data:`~tellnorm.generation.TOKEN_STATS`) come from hooks on
+the runner's sampler: its input is the model's raw next-token logits, one row per request of the batch (in
+``input_batch`` order), before any penalty, temperature or top-k/top-p — the distribution the HF backend's
+``step_token_stats`` reads. The full-distribution statistics are taken before sampling (the sampler edits its
+logits in place), the picked token's log-probability after it; the step's ``[requests, vocab]`` log-probabilities
+live only between the two hooks. Rows whose sample vLLM discards (a prompt chunk that does not end the prompt) are
+skipped, so a request gets exactly one triple per generated token.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from tellnorm.errors import TellnormError
-from tellnorm.generation import StepInfo
+from tellnorm.generation import TOKEN_STATS, TOKEN_STATS_TOP_K, StepInfo
 
 if TYPE_CHECKING:
     import torch
@@ -71,11 +79,14 @@ class Session:
     (:meth:`attach`/:meth:`detach`).
 
     ``request_ids[i]`` is the id observers see for the request tagged ``i``; ``n_prompt`` optionally overrides a
-    request's prompt length (teacher-forced passes whose whole sequence is the prompt)."""
+    request's prompt length (teacher-forced passes whose whole sequence is the prompt). ``token_stats``, when a
+    dict, is filled with ``{request id: {stat: [float per generated token]}}`` (:data:`TOKEN_STATS`)."""
 
     def __init__(self, model: VLLMModel, observers: Sequence[Observer], request_ids: Sequence | None = None,
-                 n_prompt: Mapping[Any, int] | None = None):
+                 n_prompt: Mapping[Any, int] | None = None, token_stats: dict | None = None):
         self.observers = list(observers)
+        self.token_stats = token_stats
+        self.sampling_step = None  # (observed ids, rows, log-probs [rows, vocab], top-k means, means) until sampled
         self.request_ids = request_ids
         self.n_prompt = n_prompt or {}
         self.layer_hooks: dict[int, list] = {}
@@ -116,6 +127,13 @@ class Session:
                 self.handles.append(self.layers[layer].register_forward_pre_hook(partial(self._keep_input, layer)))
             for layer in self.layer_hooks:
                 self.handles.append(self.layers[layer].register_forward_hook(partial(self._after_layer, layer)))
+            if self.token_stats is not None:
+                sampler = getattr(runner, "sampler", None)
+                if sampler is None:
+                    raise TellnormError(f"vLLM's {type(runner).__name__} has no sampler to take token_stats from "
+                                        "(tellnorm reads the V1 model runner): use backend='hf' for token_stats")
+                self.handles.append(sampler.register_forward_pre_hook(self._before_sampling, with_kwargs=True))
+                self.handles.append(sampler.register_forward_hook(self._after_sampling, with_kwargs=True))
         except BaseException:
             self.detach()
             raise
@@ -127,6 +145,7 @@ class Session:
         self.handles = []
         self.runner = None
         self.block_inputs, self.grid = {}, None
+        self.sampling_step = None
         for observer in self.observers:  # a StepInfo holds this session (and its tensors): let both go
             if getattr(observer, "info", None) is not None:
                 observer.info = None
@@ -208,6 +227,41 @@ class Session:
         state = state.clone() if residual is None else state
         state[self.flat_valid] = x[valid].to(state.dtype)
         return state, torch.zeros_like(state)
+
+    @_guarded
+    def _before_sampling(self, module, args, kwargs):
+        import torch
+
+        logits = kwargs["logits"] if "logits" in kwargs else args[0]
+        runner = self.runner
+        n = runner.input_batch.num_reqs
+        if logits.shape[0] != n:
+            raise TellnormError(f"the sampler got {logits.shape[0]} logit rows for {n} requests (speculative "
+                                "decoding?): the vLLM backend's token_stats take one row per request")
+        # The runner computes a sample for every request, then drops those of prompt chunks that do not end the
+        # prompt: they are no generated token.
+        rows = [r for r in range(n) if not runner.discard_request_mask.np[r]]
+        if not rows:
+            return
+        internal = runner.input_batch.req_ids
+        rids = [self.ids[internal[r]] if internal[r] in self.ids else self._request_id(internal[r]) for r in rows]
+        index = torch.as_tensor(rows, device=logits.device)
+        logp = torch.log_softmax(logits[index].float(), dim=-1)
+        top = torch.topk(logp, min(TOKEN_STATS_TOP_K, logp.shape[-1]), dim=-1).values.mean(-1)
+        self.sampling_step = (rids, index, logp, top.tolist(), logp.mean(-1).tolist())
+
+    @_guarded
+    def _after_sampling(self, module, args, kwargs, output):
+        step, self.sampling_step = self.sampling_step, None
+        if step is None:
+            return
+        rids, index, logp, top, mean = step
+        tokens = output.sampled_token_ids[index, 0].long().to(logp.device)
+        chosen = logp.gather(-1, tokens[:, None])[:, 0].tolist()
+        for rid, values in zip(rids, zip(chosen, top, mean)):
+            stats = self.token_stats.setdefault(rid, {name: [] for name in TOKEN_STATS})
+            for name, value in zip(TOKEN_STATS, values):
+                stats[name].append(value)
 
     # -- ALRR --------------------------------------------------------------------------------------------------
     def extra_block_pass(self, layer: int, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
