@@ -119,6 +119,15 @@ def _bench_attention(args: argparse.Namespace) -> None:
                                          dtype=args.dtype, memory=not args.no_memory, out=args.out))
 
 
+def _bench_lengths(args: argparse.Namespace) -> None:
+    from tellnorm.apps.bench.lengths import LengthsBenchConfig, bench_lengths
+
+    bench_lengths(LengthsBenchConfig(config=args.config, n_layers=args.layers, lengths=tuple(args.lengths),
+                                     window=args.window, variants=tuple(args.variants), repeats=args.repeats,
+                                     prompt_len=args.prompt_len, device=args.device, threads=args.threads,
+                                     out=args.out))
+
+
 def _sae_train(args: argparse.Namespace) -> None:
     from tellnorm.backends import load_model
     from tellnorm.saes.training import SAETrainConfig
@@ -218,26 +227,38 @@ def _explore(args: argparse.Namespace) -> None:
 
 def _intervene(args: argparse.Namespace) -> None:
     from tellnorm.backends import load_model
-    from tellnorm.studies.suppression import InterventionConfig, format_suppression, run_intervene
+    from tellnorm.errors import TellnormError
+    from tellnorm.studies.suppression import InterventionConfig, format_suppression, load_calibration, run_intervene
     from tellnorm.thresholds import ThresholdConfig
 
     threshold = ThresholdConfig(**{k: v for k, v in (("k", args.k), ("warmup", args.warmup)) if v is not None})
+    options = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
     cfg = InterventionConfig(  # validates before any work
         per_difficulty=args.n, calibration_per_difficulty=args.calibration_n, factors=tuple(args.factors),
         amplify=tuple(args.amplify), random_seeds=tuple(args.seeds), threshold_mode=args.threshold_mode,
         thresholds_file=args.thresholds, threshold=threshold, steering=not args.no_steering,
-        features=not args.no_features, saes=args.saes, batch_size=args.batch_size)
+        features=not args.no_features, saes=args.saes, batch_size=args.batch_size, n_problems=args.n_problems,
+        n_calibration=args.n_calibration, **options)
+    task = calibration = None
+    if args.task is not None:  # read before the model loads: a bad file fails in seconds
+        from tellnorm.tasks import load_task
+
+        task = load_task(args.task)
+        calibration = load_calibration(args.calibration) if args.calibration else None
+    elif args.calibration or args.n_problems is not None or args.n_calibration is not None:
+        raise TellnormError("--calibration, --n-problems and --n-calibration go with --task (the organism's "
+                            "problems are --n and --calibration-n per difficulty)")
     if _sharded(args):
         from tellnorm.studies.suppression import check_intervention_shardable
 
         check_intervention_shardable(cfg)  # before any work
     model = load_model(args.model)
     with _runner(args) as runner:
-        result = run_intervene(model, cfg, Path(args.out), runner=runner)
+        result = run_intervene(model, cfg, Path(args.out), task=task, calibration=calibration, runner=runner)
     print(format_suppression(result["suppression"]))
-    print(f"wrote {args.out}/suppression.csv, suppression_hits.csv, suppression_top_tokens.csv, suppression.(html|png)"
-          f"{', steering.csv' if cfg.steering else ''}{', feature_ablation.csv' if cfg.features else ''} "
-          f"in {result['seconds']:.0f} s")
+    print(f"wrote {', '.join(p.name for p in result['written'])} in {args.out} in {result['seconds']:.0f} s")
+    for measure, reason in result["meta"].get("skipped", {}).items():
+        print(f"skipped {measure}: {reason}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -330,7 +351,17 @@ def _correlate(args: argparse.Namespace) -> None:
 def _reproduce(args: argparse.Namespace) -> None:
     from tellnorm.apps.reproduce import ReproduceConfig, reproduce
 
-    reproduce(ReproduceConfig(out=args.out, per_difficulty=args.n, quick=args.quick), force=args.force)
+    reproduce(ReproduceConfig(out=args.out, per_difficulty=args.n, quick=args.quick, model=args.model, saes=args.saes,
+                              tasks=tuple(args.task), extractor=args.extractor, contrast_model=args.contrast_model,
+                              backend=args.backend, device=args.device, dtype=args.dtype, problems=args.problems,
+                              sampling=args.sampling, only=tuple(args.only)), force=args.force)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from tellnorm.apps.report import build_report
+
+    written = build_report(args.runs, args.out)
+    print(f"wrote {', '.join(p.name for p in written)} in {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -345,6 +376,8 @@ HANDLERS = {
     "sae_train": _sae_train, "features": _features, "dashboard": _dashboard, "explore": _explore, "bounds": _bounds,
     "correlate": _correlate, "intervene": _intervene, "evaluate": _evaluate, "bench_norms": _bench_norms,
     "bench_techniques": _bench_techniques, "bench_backends": _bench_backends, "bench_attention": _bench_attention,
+    "bench_lengths": _bench_lengths,
+    "report": _report,
 }
 FILE_OUTPUTS = {_dashboard}  # commands whose --out names a file, not a folder
 

@@ -73,12 +73,34 @@ def add_reproduce(sub: Any, handlers: Handlers) -> None:
     """``tellnorm reproduce``: the whole study in cached stages."""
     from tellnorm.apps.reproduce import STAGE_NAMES
 
-    p = _command(sub, "reproduce", "the main job: every stage of the paper's study on the organism, cached",
+    p = _command(sub, "reproduce", "the paper's whole study, cached: on the organism, or on any model with --task",
                  "Accuracy, norm profile, peaks, features, bounds, correlation, interventions, evaluation, dashboards "
                  "and the explorer; REPORT.md judges each paper claim. A stage whose inputs (files, settings, code) "
-                 "are unchanged is skipped.", "tellnorm reproduce --quick --out runs/quick")
+                 "are unchanged is skipped. With --model/--saes/--task the study runs on that model and its tasks at "
+                 "the paper code's budgets (4,096 / 2,048 / 1,024 tokens) and sampling; stages that need the "
+                 "organism's step labels are skipped with the reason.",
+                 "tellnorm reproduce --quick --out runs/quick\n  tellnorm reproduce --model /models/Qwen3-8B --saes "
+                 "qwen-scope:/models/SAE-Res-Qwen3-8B-Base-W64K-L0_50 --task gsm8k.jsonl=last-number "
+                 "--task aime.jsonl=boxed --backend vllm --device cuda --dtype bfloat16 --out runs/qwen3-8b")
     _out(p, "figures", "output folder of the tables, figures and REPORT.md")
-    p.add_argument("--n", type=int, default=100, help="test problems per difficulty and mode")
+    p.add_argument("--n", type=int, default=100, help="organism: test problems per difficulty and mode")
+    p.add_argument("--model", default="organism", help="a local HF folder or cached hub name (default: organism)")
+    p.add_argument("--saes", default="organism", help="SAE spec: a folder, FORMAT:PATH (qwen-scope:, llama-scope-r1:, "
+                   "...) or RELEASE:ID")
+    p.add_argument("--task", action="append", default=[], metavar="SPEC",
+                   help="FILE.jsonl[=EXTRACTOR] of {prompt, answer[, id, group]} lines, or lm-eval:NAME; repeatable")
+    p.add_argument("--extractor", default="last-number",
+                   help="answer extractor of a --task that names none: last-number, boxed, choice-letter, math, "
+                   "regex:PATTERN")
+    p.add_argument("--contrast-model", default=None, help="the non-thinking model of a model without a thinking switch")
+    p.add_argument("--backend", default="hf", choices=("hf", "vllm"), help="where generation-heavy stages run")
+    p.add_argument("--device", default="cpu", help="device of the HF backend (cpu, cuda)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--problems", type=int, default=None, help="problems per task (default: all)")
+    p.add_argument("--sampling", default="paper", choices=("paper", "greedy"),
+                   help="the paper code's sampling (default) or greedy for the responses")
+    p.add_argument("--only", action="append", default=[], metavar="STAGE",
+                   help="run only STAGE and the stages it reads; repeatable (default: every stage)")
     p.add_argument("--quick", action="store_true", help="every stage at small sizes (a smoke test, < 3 min)")
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="rerun STAGE (and the stages that read its outputs) even if its inputs are unchanged; "
@@ -229,14 +251,29 @@ def add_intervene(sub: Any, handlers: Handlers) -> None:
     """``tellnorm intervene``."""
     p = _command(sub, "intervene", "causal tests: suppress high-norm vs random tokens, amplify, steer, ablate",
                  "High-norm tokens (above τ) scaled by each factor, against random tokens of the matched fraction "
-                 "(PAPER.md §5), on the organism's test problems; amplification, steering along the thinking "
-                 "direction and reasoning-feature ablation beside them.",
-                 "tellnorm intervene --factors 0.1 0.5 --seeds 0 1 --no-steering")
+                 "(PAPER.md §5), on the organism's test problems or, with --task, on any model's task; "
+                 "amplification, steering along the thinking direction and reasoning-feature ablation beside them "
+                 "(skipped, with the reason in interventions.json, on a model without a thinking switch or SAEs).",
+                 "tellnorm intervene --factors 0.1 0.5 --seeds 0 1 --no-steering\n  tellnorm intervene --model "
+                 "path/to/Qwen3-4B --task gsm8k.jsonl=last-number --n-problems 50 --threshold-mode exact "
+                 "--max-new-tokens 2048")
     _model(p)
     _saes(p, " (for the feature ablation)")
-    p.add_argument("--n", type=int, default=10, help="test problems per difficulty")
+    p.add_argument("--task", default=None, metavar="SPEC",
+                   help="the problems: FILE.jsonl[=EXTRACTOR] of {prompt, answer[, id, group]} lines or "
+                   "lm-eval:NAME (default: the organism's test problems; any other model needs a task)")
+    p.add_argument("--calibration", default=None, metavar="SPEC",
+                   help="with --task: prompts for thresholds, steering direction and features, a JSONL of {prompt} "
+                   "lines or lm-eval:NAME, answers unused (default: the task's own prompts)")
+    p.add_argument("--n-problems", type=int, default=None, help="with --task: its first N problems (default: all)")
+    p.add_argument("--n-calibration", type=int, default=None,
+                   help="with --task: the first N calibration prompts (default: all)")
+    p.add_argument("--n", type=int, default=10, help="organism test problems per difficulty")
     p.add_argument("--calibration-n", type=int, default=10,
-                   help="validation problems per difficulty for thresholds, steering direction and features")
+                   help="organism validation problems per difficulty for thresholds, steering direction and features")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens per response at most (default: the organism's 240; the paper's code uses 2048 on "
+                   "real models)")
     p.add_argument("--factors", type=float, nargs="+", default=[0.1, 0.25, 0.5], help="suppression factors c < 1")
     p.add_argument("--amplify", type=float, nargs="*", default=[2.0], help="amplification factors c > 1")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the random matched control")
@@ -294,7 +331,7 @@ def add_harness(sub: Any) -> None:
 
 
 def add_bench(sub: Any, handlers: Handlers) -> None:
-    """``tellnorm bench norms | techniques | backends | attention``."""
+    """``tellnorm bench norms | techniques | backends | attention | lengths``."""
     bench = _command(sub, "bench", "benchmarks (ratios measured side by side in one run, repeated)",
                      "Each variant runs in interleaved rounds on the same inputs; results are ratios of medians "
                      "with their spread, written as JSON and CSV.", "tellnorm bench techniques --repeats 9")
@@ -353,6 +390,37 @@ def add_bench(sub: Any, handlers: Handlers) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory passes")
     _out(p, "figures/bench")
     p.set_defaults(func=handlers["bench_attention"])
+    p = _command(bsub, "lengths", "time per generated token against position, to 8,192 tokens, per variant",
+                 "HF's model.generate, tellnorm's generate, + norm tracing, + ALRR, + ERSS (paper settings) on the "
+                 "same weights, each token timed: per-window medians, each variant's overhead over tellnorm and its "
+                 "growth from the first window to the last, and peak memory per length.",
+                 "tellnorm bench lengths --lengths 512 2048 --repeats 1")
+    p.add_argument("--config", default="qwen3-0.6b", help="model shape (random init): qwen3-0.6b or organism")
+    p.add_argument("--layers", type=int, default=2, help="number of layers (the shape's width)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192], help="tokens generated per request")
+    p.add_argument("--window", type=int, default=512, help="tokens per window of positions")
+    p.add_argument("--variants", nargs="+", default=["hf-generate", "tellnorm", "tracing", "alrr", "erss"],
+                   help="variants to run (hf-generate and tellnorm always)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--prompt-len", type=int, default=16, help="random prompt tokens")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's setting)")
+    _out(p, "figures/bench")
+    p.set_defaults(func=handlers["bench_lengths"])
+
+
+def add_report(sub: Any, handlers: Handlers) -> None:
+    """``tellnorm report``: the paper's tables across models, from run folders of ``tellnorm reproduce``."""
+    p = _command(sub, "report", "the paper's result tables across models, merged from run folders",
+                 "Reads the folders `tellnorm reproduce` wrote (one per model: accuracy.csv or organism_accuracy.csv, "
+                 "evaluation.csv, correlation.csv, norm_profile.csv, claims.csv if any, manifest.json) and writes "
+                 "cross_model_accuracy.csv, cross_model_spearman.csv, cross_model_techniques.csv (with the mean "
+                 "over tasks), cross_model_claims.csv, the figures and REPORT.md. A folder missing a file fails "
+                 "before anything is written.", "tellnorm report figures runs/qwen3-4b runs/llama-8b --out runs/report")
+    p.add_argument("runs", nargs="+", metavar="DIR", help="run folders written by tellnorm reproduce, one per model")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="output folder of the merged tables, figures and REPORT.md (not one of the run folders)")
+    p.set_defaults(func=handlers["report"])
 
 
 def build_parser(handlers: Handlers) -> argparse.ArgumentParser:
@@ -376,4 +444,5 @@ def build_parser(handlers: Handlers) -> argparse.ArgumentParser:
     add_evaluate(sub, handlers)
     add_harness(sub)
     add_bench(sub, handlers)
+    add_report(sub, handlers)
     return parser

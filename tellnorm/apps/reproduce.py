@@ -19,6 +19,7 @@ import hashlib
 import json
 import subprocess
 import time
+import warnings
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from functools import lru_cache
@@ -50,11 +51,27 @@ if TYPE_CHECKING:
 
 @dataclass
 class ReproduceConfig:
-    """What ``tellnorm reproduce`` runs on (model, SAEs, output folder) and the sample size of each stage."""
+    """What ``tellnorm reproduce`` runs on (model, SAEs, tasks, output folder) and the sample size of each stage.
+
+    ``tasks`` empty: the organism's own study (its task, difficulties and step labels). With tasks: the study on
+    any model (:mod:`tellnorm.apps.reproduce_model`), at the paper code's generation budgets and sampling."""
 
     out: str = "figures"
     model: ModelSpec = "organism"
     saes: SaeSpecLike = "organism"
+    tasks: tuple[str, ...] = ()  # FILE.jsonl[=EXTRACTOR] or lm-eval:NAME[=EXTRACTOR] (tellnorm.tasks)
+    extractor: str = "last-number"  # TELLNORM: the answer extractor of a task spec that names none
+    contrast_model: ModelSpec | None = None  # the non-thinking model of a model without a thinking switch
+    backend: str = "hf"  # where generation-heavy stages run: hf or vllm (SAE stages: HF, teacher-forced)
+    device: str = "cpu"
+    dtype: str = "float32"
+    problems: int | None = None  # TELLNORM: problems per task (None: every problem of the file)
+    max_new_tokens: int = 4096  # PAPER code: the accuracy / profile / feature responses' budget
+    suppression_max_new_tokens: int = 2048  # PAPER code: the suppression study's budget
+    evaluation_max_new_tokens: int = 1024  # PAPER code: the LRS budget (the techniques' evaluation)
+    sampling: str = "paper"  # PAPER §7: temperature 0.7, top-p 0.8, top-k 20, repetition 1.05; or "greedy"
+    n_samples: int = 8  # PAPER §6: N for LRS and the selection baselines [inferred: 4–8]
+    only: tuple[str, ...] = ()  # run only these stages and the stages they read (empty: every stage)
     per_difficulty: int = 100  # organism test problems per level and mode for accuracy
     profile_per_difficulty: int = 25  # test problems per level traced for the norm analyses
     features_per_difficulty: int = 15  # validation problems per level for the feature contrast
@@ -65,9 +82,32 @@ class ReproduceConfig:
     quick: bool = False  # small sizes for smoke tests (every stage runs; under 3 min on 2 cores)
 
     def __post_init__(self) -> None:
+        self.tasks, self.only = tuple(self.tasks), tuple(self.only)
         if self.quick:
             self.per_difficulty, self.profile_per_difficulty, self.features_per_difficulty = 4, 2, 2
             self.intervention_per_difficulty = self.evaluation_per_difficulty = self.explorer_per_difficulty = 1
+            if self.task_mode:
+                self.problems = min(self.problems or 4, 4)
+                self.max_new_tokens, self.suppression_max_new_tokens, self.evaluation_max_new_tokens = 48, 32, 32
+                self.n_samples = 2
+        if not self.task_mode and (self.contrast_model is not None or self.backend != "hf"):
+            raise TellnormError("--contrast-model and --backend apply to runs with --task: the organism's study runs "
+                                "on its own task and backend")
+        if self.backend not in ("hf", "vllm"):
+            raise TellnormError(f"unknown backend {self.backend!r}: choose hf or vllm")
+        if self.sampling not in ("paper", "greedy"):
+            raise TellnormError(f"unknown sampling {self.sampling!r}: choose paper or greedy")
+        for name in ("max_new_tokens", "suppression_max_new_tokens", "evaluation_max_new_tokens", "n_samples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise TellnormError(f"{name.replace('_', '-')} must be a whole number ≥ 1, got {value!r}")
+        if self.problems is not None and self.problems < 1:
+            raise TellnormError(f"--problems must be ≥ 1, got {self.problems}")
+
+    @property
+    def task_mode(self) -> bool:
+        """Whether this run is the study on tasks (any model) rather than the organism's own study."""
+        return bool(self.tasks)
 
 
 @dataclass(frozen=True)
@@ -136,15 +176,51 @@ class Context:
     _model: ModelAPI | None = None
     _saes: dict[int, SAE] | None = None
     _corpus: ContrastCorpus | None = None
+    _loaded: dict[str, Any] = field(default_factory=dict)  # tasks, the generation backend's models
 
     @property
     def model(self) -> ModelAPI:
-        """The loaded model of ``cfg.model`` (loaded on first use)."""
+        """The loaded model of ``cfg.model`` on the HF backend (loaded on first use): SAE stages and teacher-forced
+        passes run on it."""
         if self._model is None:
             from tellnorm.backends import load_model
 
-            self._model = load_model(self.cfg.model)
+            self._model = load_model(self.cfg.model, device=self.cfg.device, dtype=self.cfg.dtype)
         return self._model
+
+    def _load(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self._loaded:
+            self._loaded[key] = make()
+        return self._loaded[key]
+
+    @property
+    def tasks(self) -> list:
+        """The :class:`tellnorm.tasks.Task` of each ``cfg.tasks`` spec, cut to ``cfg.problems`` problems."""
+        from tellnorm.tasks import load_task
+
+        return self._load("tasks", lambda: [load_task(spec, self.cfg.extractor).head(self.cfg.problems)
+                                            for spec in self.cfg.tasks])
+
+    @property
+    def generator(self) -> ModelAPI:
+        """The model generation-heavy stages run on: ``cfg.model`` on ``cfg.backend`` (the HF model itself for hf)."""
+        from tellnorm.backends import load_model
+
+        if self.cfg.backend == "hf":
+            return self.model
+        return self._load("generator", lambda: load_model(self.cfg.model, backend=self.cfg.backend,
+                                                          dtype=self.cfg.dtype))
+
+    @property
+    def contrast(self) -> ModelAPI | None:
+        """The non-thinking model (``cfg.contrast_model``) on the generation backend, or None."""
+        from tellnorm.backends import load_model
+
+        if self.cfg.contrast_model is None:
+            return None
+        options = {"device": self.cfg.device} if self.cfg.backend == "hf" else {}
+        return self._load("contrast", lambda: load_model(self.cfg.contrast_model, backend=self.cfg.backend,
+                                                         dtype=self.cfg.dtype, **options))
 
     @property
     def saes(self) -> dict[int, SAE]:
@@ -192,13 +268,20 @@ def reproduce(cfg: ReproduceConfig, force: Collection[str] = ()) -> ReproduceRes
     from tellnorm.io import check_output_dir
 
     forced = forced_stages(force)  # a bad name fails before any work
+    if not cfg.task_mode and str(cfg.model) != "organism":
+        raise TellnormError(f"{_spec_text(cfg.model)} needs tasks: pass --task FILE.jsonl[=EXTRACTOR] or "
+                            "--task lm-eval:NAME (the organism's study runs on the organism's own task)")
     out = check_output_dir(cfg.out)
     inputs = stage_inputs(cfg)
     hashes = stage_hashes(cfg, inputs)
     ctx = Context(cfg, out)
+    if cfg.task_mode:
+        from tellnorm.apps.reproduce_model import check_run
+
+        check_run(ctx)  # tasks, modes and SAEs: bad input fails before any generation
     runs: dict[str, StageRun] = {}
     with ExitStack() as browser:
-        for stage in STAGES:
+        for stage in stages_for(cfg):
             start = time.perf_counter()
             record = _read_record(out, stage.name)
             stale = (stage.name in forced or any(runs[u].status == "ran" for u in stage.upstream)
@@ -214,6 +297,7 @@ def reproduce(cfg: ReproduceConfig, force: Collection[str] = ()) -> ReproduceRes
             runs[stage.name] = StageRun(hashes[stage.name], "ran" if stale else "cached", time.perf_counter() - start)
             print(f"[{stage.name}] {runs[stage.name].seconds:.1f} s{'' if stale else ' cached'}", flush=True)
     ctx.report.add("The paper's claims, judged", claims_section(out))
+    write_claims(out)
     ctx.report.write(out / "REPORT.md")
     _write_json(manifest(cfg, inputs, hashes, out), out / "manifest.json")
     _write_times(runs, out / TIMES_FILE)
@@ -229,6 +313,19 @@ def claims_section(out: Path) -> str:
     return ("Each verdict follows a rule written next to the claim in `tellnorm/studies/claims.py`, applied to the "
             "tables "
             "above; section numbers are the paper's.\n\n" + claims_markdown(judge_all(out)))
+
+
+def write_claims(out: Path) -> Path:
+    """``claims.csv``: each claim's verdict and what was measured (the contract table ``tellnorm report`` merges)."""
+    import pandas as pd
+
+    from tellnorm.io import write_csv
+    from tellnorm.studies.claims import judge_all
+
+    verdicts = judge_all(out)
+    frame = pd.DataFrame([{"claim": v.claim, "verdict": v.verdict, "measured": v.measured, "reason": v.reason}
+                          for v in verdicts])
+    return write_csv(frame, out / "claims.csv")
 
 
 def _still_valid(record: dict | None, stage_hash: str, out: Path) -> bool:
@@ -388,17 +485,30 @@ def _spec_text(spec: ModelSpec | SaeSpecLike) -> str:
 
 def stage_inputs(cfg: ReproduceConfig) -> dict[str, Any]:
     """What every stage's key shares: code, library versions, model files, SAE files."""
-    return {"code": code_hash(), "versions": library_versions(), "model": model_fingerprint(cfg.model),
-            "saes": sae_fingerprint(cfg.saes)}
+    found = {"code": code_hash(), "versions": library_versions(), "model": model_fingerprint(cfg.model),
+             "saes": sae_fingerprint(cfg.saes)}
+    if cfg.task_mode:
+        found["tasks"] = [task_fingerprint(spec) for spec in cfg.tasks]
+        if cfg.contrast_model is not None:
+            found["contrast_model"] = model_fingerprint(cfg.contrast_model)
+    return found
+
+
+def task_fingerprint(spec: str) -> dict[str, str]:
+    """A task file's contents (a missing file is left to the task loader's one-line error), or an lm-eval name."""
+    source = spec.partition("=")[0]
+    path = Path(source)
+    return {"spec": spec, "sha256": hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""}
 
 
 def stage_hashes(cfg: ReproduceConfig, inputs: dict[str, Any] | None = None) -> dict[str, str]:
     """{stage: hash of its inputs, config fields and upstream stages' hashes}, in stage order."""
     inputs = inputs or stage_inputs(cfg)
     hashes: dict[str, str] = {}
-    for stage in STAGES:
+    for stage in stages_for(cfg):
         hashes[stage.name] = _sha256({
             "stage": stage.name, "code": inputs["code"], "versions": inputs["versions"], "model": inputs["model"],
+            "tasks": inputs.get("tasks"), "contrast_model": inputs.get("contrast_model"),
             "saes": inputs["saes"] if stage.saes else None,
             "config": {name: getattr(cfg, name) for name in stage.config},
             "upstream": {name: hashes[name] for name in stage.upstream}})
@@ -486,7 +596,8 @@ def manifest(cfg: ReproduceConfig, inputs: dict[str, Any], hashes: dict[str, str
             "config": config, "seeds": _seeds(settings), "paper_constants": paper_constants(),
             "stage_settings": settings, "inputs": {"code": inputs["code"], "model": inputs["model"],
                                                    "saes": inputs["saes"]},
-            "stages": {stage.name: {"hash": hashes[stage.name], "upstream": list(stage.upstream)} for stage in STAGES}}
+            "stages": {stage.name: {"hash": hashes[stage.name], "upstream": list(stage.upstream)}
+                       for stage in stages_for(cfg)}}
 
 
 # --- stages --------------------------------------------------------------------------------------------------------
@@ -508,18 +619,41 @@ def stage_accuracy(ctx: Context) -> None:
     from tellnorm.io import write_csv
     from tellnorm.organism.evaluate import accuracy_figure, evaluate, format_summary
 
-    _, summary = evaluate(ctx.model, accuracy_config(ctx.cfg))
+    per_problem, summary = evaluate(ctx.model, accuracy_config(ctx.cfg))
     write_csv(summary, ctx.out / "organism_accuracy.csv")
+    write_csv(organism_accuracy_table(per_problem, summary, ctx.model.name, seed=accuracy_config(ctx.cfg).seed),
+              ctx.out / "accuracy.csv")
     write_figure(accuracy_figure(summary), ctx.out / "organism_accuracy")
     print(format_summary(summary))
     ctx.report.add("Organism accuracy (greedy, held-out test set, bootstrap 95% CI, seed 0)",
                    _code(format_summary(summary)) + "\n\n![accuracy](organism_accuracy.png)")
 
 
+def organism_accuracy_table(per_problem: pd.DataFrame, summary: pd.DataFrame, model_name: str, *,
+                            seed: int = 0) -> pd.DataFrame:
+    """The organism's accuracy in the contract columns every run writes to ``accuracy.csv`` (model, task, mode,
+    group, n, accuracy, ci_low, ci_high): the whole test set per mode (bootstrap 95% CI over problems), then each
+    difficulty as a group."""
+    import pandas as pd
+
+    from tellnorm.stats import bootstrap_ci
+
+    rows = []
+    for mode, frame in per_problem.groupby("mode", sort=False):
+        correct = frame["correct"].to_numpy(dtype=float)
+        lo, hi = bootstrap_ci(correct, seed=seed)
+        rows.append({"mode": mode, "group": "all", "n": len(correct), "accuracy": correct.mean(), "ci_low": lo,
+                     "ci_high": hi})
+    groups = summary.rename(columns={"difficulty": "group"})[["mode", "group", "n", "accuracy", "ci_low", "ci_high"]]
+    table = pd.concat([pd.DataFrame(rows), groups.astype({"group": str})], ignore_index=True)
+    return table.assign(model=model_name, task="organism")[["model", "task", "mode", "group", "n", "accuracy",
+                                                            "ci_low", "ci_high"]]
+
+
 def stage_norm_profile(ctx: Context) -> None:
     """Hidden-state L2 norm per layer, thinking vs non-thinking, all tokens and token-matched: tables, figures."""
     from tellnorm.studies.corpus import organism_prompt_rows
-    from tellnorm.studies.profile import profile_study
+    from tellnorm.studies.profile import format_matched, profile_study
 
     _, profile, matched = profile_study(ctx.model, organism_prompt_rows(ctx.cfg.profile_per_difficulty), ctx.out)
     table = profile.pivot(index="layer", columns="mode", values="mean_norm").astype(float)  # float32 prints noise
@@ -534,18 +668,6 @@ def stage_norm_profile(ctx: Context) -> None:
                  "Difference = thinking − non-thinking with a bootstrap 95% CI over problems.\n\n"
                  + _code(format_matched(matched)) + "\n\n![matched](norm_trend_matched.png)")
     ctx.report.add("Hidden-state L2 norm by layer (generated tokens, position 0 excluded)", body)
-
-
-def format_matched(matched: pd.DataFrame) -> str:
-    """The token-matched norm table (one row per token kind and layer; the profile study's ``matched``) as text,
-    with the thinking − non-thinking difference and its bootstrap 95% CI in one column."""
-    view = matched.assign(
-        thinking=matched.thinking.map("{:.3f}".format), non_thinking=matched.non_thinking.map("{:.3f}".format),
-        ratio=matched.ratio.map("{:.2f}".format),
-        difference=[f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in
-                    zip(matched.difference, matched.difference_ci_low, matched.difference_ci_high)])
-    columns = ["tokens", "layer", "n_pairs", "thinking", "non_thinking", "ratio", "difference"]
-    return view[columns].to_string(index=False)
 
 
 def stage_peaks(ctx: Context) -> None:
@@ -582,7 +704,12 @@ def stage_features(ctx: Context) -> None:
     from tellnorm.studies.corpus import contrast_corpus
     from tellnorm.studies.features import feature_scores, feature_study, trend_figure
 
-    corpus = contrast_corpus(ctx.model, ctx.cfg.features_per_difficulty)
+    if ctx.cfg.task_mode:
+        from tellnorm.apps.reproduce_model import response_corpus_for
+
+        corpus = response_corpus_for(ctx)
+    else:
+        corpus = contrast_corpus(ctx.model, ctx.cfg.features_per_difficulty)
     with atomic_path(ctx.out / CORPUS_FILE) as tmp:  # bounds, correlation and dashboards read it, also when cached
         tmp.write_text(json.dumps(asdict(corpus)))
     ctx._corpus = corpus
@@ -597,20 +724,27 @@ def stage_features(ctx: Context) -> None:
                            "scores": [[layer, f, scores.get((layer, f), {})]
                                       for layer, feats in result["top_reason"].items() for f in feats]})
     trend = result["trend"].assign(ratio=lambda t: t["thinking"] / t["non-thinking"])
-    body = ["SAE quality on held-out responses (validation problems, both modes):",
+    where = ("the stored responses to the tasks, both modes" if ctx.cfg.task_mode
+             else "held-out responses (validation problems, both modes)")
+    matched_at = ("the tokens of the stated answer, found by the task's extractor, in both modes" if ctx.cfg.task_mode
+                  else "the closing `answer : X` of both modes")
+    body = [f"SAE quality on {where}:",
             _code(quality.drop(columns=["d_sae"]).round(4).to_string(index=False)),
             f"Mean top-{ctx.cfg.top_k} reasoning-feature activation per layer (features ranked by the contrast):",
             _code(trend.round(4).to_string(index=False)), "![feature trend](feature_trend.png)"]
     if "matched_trend" in result:
-        body += ["Like with like: the contrast on token-matched positions only (the closing `answer : X` of both "
-                 "modes); `thinking`/`non-thinking` = mean top-K activation of features re-ranked there "
+        body += [f"Like with like: the contrast on token-matched positions only ({matched_at}); "
+                 "`thinking`/`non-thinking` = mean top-K activation of features re-ranked there "
                  "(bootstrap 95% CIs over problems, top-K set held fixed), "
                  "`all_token_features_*` = the all-token top-K features measured there, `top_k_jaccard` = overlap of "
                  "the two top-K sets:",
                  _code(result["matched_trend"].round(4).to_string(index=False))]
-    body += [
-            "Token-injection control (top-5 ReasonScore features of each late layer):",
-            _code(result["injection"].round(4).to_string(index=False))]
+    if result["injection"] is not None:
+        body += ["Token-injection control (top-5 ReasonScore features of each late layer):",
+                 _code(result["injection"].round(4).to_string(index=False))]
+    else:
+        body += [f"ReasonScore and its token-injection control: not measured ({result['reason_score_note']}); the "
+                 "dashboards show the top-5 contrast features of each late layer instead."]
     if "overlap" in result:
         share = result["overlap"].pivot_table(index=["layer", "feature"], columns="label",
                                               values="share_of_activation")
@@ -623,14 +757,21 @@ def stage_bounds(ctx: Context) -> None:
     """The theorem checked on the contrast corpus: the bound, its assumptions per layer, the two-sided relation."""
     from tellnorm.studies.bounds import bounds_study
 
-    result = bounds_study(ctx.model, ctx.saes, ctx.corpus, ctx.out, top_k=ctx.cfg.top_k)
+    # the two-sided relation pairs states at a marker both modes write: the organism's `answer : X`; a task's
+    # responses have no such shared marker, so that part is reported as not measured
+    markers = {"markers": ()} if ctx.cfg.task_mode else {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="no marker")
+        result = bounds_study(ctx.model, ctx.saes, ctx.corpus, ctx.out, top_k=ctx.cfg.top_k, **markers)
     bounds = result["bounds"][["layer", "n_checked", "violations", "median_tightness", "p99_tightness",
                                "max_tightness", "sum_violations", "sum_max_tightness", "norm_line_max_tightness"]]
     verdicts = result["assumptions"][["layer", "a1_mean_cos", "a1_verdict", "a2_rel_error", "a2_fvu", "a2_verdict",
                                       "a3_mean_abs_cos", "a3_verdict", "a4_reasoning_active_in_non_thinking",
                                       "a4_jaccard", "a4_verdict"]]
-    pairs = result["pairs"][["layer", "n_pairs", "frac_delta_nonpositive", "c1", "c2", "in_band", "in_band_ideal",
-                             "median_r_active", "spearman_s_delta_x100"]]
+    pair_columns = ["layer", "n_pairs", "frac_delta_nonpositive", "c1", "c2", "in_band", "in_band_ideal",
+                    "median_r_active", "spearman_s_delta_x100"]
+    pairs = (result["pairs"][pair_columns].round(3).to_string(index=False) if result["pairs"].n_pairs.sum() > 0
+             else "not measured: the responses have no marker both modes write (the organism's `answer : X`)")
     ctx.report.add("The theorem, checked: the norm bounds feature activation", "\n\n".join([
         "Exact, assumption-free bound `a_i(x) ≤ ‖w_i‖·‖s·x − b_dec‖ + max(b_i, 0)` on every (token, feature) of the "
         "contrast corpus (generated tokens, both modes); `sum_*` = the layer's summed top-K reasoning-feature "
@@ -641,7 +782,7 @@ def stage_bounds(ctx: Context) -> None:
         _code(verdicts.round(3).to_string(index=False)),
         "The two-sided relation `c₁·√Δ ≤ Σ_{i∈R} Δa_i ≤ c₂·√|R_active|·√Δ` on paired states (same problem, both "
         "modes, at the shared closing `answer : X`); c₁, c₂ fitted as the 5% / 95% quantiles, `in_band_ideal` = "
-        "the fraction inside the band with c₁ = c₂ = 1:", _code(pairs.round(3).to_string(index=False)),
+        "the fraction inside the band with c₁ = c₂ = 1:", _code(pairs),
         "![pairs](bounds_pairs.png)"]))
 
 
@@ -749,4 +890,58 @@ STAGES = (
     Stage("dashboards", stage_dashboards, upstream=(FEATURES,), saes=True),
     Stage("explorer", stage_explorer, ("explorer_per_difficulty",), saes=True),
 )
+
+
+def _task_stage(name: str) -> Callable[[Context], None]:
+    """A stage function of :mod:`tellnorm.apps.reproduce_model`, imported when the stage runs."""
+    def run(ctx: Context) -> None:
+        from tellnorm.apps import reproduce_model
+
+        getattr(reproduce_model, name)(ctx)
+
+    run.__name__ = name
+    return run
+
+
+TASK = ("tasks", "extractor", "problems", "backend", "contrast_model", "device", "dtype")  # what every response reads
+RESPONSES = "accuracy"
+TASK_STAGES = (
+    Stage(RESPONSES, _task_stage("stage_task_accuracy"), TASK + ("max_new_tokens", "sampling")),
+    Stage(PROFILE, _task_stage("stage_task_profile"), upstream=(RESPONSES,)),
+    Stage("peaks", _task_stage("skip_peaks")),
+    Stage(FEATURES, stage_features, ("top_k",), upstream=(RESPONSES, PROFILE), saes=True),
+    Stage("bounds", stage_bounds, ("top_k",), upstream=(FEATURES,), saes=True),
+    Stage("correlation", stage_correlation, ("top_k",), upstream=(FEATURES,), saes=True),
+    Stage("interventions", _task_stage("stage_task_interventions"), TASK + ("suppression_max_new_tokens", "quick"),
+          saes=True),
+    Stage("evaluation", _task_stage("stage_task_evaluation"),
+          TASK + ("evaluation_max_new_tokens", "n_samples", "quick")),
+    Stage("dashboards", stage_dashboards, upstream=(FEATURES,), saes=True),
+    Stage("explorer", _task_stage("stage_task_explorer"), ("explorer_per_difficulty", "evaluation_max_new_tokens"),
+          upstream=(FEATURES,), saes=True),
+)
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
+assert tuple(stage.name for stage in TASK_STAGES) == STAGE_NAMES  # --force and the cache records name either
+
+
+ORGANISM_ONLY = {"peaks": "it needs per-token step labels, which only the organism's task has"}
+
+
+def stages_for(cfg: ReproduceConfig) -> tuple[Stage, ...]:
+    """The organism's stages, or the task stages of a run with ``--task``; with ``cfg.only``, those stages and the
+    ones they read. A stage the model cannot run, or an unknown name, is one TellnormError line."""
+    stages = TASK_STAGES if cfg.task_mode else STAGES
+    if not cfg.only:
+        return stages
+    forced_stages(cfg.only)  # unknown names
+    for name in cfg.only:
+        if cfg.task_mode and name in ORGANISM_ONLY:
+            raise TellnormError(f"stage {name} cannot run on {_spec_text(cfg.model)}: {ORGANISM_ONLY[name]}")
+    by_name = {stage.name: stage for stage in stages}
+    wanted, todo = set(), list(cfg.only)
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo.extend(by_name[name].upstream)
+    return tuple(stage for stage in stages if stage.name in wanted)

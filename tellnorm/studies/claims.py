@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 REPRODUCED, PARTLY, NOT_REPRODUCED, NOT_TESTABLE = "reproduced", "partly", "not reproduced", "not testable here"
+MEAN_OVER_TASKS = "mean over tasks"  # the evaluation's average row of a run on several tasks (no CI: not judged)
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,24 @@ class Claim:
     judge: Callable[[pd.DataFrame], tuple[str, str, str]]
 
     def __call__(self, out: Path) -> Verdict:
-        """The verdict on the tables in the output folder ``out`` (not testable when the table is missing)."""
+        """The verdict on the tables in the output folder ``out`` (not testable when the table is missing). A table
+        with a ``task`` column (a run on several tasks) is judged task by task: reproduced when it is on every
+        task, not reproduced when on none, partly otherwise."""
         table = _read(Path(out), self.table)
         if table is None:
             return Verdict(self.text, "—", NOT_TESTABLE, f"this run wrote no {self.table}.csv")
-        return Verdict(self.text, *self.judge(table))
+        if "task" not in table.columns:
+            return Verdict(self.text, *self.judge(table))
+        tasks = [t for t in dict.fromkeys(table.task.astype(str)) if t != MEAN_OVER_TASKS]
+        judged = {task: self.judge(table[table.task.astype(str) == task]) for task in tasks}
+        if len(judged) == 1:
+            return Verdict(self.text, *next(iter(judged.values())))
+        verdicts = [v for _, v, _ in judged.values() if v != NOT_TESTABLE]
+        verdict = (NOT_TESTABLE if not verdicts else REPRODUCED if all(v == REPRODUCED for v in verdicts)
+                   else NOT_REPRODUCED if all(v == NOT_REPRODUCED for v in verdicts) else PARTLY)
+        measured = "; ".join(f"{task}: {m}" for task, (m, _, _) in judged.items())
+        reason = "; ".join(f"{task}: {v} ({r})" for task, (_, v, r) in judged.items())
+        return Verdict(self.text, measured, verdict, reason)
 
 
 def _norm_gap(profile) -> tuple:

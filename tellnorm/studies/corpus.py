@@ -38,6 +38,7 @@ class ContrastCorpus:
     n_prompt: list[int]
     modes: list[str]
     labels: list[list[str | None]]  # per token; None entries for models without a token labeler (only the organism)
+    matched: list[list[int]] | None = None  # per sequence, positions both modes write (a task's answer tokens)
 
     @property
     def thinking(self) -> list[int]:
@@ -103,8 +104,10 @@ def merge_corpora(results: Sequence[ContrastCorpus], shards: Sequence[Shard]) ->
 
 
 def matched_positions(model: ModelAPI, corpus: ContrastCorpus) -> list[list[int]] | None:
-    """Per sequence, the positions both modes' responses have (the roles the model's token labeler finds: the
-    organism's closing ``answer : X``); None for models without a token labeler."""
+    """Per sequence, the positions both modes' responses have: the corpus's own (a task's answer tokens), else the
+    roles the model's token labeler finds (the organism's closing ``answer : X``); None when neither exists."""
+    if corpus.matched is not None:
+        return [sorted(positions) for positions in corpus.matched]
     if model.token_labeler is None:
         return None
     return [sorted(model.token_labeler(model.token_strings(seq), k)[1])

@@ -92,18 +92,27 @@ def feature_study(model: ModelAPI, saes: dict[int, SAE], corpus: ContrastCorpus,
             masks[i].update(buckets)
     sums = feature_sums(runner, saes, corpus.sequences, masks, fold_decoder_norm=True)
     contrast_tab = F.contrast_table(sums, layers)
-    reason_tab = F.reason_score_table(sums, layers, list(vocab))
+    try:
+        reason_tab = F.reason_score_table(sums, layers, list(vocab))
+        reason_note = None
+    except TellnormError as err:  # responses without reasoning words (a random stand-in, a terse model)
+        reason_tab, reason_note = None, str(err)
     trend = F.top_k_scores(contrast_tab, k=top_k)
     write_csv(contrast_tab[contrast_tab["rank"] <= 100], out / "features_contrast_top100.csv")
-    write_csv(reason_tab[reason_tab["rank"] <= 100], out / "features_reasonscore_top100.csv")
     write_csv(trend, out / "feature_trend.csv")
     late = model.late_layers()
-    top_reason = {layer: reason_tab[(reason_tab.layer == layer) & (reason_tab["rank"] <= 5)].feature.tolist()
-                  for layer in late}
-    injection = token_injection_control(model, saes, corpus, vocab, top_reason, seed=seed, runner=runner)
-    write_csv(injection, out / "features_token_injection.csv")
+    if reason_tab is not None:
+        write_csv(reason_tab[reason_tab["rank"] <= 100], out / "features_reasonscore_top100.csv")
+        top_reason = {layer: reason_tab[(reason_tab.layer == layer) & (reason_tab["rank"] <= 5)].feature.tolist()
+                      for layer in late}
+        injection = token_injection_control(model, saes, corpus, vocab, top_reason, seed=seed, runner=runner)
+        write_csv(injection, out / "features_token_injection.csv")
+    else:  # the dashboards show the top contrast features instead; the report says why
+        top_reason = {layer: contrast_tab[(contrast_tab.layer == layer) & (contrast_tab["rank"] <= 5)].feature.tolist()
+                      for layer in late}
+        injection = None
     result = {"contrast": contrast_tab, "reason": reason_tab, "trend": trend, "injection": injection,
-              "top_reason": top_reason}
+              "top_reason": top_reason, "reason_score_note": reason_note}
     if matched is not None:
         result["matched_trend"] = matched_feature_trend(sums, contrast_tab, layers, top_k, corpus.modes, seed=seed)
         write_csv(result["matched_trend"], out / "feature_trend_matched.csv")
@@ -300,7 +309,7 @@ def feature_scores(result: Mapping[str, Any]) -> dict[tuple[int, int], dict[str,
     """{(layer, feature): {"reason_score": ..., "differential": ...}} for dashboard cards, from
     :func:`feature_study`'s result."""
     scores = {}
-    for row in result["reason"].itertuples():
+    for row in (result["reason"].itertuples() if result["reason"] is not None else ()):
         scores.setdefault((row.layer, row.feature), {})["reason_score"] = row.reason_score
     for row in result["contrast"].itertuples():
         scores.setdefault((row.layer, row.feature), {})["differential"] = row.delta

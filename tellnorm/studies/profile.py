@@ -66,7 +66,7 @@ def norm_trend_figure(profile: pd.DataFrame, *,
 # Token sets of the like-with-like comparison: every generated token, then positions both modes' responses have.
 MATCHED_TOKEN_SETS = ("all tokens", "answer_word", "answer_value")
 TOKEN_SET_TITLES = {"all tokens": "all generated tokens", "answer_word": "the `answer` token",
-                    "answer_value": "the answer value X"}
+                    "answer_value": "the answer value X", "answer": "the stated answer (task extractor)"}
 
 
 def matched_comparison(frame: pd.DataFrame, *, token_sets: Sequence[str] = MATCHED_TOKEN_SETS,
@@ -101,6 +101,18 @@ def matched_comparison(frame: pd.DataFrame, *, token_sets: Sequence[str] = MATCH
             row["ratio"] = think.mean() / nothink.mean()
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def format_matched(matched: pd.DataFrame) -> str:
+    """The token-matched norm table (one row per token kind and layer; the profile study's ``matched``) as text,
+    with the thinking − non-thinking difference and its bootstrap 95% CI in one column."""
+    view = matched.assign(
+        thinking=matched.thinking.map("{:.3f}".format), non_thinking=matched.non_thinking.map("{:.3f}".format),
+        ratio=matched.ratio.map("{:.2f}".format),
+        difference=[f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in
+                    zip(matched.difference, matched.difference_ci_low, matched.difference_ci_high)])
+    columns = ["tokens", "layer", "n_pairs", "thinking", "non_thinking", "ratio", "difference"]
+    return view[columns].to_string(index=False)
 
 
 def matched_norm_figure(table: pd.DataFrame) -> go.Figure:
@@ -158,14 +170,16 @@ def heatmap_figure(frame: pd.DataFrame, request_id: Hashable, *, title: str | No
 
 def profile_study(model: ModelAPI | None, rows: list[dict], out: Path, *, point: str = "resid_post",
                   max_new_tokens: int = 240, batch_size: int = 40, trace: NormTrace | None = None,
-                  runner: Runner | None = None) -> tuple[NormTrace, pd.DataFrame, pd.DataFrame | None]:
+                  runner: Runner | None = None, token_sets: Sequence[str] = MATCHED_TOKEN_SETS,
+                  ) -> tuple[NormTrace, pd.DataFrame, pd.DataFrame | None]:
     """Trace ``rows`` in both modes and write the per-token table, the profile and the figures to ``out``
     (``trace``: an already merged trace of ``rows``; then no generation). ``runner``: where the tracing runs (None:
     here, on ``model``; a Ray pool shards it by prompt). Nothing is written before the trace is complete, so a
     failed shard leaves ``out`` without outputs.
 
     Returns ``(trace, profile, matched)``; ``matched`` (the like-with-like comparison of
-    :func:`matched_comparison`) is None for models whose responses have no shared closing to match."""
+    :func:`matched_comparison` over ``token_sets``) is None for models whose responses have no shared closing to
+    match."""
     from tellnorm.figures import write_figure
     from tellnorm.io import check_output_dir, write_csv, write_parquet
     from tellnorm.norms import layer_profile
@@ -181,7 +195,7 @@ def profile_study(model: ModelAPI | None, rows: list[dict], out: Path, *, point:
     write_figure(heatmap_figure(trace.frame, example_request(trace.frame)), out / "norm_heatmap")
     matched = None
     if trace.frame["matched_role"].notna().any():
-        matched = matched_comparison(trace.statistics_rows())
+        matched = matched_comparison(trace.statistics_rows(), token_sets=token_sets)
         write_csv(matched, out / "norm_profile_matched.csv")
         write_figure(matched_norm_figure(matched), out / "norm_trend_matched")
     return trace, profile, matched

@@ -1,26 +1,38 @@
-"""``tellnorm intervene``: the paper's causal test (PAPER §4) and what a reviewer asks next, on the organism.
+"""``tellnorm intervene``: the paper's causal test (PAPER §4) and what a reviewer asks next, on the organism or on
+any model with a task (:mod:`tellnorm.tasks`).
 
-Suppression. After each layer l of a layer set, on generated tokens (thinking mode, greedy, organism test split),
-a *high-norm* token (``‖x‖₂ > τ_l``) is scaled, ``x' = c·x`` (c = 0.1 by default; swept over 0.1, 0.25, 0.5 and
-amplified with c = 2), or clamped, ``x' = x·min(1, (τ_l/4)/‖x‖₂)``. The control edits a *random* fraction of
-generated tokens the same way, the fraction matched to what the high-norm rule actually edited in the same
-condition (per layer set, edit, factor and difficulty: edited / generated token-layers), under several seeds.
-The same runs at early and middle layer sets (as many layers as the late set) are the depth controls.
+Suppression. After each layer l of a layer set, on generated tokens (thinking mode, greedy; the organism's test
+split, or a task's problems), a *high-norm* token (``‖x‖₂ > τ_l``) is scaled, ``x' = c·x`` (c = 0.1 by default;
+swept over 0.1, 0.25, 0.5 and amplified with c = 2), or clamped, ``x' = x·min(1, (τ_l/4)/‖x‖₂)``. The control
+edits a *random* fraction of generated tokens the same way, the fraction matched to what the high-norm rule
+actually edited in the same condition (per layer set, edit, factor and difficulty, or task group: edited /
+generated token-layers), under several seeds. The same runs at early and middle layer sets (as many layers as the
+late set) are the depth controls.
 
 Thresholds. τ_l = Q3 + 1.5·max(IQR, 1e-3) (PAPER §5). Default mode ``calibrated``: fixed per-layer τ from the
-pooled generated-token norms of clean thinking-mode responses to the organism's *validation* problems (never the
-test problems), written to ``thresholds.json``. Why not the paper code's per-request streaming threshold: it
-collects 500 decode steps before thresholding and the organism's responses are shorter (≤ ~200 tokens), so it
-would never fire. ``exact`` / ``pooled-p2`` (with ``--warmup``) and ``fixed`` (``--thresholds FILE``) remain.
+pooled generated-token norms of clean thinking-mode responses to calibration prompts (the organism's *validation*
+problems, never the test problems; with a task, a calibration task's prompts, else the task's own), written to
+``thresholds.json``. Why not the paper code's per-request streaming threshold on the organism: it collects 500
+decode steps before thresholding and the organism's responses are shorter (≤ ~200 tokens), so it would never fire.
+``exact`` (per request, after ``threshold.warmup`` decode steps: the paper's rule on real models' long responses)
+/ ``pooled-p2`` (with ``--warmup``) and ``fixed`` (``--thresholds FILE``) remain; ``interventions.json`` names the
+mode and, with a task, the warm-up that ran. The τ/4 clamp runs only with a τ per layer (calibrated or fixed): its
+random control needs one.
 
-Measures, per condition and difficulty: accuracy with n and a bootstrap 95% CI over problems (and ``no_answer``,
-the share of responses without a parseable ``answer : X``: a broken format, not a wrong value); the absolute
-difference to the clean run with a *paired* bootstrap CI (the same problems); the fraction of generated
-token-layers edited; and Δ log p, the change in the teacher-forced log-probability of the gold answer token
-after ``answer :`` when the *gold* response is the context (the edit acts on the response tokens as in
-generation), a measure that does not depend on the edited run's own (possibly broken) trace; and Δ log p of the
-trace, the mean change over all gold response tokens. Random seeds are reported one by one and pooled (per
-problem, the mean over seeds).
+Measures, per condition and difficulty (or task group): accuracy with n and a bootstrap 95% CI over problems (and
+``no_answer``, the share of responses without a parseable answer — ``answer : X`` on the organism, the task's
+extractor otherwise: a broken format, not a wrong value); the absolute difference to the clean run with a *paired*
+bootstrap CI (the same problems); the fraction of generated token-layers edited; and, on the organism only, Δ log
+p, the change in the teacher-forced log-probability of the gold answer token after ``answer :`` when the *gold*
+response is the context (the edit acts on the response tokens as in generation), a measure that does not depend on
+the edited run's own (possibly broken) trace; and Δ log p of the trace, the mean change over all gold response
+tokens. Random seeds are reported one by one and pooled (per problem, the mean over seeds).
+
+With a task. Correctness is the task's (its extractor against the gold answer, or lm-eval's metric) on the decoded
+response text. A task has no gold trace and no ``answer :`` format, so both Δ log p columns are NaN, and its
+responses have no ground-truth step labels, so ``suppression_hits.csv`` is not written; ``interventions.json``
+lists every measure skipped and why (``skipped``), as it does for steering and feature ablation where the model has
+no thinking switch or no SAEs.
 
 Note on depth: in pre-norm (RMSNorm) models, scaling the stream after layer L leaves layer L+1's attention keys
 and values unchanged (RMSNorm(c·x) = RMSNorm(x), up to ε), so other tokens feel the edit only from layer L+2 on.
@@ -28,11 +40,12 @@ With the last quarter of an 8-layer model the late set is layer 6 alone: scaling
 token's own next-token prediction. Clamping keeps the direction too, so the same holds; steering and feature
 ablation change the direction and reach other tokens from layer L+1 on.
 
-Also: which tokens the high-norm rule hits (share by ground-truth label, top tokens, in the clean run and the
-edited ones); steering along the mean thinking − non-thinking direction ``v_l = mean(x | thinking) −
-mean(x | non-thinking)`` over generated tokens of the validation contrast corpus, ``x' = x + s·v_l`` on generated
-tokens at the late layers for a sweep of s; and ablating the top-K reasoning features (the paper's contrast,
-:mod:`tellnorm.features`) at the late layers vs random features of matched activation mass.
+Also: which tokens the high-norm rule hits (on the organism, share by ground-truth label; always the top tokens,
+in the clean run and the edited ones); steering along the mean thinking − non-thinking direction ``v_l =
+mean(x | thinking) − mean(x | non-thinking)`` over generated tokens of the calibration contrast corpus (both modes
+of the calibration prompts), ``x' = x + s·v_l`` on generated tokens at the late layers for a sweep of s; and
+ablating the top-K reasoning features (the paper's contrast, :mod:`tellnorm.features`) at the late layers vs random
+features of matched activation mass.
 
 Every problem of every condition is one request; all conditions share the batches, which the per-request edits
 make safe (a request's edits and outputs do not depend on its batch).
@@ -51,8 +64,10 @@ from tellnorm.errors import TellnormError
 from tellnorm.features import DEFAULT_TOP_K
 from tellnorm.interventions.selection import check_fraction
 from tellnorm.organism import task
+from tellnorm.organism import task as organism_task  # where a study argument named ``task`` hides the module
 from tellnorm.organism.evaluate import EvalConfig
 from tellnorm.studies.runners import Replica, Runner, Shard, as_runner, merge_dicts
+from tellnorm.tasks import Task, TaskItem
 from tellnorm.thresholds import MODES, ThresholdConfig
 
 if TYPE_CHECKING:
@@ -80,14 +95,17 @@ MASS_TOLERANCE = 0.02  # random feature sets match the top-K's activation mass t
 
 @dataclass
 class InterventionConfig:
-    """Every option of ``tellnorm intervene``: the test problems, the suppression factors, amplification, clamp and
-    random-control seeds (PAPER.md §4), the threshold mode and k (PAPER.md §5), the steering scales and feature
-    ablation, the generation budget and batch size, the bootstrap seed; validated on construction (one
-    TellnormError line per bad option). Each field's comment says where its default comes from."""
+    """Every option of ``tellnorm intervene``: the test problems (the organism's per difficulty, or a task's first
+    ``n_problems``), the suppression factors, amplification, clamp and random-control seeds (PAPER.md §4), the
+    threshold mode and k (PAPER.md §5), the steering scales and feature ablation, the generation budget and batch
+    size, the bootstrap seed; validated on construction (one TellnormError line per bad option). Each field's
+    comment says where its default comes from."""
 
     per_difficulty: int = 10  # TELLNORM: test problems per difficulty (keeps the default run to a few minutes)
     difficulties: tuple[int, ...] = tuple(range(task.MIN_DIFFICULTY, task.MAX_DIFFICULTY + 1))
     calibration_per_difficulty: int = 10  # TELLNORM: validation problems per difficulty for τ, direction, features
+    n_problems: int | None = None  # TELLNORM: with a task, its first N problems (None: all); organism: unused
+    n_calibration: int | None = None  # TELLNORM: with a task, the first N calibration prompts (None: all)
     factors: tuple[float, ...] = (0.1, 0.25, 0.5)  # PAPER §4: ×0.1 on high-norm tokens; "sweep the suppression ratio"
     amplify: tuple[float, ...] = (2.0,)  # ISSUE 9 §3: amplifying (c > 1) high-norm vs random states
     clamp_fraction: float | None = 0.25  # PAPER §4: the alternative, clamp the norm down to τ/4 (None: skip)
@@ -102,8 +120,9 @@ class InterventionConfig:
     feature_seeds: tuple[int, ...] = (0, 1)  # TELLNORM: random matched feature sets
     steering: bool = True
     features: bool = True
-    saes: str = "organism"
-    max_new_tokens: int = EvalConfig.max_new_tokens  # the organism evaluation's budget
+    saes: str = "organism"  # any spec tellnorm.saes.load_saes takes; the organism's suite fits only the organism
+    max_new_tokens: int = EvalConfig.max_new_tokens  # the organism evaluation's budget (PAPER's code: 2048 on real
+    #                                                   models, which callers pass with a task)
     batch_size: int = 50  # TELLNORM: generation batch (requests of all conditions share batches)
     seed: int = 0  # bootstrap seed
 
@@ -117,6 +136,9 @@ class InterventionConfig:
                             ("max_new_tokens", self.max_new_tokens), ("feature_top_k", self.feature_top_k)):
             if not isinstance(value, int) or value < 1:
                 raise TellnormError(f"{name} must be a whole number ≥ 1, got {value!r}")
+        for name, value in (("n_problems", self.n_problems), ("n_calibration", self.n_calibration)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise TellnormError(f"{name} must be a whole number ≥ 1 or None (all), got {value!r}")
         if not self.factors and not self.amplify:
             raise TellnormError("give at least one suppression factor or amplification")
         for c in self.factors + (self.control_factor,):
@@ -175,7 +197,8 @@ class Condition:
 
 @dataclass
 class Context:
-    """What the conditions need, computed once from the validation contrast corpus."""
+    """What the conditions need, computed once from the calibration corpus (the validation contrast corpus on the
+    organism)."""
 
     model: ModelAPI | None  # None in the portable copy sent to shards (each puts its replica's model)
     cfg: InterventionConfig
@@ -199,10 +222,13 @@ class _Identity:
 
 def calibrate_suppression(model: ModelAPI, cfg: InterventionConfig, sets: dict[str, list[int]], *,
                           progress: bool = True, corpus: ContrastCorpus | None = None,
-                          runner: Runner | None = None) -> Context:
+                          runner: Runner | None = None, prompts: Sequence[str] | None = None) -> Context:
     """Thresholds (PAPER.md §5), steering direction and reasoning features (PAPER.md §2) from clean responses to
-    validation problems (``corpus``: the validation contrast corpus when already generated; else generated on
-    ``runner``, None: here). The calibration pass itself runs here: its quantiles and means pool the whole corpus."""
+    calibration prompts: ``prompts`` (user texts, a task's), None: the organism's validation problems
+    (``corpus``: their contrast corpus when already generated; else generated on ``runner``, None: here). With
+    ``prompts``, both modes are generated only when steering or the features need the contrast, thinking mode alone
+    when only τ is calibrated, and nothing when nothing needs it (τ fixed or streaming). The calibration pass itself
+    runs here: its quantiles and means pool the whole corpus."""
     import numpy as np
 
     from tellnorm import features as F
@@ -222,14 +248,25 @@ def calibrate_suppression(model: ModelAPI, cfg: InterventionConfig, sets: dict[s
         if missing:
             raise TellnormError(f"{cfg.thresholds_file} has no threshold for layer(s) {missing}")
     if corpus is None:
-        corpus = contrast_corpus(model, cfg.calibration_per_difficulty, max_new_tokens=cfg.max_new_tokens,
-                                 progress=progress, runner=runner)
+        if prompts is None or cfg.steering or cfg.features:
+            corpus = contrast_corpus(model, cfg.calibration_per_difficulty, max_new_tokens=cfg.max_new_tokens,
+                                     progress=progress, runner=runner,
+                                     prompts=None if prompts is None else list(prompts))
+        elif cfg.threshold_mode == "calibrated":
+            corpus = _thinking_corpus(model, prompts, cfg, as_runner(runner, model))
+        else:
+            return ctx
+    contrast = set(corpus.modes) == {"thinking", "non-thinking"}
     all_layers = sorted({l for ls in sets.values() for l in ls})
-    masks = F.contrast_masks(corpus.sequences, corpus.n_prompt, corpus.modes)
     tracer = NormTracer(model, all_layers)
-    residual = F.FeatureSumsObserver(model, {l: _Identity() for l in sets["late"]}, masks)
-    observers = [tracer, residual]
+    observers = [tracer]
+    if contrast:
+        masks = F.contrast_masks(corpus.sequences, corpus.n_prompt, corpus.modes)
+        residual = F.FeatureSumsObserver(model, {l: _Identity() for l in sets["late"]}, masks)
+        observers.append(residual)
     if cfg.features:
+        if not contrast:
+            raise TellnormError("the feature ablation needs calibration responses in both modes (the contrast)")
         feature_sums = F.FeatureSumsObserver(model, ctx.saes, masks, fold_decoder_norm=True)
         observers.append(feature_sums)
     run_forward(model, corpus.sequences, request_ids=list(range(len(corpus.sequences))), observers=observers,
@@ -240,16 +277,32 @@ def calibrate_suppression(model: ModelAPI, cfg: InterventionConfig, sets: dict[s
         thinking = np.asarray([m == "thinking" for m in corpus.modes])[frame.request_id.to_numpy(dtype=int)]
         pooled = frame[(frame.position.to_numpy() >= n_prompt) & thinking]
         if pooled.empty:
-            raise TellnormError("the validation responses have no generated tokens to calibrate thresholds on")
+            raise TellnormError("the calibration responses have no generated tokens to calibrate thresholds on")
         ctx.thresholds = calibrated_thresholds({layer: g.norm.to_numpy() for layer, g in pooled.groupby("layer")},
                                                cfg.threshold)
-    for layer in sets["late"]:
-        diff = residual.sums.mean(layer, "thinking") - residual.sums.mean(layer, "non-thinking")
-        ctx.direction[layer] = diff.float()
+    if contrast:
+        for layer in sets["late"]:
+            diff = residual.sums.mean(layer, "thinking") - residual.sums.mean(layer, "non-thinking")
+            ctx.direction[layer] = diff.float()
     if cfg.features:
         table = F.contrast_table(feature_sums.sums, sets["late"])
         ctx.feature_sets, ctx.feature_mass = matched_feature_sets(table, cfg.feature_top_k, cfg.feature_seeds)
     return ctx
+
+
+def _thinking_corpus(model: ModelAPI, prompts: Sequence[str], cfg: InterventionConfig,
+                     runner: Runner) -> ContrastCorpus:
+    """Greedy thinking-mode responses to ``prompts`` as a one-mode corpus: what τ needs when no contrast is asked
+    for (or the model has no thinking switch to give one)."""
+    from tellnorm.generation import SamplingConfig
+    from tellnorm.studies.corpus import ContrastCorpus
+    from tellnorm.studies.runners import generate_sharded
+
+    encoded = [model.encode(model.chat_prompt(p, thinking=True)) for p in prompts]
+    gens = generate_sharded(runner, encoded, SamplingConfig(max_new_tokens=cfg.max_new_tokens),
+                            batch_size=cfg.batch_size)
+    return ContrastCorpus([g.ids for g in gens], [len(g.prompt_ids) for g in gens], ["thinking"] * len(gens),
+                          [[None] * len(g.ids) for g in gens])
 
 
 def matched_feature_sets(table: pd.DataFrame, k: int,
@@ -373,7 +426,7 @@ class Outcome:
     edits: dict[str, list[Edit | RecordedEdit]] = field(default_factory=dict)
 
 
-def run_conditions(model: ModelAPI, conds: list[Condition], problems: Sequence[Problem],
+def run_conditions(model: ModelAPI, conds: list[Condition], problems: Sequence[Problem | TaskItem],
                    prompts: Sequence[list[int]], cfg: InterventionConfig, fractions: dict[str, dict[str, float]],
                    *, progress: bool, desc: str, indices: Sequence[int] | None = None) -> Outcome:
     """Generate every problem under every condition in shared batches (``indices``: the problems' numbers in the
@@ -472,8 +525,8 @@ def _shard_conditions(ctx: Context, names: Sequence[str]) -> list[Condition]:
     return [by_name[n] for n in names]
 
 
-def intervention_shard(replica: Replica, shard: Shard, items: list[tuple[Problem, list[int]]], *, ctx: Context,
-                       saes: Any, names: Sequence[str], cfg: InterventionConfig,
+def intervention_shard(replica: Replica, shard: Shard, items: list[tuple[Problem | TaskItem, list[int]]], *,
+                       ctx: Context, saes: Any, names: Sequence[str], cfg: InterventionConfig,
                        fractions: dict[str, dict[str, float]], what: str = "generate", progress: bool = False,
                        desc: str = "") -> _ShardOutcome | dict[str, tuple[float, float]]:
     """One shard of the problems (``(problem, prompt ids)`` items, request ids numbered by their original index)
@@ -534,10 +587,13 @@ def _edited_counts(edits) -> dict:
     return counts
 
 
-def per_request_table(model: ModelAPI, conds: Sequence[Condition], problems: Sequence[Problem],
-                      outcomes: list[Outcome], logps: dict[str, tuple[float, float]]) -> pd.DataFrame:
+def per_request_table(model: ModelAPI, conds: Sequence[Condition], problems: Sequence[Problem | TaskItem],
+                      outcomes: list[Outcome], logps: dict[str, tuple[float, float]], *,
+                      task: Task | None = None) -> pd.DataFrame:
     """One row per (condition, problem): correct, answer log-prob, response length, edited token-layers
-    (``logps``: :func:`answer_logprobs`'s result)."""
+    (``logps``: :func:`answer_logprobs`'s result). ``task``: ``problems`` are its items, scored by the task on the
+    decoded response text (an ``id`` column beside ``problem``; ``difficulty`` holds the item's group); None: the
+    organism's problems and answer parser."""
     import pandas as pd
 
     gens = {rid: g for o in outcomes for rid, g in o.generations.items()}
@@ -548,23 +604,36 @@ def per_request_table(model: ModelAPI, conds: Sequence[Condition], problems: Seq
         for i, p in enumerate(problems):
             rid = cond.request_id(i)
             g = gens[rid]
-            predicted = task.parse_answer(model.token_strings(g.generated_ids))
             # generated tokens that went through the model (the last one never does), at each edited layer
             token_layers = max(len(g.generated_ids) - 1, 0) * len(cond.layers)
-            rows.append({"condition": cond.name, "problem": i, "difficulty": p.difficulty, "answer": p.answer,
-                         "predicted": predicted, "correct": float(predicted == p.answer),
-                         "no_answer": float(predicted is None), "logp": logps[rid][0], "logp_trace": logps[rid][1],
-                         "n_generated": len(g.generated_ids), "n_edited": counts.get(rid, 0),
-                         "n_token_layers": token_layers})
+            if task is None:
+                predicted = organism_task.parse_answer(model.token_strings(g.generated_ids))
+                head = {"condition": cond.name, "problem": i, "difficulty": p.difficulty, "answer": p.answer,
+                        "predicted": predicted, "correct": float(predicted == p.answer)}
+            else:
+                text = model.tokenizer.decode(g.generated_ids, skip_special_tokens=True)
+                predicted = task.extract(text)
+                head = {"condition": cond.name, "problem": i, "id": p.id, "difficulty": p.group, "answer": p.answer,
+                        "predicted": predicted, "correct": float(task.is_correct(p, text))}
+            rows.append({**head, "no_answer": float(predicted is None), "logp": logps[rid][0],
+                         "logp_trace": logps[rid][1], "n_generated": len(g.generated_ids),
+                         "n_edited": counts.get(rid, 0), "n_token_layers": token_layers})
     return pd.DataFrame(rows)
 
 
-def matched_fractions(cond: Condition, per_request: pd.DataFrame, problems: Sequence[Problem]) -> dict[str, float]:
-    """{request_id of the random control: the high-norm rule's edited fraction at that problem's difficulty}."""
+def problem_group(problem: Problem | TaskItem) -> int | str:
+    """A problem's rows in the tables: the organism's difficulty, a task item's group."""
+    return problem.group if isinstance(problem, TaskItem) else problem.difficulty
+
+
+def matched_fractions(cond: Condition, per_request: pd.DataFrame,
+                      problems: Sequence[Problem | TaskItem]) -> dict[str, float]:
+    """{request_id of the random control: the high-norm rule's edited fraction at that problem's difficulty (a
+    task's: its group)}."""
     hn = per_request[per_request.condition == cond.matches]
     by_difficulty = hn.groupby("difficulty")[["n_edited", "n_token_layers"]].sum()
     rate = (by_difficulty.n_edited / by_difficulty.n_token_layers.where(by_difficulty.n_token_layers > 0)).fillna(0)
-    return {cond.request_id(i): float(min(rate.get(p.difficulty, 0.0), 1.0)) for i, p in enumerate(problems)}
+    return {cond.request_id(i): float(min(rate.get(problem_group(p), 0.0), 1.0)) for i, p in enumerate(problems)}
 
 
 # ----------------------------------------------------------------------------------------------------- tables
@@ -597,13 +666,14 @@ def _summary_row(group, clean, seed: int) -> dict:
 
 
 def summarise(conds: list[Condition], per_request: pd.DataFrame, cfg: InterventionConfig,
-              families: tuple[str, ...]) -> pd.DataFrame:
-    """Rows per condition of ``families`` (random seeds also pooled) × difficulty (and "all"): accuracy with its
-    bootstrap CI, the paired difference to the clean run, Δ log p and the edited fraction (module docstring)."""
+              families: tuple[str, ...], groups: Sequence[int | str] | None = None) -> pd.DataFrame:
+    """Rows per condition of ``families`` (random seeds also pooled) × difficulty (``groups``, default
+    ``cfg.difficulties``: a task's groups) and "all": accuracy with its bootstrap CI, the paired difference to the
+    clean run, Δ log p and the edited fraction (module docstring)."""
     import pandas as pd
 
     clean = per_request[per_request.condition == "clean"]
-    groups: list[tuple[dict, object]] = []
+    rows_by_label: list[tuple[dict, object]] = []
     pooled: dict = {}
     for cond in conds:
         if cond.family not in families:
@@ -612,7 +682,7 @@ def summarise(conds: list[Condition], per_request: pd.DataFrame, cfg: Interventi
                  "selection": cond.selection, "edit": cond.edit, "factor": cond.factor,
                  "seed": "" if cond.seed is None else str(cond.seed), "features": cond.features, **cond.extra}
         rows = per_request[per_request.condition == cond.name]
-        groups.append((label, rows))
+        rows_by_label.append((label, rows))
         if cond.seed is not None:  # seeds pooled: per problem, the mean over seeds; extras averaged
             key = (cond.family, cond.layer_set, cond.edit, cond.factor, cond.features)
             pooled.setdefault(key, ([], []))
@@ -621,10 +691,10 @@ def summarise(conds: list[Condition], per_request: pd.DataFrame, cfg: Interventi
     for labels, parts in pooled.values():
         extras = [k for k in labels[0] if k in EXTRA_COLUMNS]
         label = dict(labels[0], seed="pooled", **{k: sum(l[k] for l in labels) / len(labels) for k in extras})
-        groups.append((label, pd.concat(parts)))
-    out = []
-    for label, rows in groups:
-        for difficulty in list(cfg.difficulties) + ["all"]:
+        rows_by_label.append((label, pd.concat(parts)))
+    out, groups = [], list(cfg.difficulties if groups is None else groups)
+    for label, rows in rows_by_label:
+        for difficulty in groups + ["all"]:
             sub = rows if difficulty == "all" else rows[rows.difficulty == difficulty]
             base = clean if difficulty == "all" else clean[clean.difficulty == difficulty]
             out.append({**label, "difficulty": difficulty, **_summary_row(sub, base, cfg.seed)})
@@ -674,10 +744,11 @@ def hits_tables(model: ModelAPI, conds: list[Condition],
 
 # ----------------------------------------------------------------------------------------------------- figures
 
-def suppression_figure(table: pd.DataFrame, sets: dict[str, list[int]], control_factor: float) -> go.Figure:
+def suppression_figure(table: pd.DataFrame, sets: dict[str, list[int]], control_factor: float, *,
+                       subject: str = "organism test split") -> go.Figure:
     """The suppression test (PAPER.md §4) from :func:`summarise`'s table. Left: late layers, accuracy vs factor,
     high-norm vs random (seeds pooled), 95% CIs, clean as a band. Right: the paper's factor at the early, middle
-    and late layer sets, and the τ/4 clamp at the late layers."""
+    and late layer sets, and the τ/4 clamp at the late layers. ``subject``: the problems, for the title."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -723,7 +794,7 @@ def suppression_figure(table: pd.DataFrame, sets: dict[str, list[int]], control_
     fig.update_yaxes(range=[0, 1.05], title_text="accuracy (95% bootstrap CI)", row=1, col=1)
     fig.update_yaxes(range=[0, 1.05], row=1, col=2)
     fig.update_layout(barmode="group")
-    style(fig, title="Suppressing high-norm vs random generated tokens (organism test split, thinking mode)",
+    style(fig, title=f"Suppressing high-norm vs random generated tokens ({subject}, thinking mode)",
           width=1080, height=500)
     return fig.update_layout(margin={"b": 95})  # room for three-line category labels
 
@@ -767,50 +838,183 @@ def extras_figure(steering: pd.DataFrame | None, features: pd.DataFrame | None) 
 
 # ------------------------------------------------------------------------------------------------------- main
 
-def run_intervene(model: ModelAPI, cfg: InterventionConfig, out: Path, *, progress: bool = True,
+@dataclass
+class StudyInputs:
+    """What one run of the study works on, all checked before any generation: the problems (the organism's, or a
+    task's items), their thinking-mode chat prompts, the table's groups, the calibration prompts, the config as it
+    runs (steering / features off where skipped) and every measure skipped with its reason."""
+
+    problems: list[Problem | TaskItem]
+    prompts: list[list[int]]
+    groups: list[int | str]  # the difficulty column's rows besides "all"
+    cfg: InterventionConfig
+    task: Task | None = None
+    calibration: Task | None = None  # its prompts calibrate τ, the direction and the features; None: the organism's
+    skipped: dict[str, str] = field(default_factory=dict)  # measure -> why it is not in the tables
+
+
+def organism_inputs(model: ModelAPI, cfg: InterventionConfig) -> StudyInputs:
+    """The organism's test problems of ``cfg.difficulties`` (``cfg.per_difficulty`` each); any other model is one
+    TellnormError line saying to pass a task."""
+    from tellnorm.organism.evaluate import problem_prompts
+
+    if getattr(model, "source", "") != "organism":
+        raise TellnormError(f"the suppression study needs a task for {model.name}: pass task= (tellnorm.tasks."
+                            "load_task) or --task FILE.jsonl[=EXTRACTOR] / lm-eval:NAME (without one it runs the "
+                            "organism's test problems, which only the organism answers)")
+    problems = [p for p in organism_task.test_split(cfg.per_difficulty).problems if p.difficulty in cfg.difficulties]
+    return StudyInputs(problems, problem_prompts(model, problems, "thinking"), list(cfg.difficulties), cfg)
+
+
+def _chat_ids(model: ModelAPI, task: Task, thinking: bool) -> list[list[int]]:
+    """Chat-prompt ids of every item of ``task``; a prompt that leaves no room to generate is one error line."""
+    out = []
+    for item in task.items:
+        try:
+            ids = model.encode(model.chat_prompt(item.prompt, thinking=thinking))
+        except TellnormError as exc:  # which problem: the backend's message cannot say
+            raise TellnormError(f"problem {item.id!r} of {task.name}: {exc}") from None
+        if len(ids) >= model.max_positions:  # equal leaves no position to generate into
+            raise TellnormError(f"problem {item.id!r} of {task.name} has a {len(ids)}-token prompt, over "
+                                f"{model.name}'s context of {model.max_positions}: drop or shorten it")
+        out.append(ids)
+    return out
+
+
+def load_calibration(spec: str) -> Task:
+    """Calibration prompts by spec: ``lm-eval:NAME[=EXTRACTOR]`` (that task's prompts) or a JSONL of ``{"prompt"}``
+    lines, answers optional (they are never used). A bad file is one TellnormError line."""
+    from tellnorm.tasks import LM_EVAL_PREFIX, load_task, read_task_rows
+
+    source = spec.partition("=")[0]
+    if source.startswith(LM_EVAL_PREFIX):
+        return load_task(spec)
+    rows = read_task_rows(source, need_answers=False)
+    items = [TaskItem(str(row.get("id", i)), row["prompt"], str(row.get("answer", "")), str(row.get("group", "all")))
+             for i, row in enumerate(rows)]
+    return Task(Path(source).stem, items, source=source)
+
+
+def task_inputs(model: ModelAPI, cfg: InterventionConfig, task: Task, calibration: Task | None = None) -> StudyInputs:
+    """A task's first ``cfg.n_problems`` items on ``model`` (thinking-mode prompts, rows by the items' groups) and
+    the calibration prompts (``calibration``'s, else the task's own; first ``cfg.n_calibration``): every prompt
+    checked against the context, and what cannot run on this model or task skipped with the reason."""
+    from tellnorm.thinking import switch_for
+
+    if not task.items:
+        raise TellnormError(f"task {task.name} has no problems")
+    task = task.head(cfg.n_problems)
+    groups = task.groups
+    if len(groups) > 1 and "all" in groups:
+        raise TellnormError(f'task {task.name} gives some problems a "group" and not others ("all", the name of '
+                            "the overall rows): give every problem a group, or none")
+    prompts = _chat_ids(model, task, thinking=True)
+    skipped = {
+        "delta_logp": "organism only: the log-probability of the gold answer token after 'answer :' needs the "
+                      f"organism's answer format; {task.name} has none",
+        "delta_logp_trace": f"organism only: it teacher-forces the gold response, and {task.name} has no gold "
+                            "response (only answers)",
+        "hits_by_label": f"organism only: ground-truth step labels exist for the organism's responses, not for "
+                         f"{task.name}'s (suppression_hits.csv not written; suppression_top_tokens.csv is)",
+    }
+    steering, features = cfg.steering, cfg.features
+    switch = switch_for(model)
+    no_switch = (f"{model.name} has no thinking switch ({switch.display or switch.family or 'none found'}): the "
+                 "thinking − non-thinking contrast needs both modes from one model")
+    if not steering:
+        skipped["steering"] = "turned off (steering=False)"
+    elif not switch.has_switch:
+        skipped["steering"], steering = no_switch, False
+    if not features:
+        skipped["features"] = "turned off (features=False)"
+    elif not switch.has_switch:
+        skipped["features"], features = no_switch, False
+    elif cfg.saes == "organism" and getattr(model, "source", "") != "organism":
+        skipped["features"], features = (f"no SAEs for {model.name}: the organism's suite fits only the organism; "
+                                         "pass saes=SPEC (--saes) with SAEs of its late layers"), False
+    if cfg.clamp_fraction is not None and cfg.threshold_mode not in ("calibrated", "fixed"):
+        skipped["clamp"] = (f"threshold mode {cfg.threshold_mode} sets τ per request as it streams; the τ/4 clamp's "
+                            "random control needs one τ per layer (calibrated or fixed)")
+    calibration = (calibration or task).head(cfg.n_calibration)
+    if not calibration.items:
+        raise TellnormError(f"calibration task {calibration.name} has no prompts")
+    run_cfg = replace(cfg, steering=steering, features=features)
+    if steering or features or cfg.threshold_mode == "calibrated":  # what calibrate_suppression will generate
+        _chat_ids(model, calibration, thinking=True)
+        if steering or features:
+            _chat_ids(model, calibration, thinking=False)
+    return StudyInputs(task.items, prompts, [] if groups == ["all"] else groups, run_cfg, task, calibration, skipped)
+
+
+THRESHOLD_RULES = {
+    "calibrated": "one τ per layer, Q3 + k·max(IQR, floor) of the pooled generated-token norms of clean thinking-mode "
+                  "calibration responses",
+    "fixed": "one τ per layer from a thresholds file",
+    "exact": "per request, Q3 + k·max(IQR, floor) of that request's earlier generated-token norms, after the warm-up",
+    "pooled-p2": "the paper code's P² streaming quartiles of the per-step batch-mean norm, pooled over requests, "
+                 "after the warm-up",
+}
+
+
+def run_intervene(model: ModelAPI, cfg: InterventionConfig, out: Path, *, task: Task | None = None,
+                  calibration: Task | None = None, progress: bool = True,
                   runner: Runner | None = None) -> dict[str, Any]:
     """The whole study: calibration, both generation phases, log-probs, tables and figures in ``out``.
 
-    ``runner``: where the per-problem work runs (None: here, on ``model``; a Ray pool shards the validation corpus,
-    both generation phases and the log-probs by problem, ``cfg`` checked up front by
+    ``task``: the problems (:class:`tellnorm.tasks.Task`, its first ``cfg.n_problems``) on any model tellnorm
+    loads, scored by the task; None: the organism's test problems (the organism only; another model is one error
+    line). ``calibration``: the task whose prompts calibrate τ, the steering direction and the feature contrast
+    (answers unused; None: the task's own prompts, first ``cfg.n_calibration``). Bad input (no problems, a prompt
+    over the context, SAEs that do not fit) fails before any generation.
+
+    ``runner``: where the per-problem work runs (None: here, on ``model``; a Ray pool shards the calibration
+    corpus, both generation phases and the log-probs by problem, ``cfg`` checked up front by
     :func:`check_intervention_shardable`). Each shard rebuilds the conditions and their edits from the calibration;
     request ids, random selections and per-request τ are keyed by the problem's original index, so answers and edit
     decisions do not depend on the sharding. What needs the whole run stays here: the calibration pass (pooled τ
     quantiles, the steering direction, the feature contrast) and the matched fractions between the phases."""
     from tellnorm.figures import write_figure
     from tellnorm.io import write_csv, write_json
-    from tellnorm.organism.evaluate import problem_prompts
 
-    if getattr(model, "source", "") != "organism":
-        raise TellnormError(f"the suppression study runs on the organism's task; {model.name} is not the organism")
+    if task is None and calibration is not None:
+        raise TellnormError("a calibration task needs a task: the organism calibrates on its validation problems")
+    inputs = organism_inputs(model, cfg) if task is None else task_inputs(model, cfg, task, calibration)
+    run_cfg, problems, prompts = inputs.cfg, inputs.problems, inputs.prompts
     out = Path(out)
     started = time.perf_counter()
     sets = layer_sets(model)
     runner = as_runner(runner, model)
     if not runner.in_process:
-        check_intervention_shardable(cfg)  # before any work
-    ctx = calibrate_suppression(model, cfg, sets, progress=progress, runner=runner)
+        check_intervention_shardable(run_cfg)  # before any work
+    calibration_prompts = None if task is None else [item.prompt for item in inputs.calibration.items]
+    ctx = calibrate_suppression(model, run_cfg, sets, progress=progress, runner=runner, prompts=calibration_prompts)
     conds = build_conditions(ctx)
-    problems = [p for p in task.test_split(cfg.per_difficulty).problems if p.difficulty in cfg.difficulties]
-    prompts = problem_prompts(model, problems, "thinking")
     first = [c for c in conds if c.matches is None]
     second = [c for c in conds if c.matches is not None]
-    phase1 = _on_runner(runner, ctx, first, problems, prompts, cfg, {}, "generate", progress=progress,
+    phase1 = _on_runner(runner, ctx, first, problems, prompts, run_cfg, {}, "generate", progress=progress,
                         desc="interventions (1/2)")
-    partial = per_request_table(model, first, problems, [phase1], _zero_logps(first, problems))
+    partial = per_request_table(model, first, problems, [phase1], _zero_logps(first, problems), task=task)
     fractions = {c.name: matched_fractions(c, partial, problems) for c in second}
-    phase2 = _on_runner(runner, ctx, second, problems, prompts, cfg, fractions, "generate", progress=progress,
+    phase2 = _on_runner(runner, ctx, second, problems, prompts, run_cfg, fractions, "generate", progress=progress,
                         desc="random controls (2/2)")
-    logps = _on_runner(runner, ctx, conds, problems, prompts, cfg, fractions, "logprobs")
-    per_request = per_request_table(model, conds, problems, [phase1, phase2], logps)
-    suppression = summarise(conds, per_request, cfg, ("clean", "suppression"))
+    if task is None:
+        logps = _on_runner(runner, ctx, conds, problems, prompts, run_cfg, fractions, "logprobs")
+    else:  # no gold response to teacher-force (inputs.skipped says so)
+        logps = _zero_logps(conds, problems)
+    per_request = per_request_table(model, conds, problems, [phase1, phase2], logps, task=task)
+    suppression = summarise(conds, per_request, run_cfg, ("clean", "suppression"), inputs.groups)
     hits, top = hits_tables(model, conds, [phase1, phase2])
-    written = [write_csv(suppression, out / "suppression.csv"), write_csv(hits, out / "suppression_hits.csv"),
-               write_csv(top, out / "suppression_top_tokens.csv"),
-               write_csv(per_request, out / "per_problem.csv")]
-    written += write_figure(suppression_figure(suppression, sets, cfg.control_factor), out / "suppression")
-    steering = summarise(conds, per_request, cfg, ("steering",)) if cfg.steering else None
-    features = summarise(conds, per_request, cfg, ("features",)) if cfg.features else None
+    written = [write_csv(suppression, out / "suppression.csv")]
+    if task is None:
+        written.append(write_csv(hits, out / "suppression_hits.csv"))
+    else:  # every token would be "unlabelled": no ground truth for a task's responses
+        hits, top = None, top.drop(columns="label", errors="ignore")
+    written += [write_csv(top, out / "suppression_top_tokens.csv"), write_csv(per_request, out / "per_problem.csv")]
+    subject = "organism test split" if task is None else task.name
+    written += write_figure(suppression_figure(suppression, sets, cfg.control_factor, subject=subject),
+                            out / "suppression")
+    steering = summarise(conds, per_request, run_cfg, ("steering",), inputs.groups) if run_cfg.steering else None
+    features = summarise(conds, per_request, run_cfg, ("features",), inputs.groups) if run_cfg.features else None
     if steering is not None:
         written.append(write_csv(steering, out / "steering.csv"))
     if features is not None:
@@ -820,12 +1024,27 @@ def run_intervene(model: ModelAPI, cfg: InterventionConfig, out: Path, *, progre
     if ctx.thresholds is not None:
         ctx.thresholds.to_json(out / "thresholds.json")
         written.append(out / "thresholds.json")
-    meta = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-            "layer_sets": sets, "threshold_mode": cfg.threshold_mode,
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    if task is None:  # task-only options: the organism's interventions.json stays as it was
+        config.pop("n_problems")
+        config.pop("n_calibration")
+    meta = {"config": config, "layer_sets": sets, "threshold_mode": cfg.threshold_mode,
             "thresholds": ctx.thresholds.to_dict()["layers"] if ctx.thresholds is not None else None,
             "steering_direction_norm": {str(l): float(v.norm()) for l, v in ctx.direction.items()},
             "feature_sets": {name: {str(l): f for l, f in s.items()} for name, s in ctx.feature_sets.items()},
             "feature_mass": ctx.feature_mass, "n_problems": len(problems), "n_conditions": len(conds)}
+    if task is not None:
+        streaming = cfg.threshold_mode in ("exact", "pooled-p2")
+        meta.update({
+            "threshold_rule": THRESHOLD_RULES[cfg.threshold_mode], "threshold_k": cfg.threshold.k,
+            "threshold_warmup": cfg.threshold.warmup if streaming else None,  # decode steps before τ exists
+            "max_new_tokens": cfg.max_new_tokens,
+            "task": {"name": task.name, "source": task.source, "extractor": task.extractor,
+                     "n_problems": len(problems), "groups": inputs.groups or ["all"]},
+            "calibration": {"name": inputs.calibration.name, "source": inputs.calibration.source,
+                            "n_prompts": len(inputs.calibration.items),
+                            "own_prompts": calibration is None},
+            "skipped": inputs.skipped})
     written.append(write_json(meta, out / "interventions.json"))
     seconds = time.perf_counter() - started
     return {"suppression": suppression, "hits": hits, "top_tokens": top, "steering": steering,
