@@ -229,38 +229,65 @@ def run_forward(model: Any, sequences: Sequence[Sequence[int]], *, request_ids: 
                              batch_size=batch_size, return_logits=return_logits)
 
 
-def process_logits(logits: torch.Tensor, history: list[int], sampling: SamplingConfig) -> torch.Tensor:
-    """Next-token logits ``[vocab]`` after repetition penalty, temperature, top-k and top-p (HF's order and rules)."""
+def seen_tokens(histories: Sequence[Sequence[int]], vocab_size: int, device: Any = "cpu") -> torch.Tensor:
+    """``[batch, vocab]`` bool: which token ids each row's history (prompt and generated so far) holds — what the
+    repetition penalty reads. Generation loops keep it up to date with :func:`mark_seen` instead of rebuilding it."""
     import torch
 
-    logits = logits.clone()
-    if sampling.repetition_penalty != 1.0 and history:
+    seen = torch.zeros((len(histories), vocab_size), dtype=torch.bool, device=device)
+    for row, ids in enumerate(histories):
+        if len(ids):
+            seen[row, torch.as_tensor(list(ids), device=device)] = True
+    return seen
+
+
+def mark_seen(seen: torch.Tensor, tokens: Sequence[int]) -> None:
+    """Record each row's new token (``tokens[row]``) in ``seen`` ``[batch, vocab]``, in place."""
+    import torch
+
+    rows = torch.arange(len(tokens), device=seen.device)
+    seen[rows, torch.as_tensor(list(tokens), device=seen.device)] = True
+
+
+def process_logits(logits: torch.Tensor, seen: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Next-token logits ``[batch, vocab]`` after repetition penalty (over ``seen`` ``[batch, vocab]``, see
+    :func:`seen_tokens`), temperature, top-k and top-p: HF's order and rules, row by row. Every step is elementwise or
+    within a row, so a row comes out bit-identical alone or in any batch."""
+    import torch
+
+    if sampling.repetition_penalty != 1.0:
         # Seen tokens: positive logits divided, negative multiplied, by the penalty.
-        seen = torch.tensor(sorted(set(history)), device=logits.device)
-        vals = logits[seen]
-        logits[seen] = torch.where(vals > 0, vals / sampling.repetition_penalty, vals * sampling.repetition_penalty)
+        penalised = torch.where(logits > 0, logits / sampling.repetition_penalty,
+                                logits * sampling.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
     if sampling.greedy:
         return logits
     logits = logits / sampling.temperature
     if sampling.top_k:
-        kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
+        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampling.top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, descending=False)
+        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=False)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         # Drop the low tail whose total mass is at most 1 - top_p; the top token always stays.
         drop_sorted = cumulative <= (1 - sampling.top_p)
-        drop_sorted[-1] = False
-        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(0, sorted_idx, drop_sorted), float("-inf"))
+        drop_sorted[..., -1] = False
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted),
+                                    float("-inf"))
     return logits
 
 
-def pick_token(logits: torch.Tensor, history: list[int], sampling: SamplingConfig,
-               generator: torch.Generator | None) -> int:
-    """The next token id from logits ``[vocab]``: argmax when greedy, else a draw with the request's ``generator``."""
+def pick_tokens(logits: torch.Tensor, seen: torch.Tensor | None, sampling: SamplingConfig,
+                generators: Sequence[torch.Generator | None]) -> list[int]:
+    """Each row's next token id from logits ``[batch, vocab]``: argmax when greedy, else a draw with that row's
+    request's generator (``generators[row]``). ``seen`` ``[batch, vocab]`` is read only under a repetition penalty
+    (None otherwise)."""
     import torch
 
-    logits = process_logits(logits, history, sampling)
+    if sampling.repetition_penalty != 1.0 and seen is None:
+        raise ValueError("a repetition penalty needs each row's seen tokens")
+    logits = process_logits(logits, seen, sampling)
     if sampling.greedy:
-        return int(logits.argmax())
-    return int(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator))
+        return logits.argmax(-1).tolist()
+    probs = logits.softmax(-1).cpu()
+    return [int(torch.multinomial(probs[row], 1, generator=generator)) for row, generator in enumerate(generators)]

@@ -5,7 +5,15 @@ import torch
 from helpers import active_hook_count, organism_prompts, tiny_organism_like
 
 from tellnorm.errors import TellnormError
-from tellnorm.generation import SamplingConfig, StepInfo, generate, process_logits
+from tellnorm.generation import (
+    SamplingConfig,
+    StepInfo,
+    generate,
+    mark_seen,
+    pick_tokens,
+    process_logits,
+    seen_tokens,
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +61,13 @@ def test_seeds_make_sampling_bit_reproducible_and_differ_across_seeds(model):
     assert [g.generated_ids for g in a] != [g.generated_ids for g in c]
 
 
-@pytest.mark.parametrize("cfg", [SamplingConfig.paper(), SamplingConfig(temperature=0.9, top_k=5),
-                                 SamplingConfig(temperature=1.2, top_p=0.5, repetition_penalty=1.3)])
+SAMPLING_CASES = [SamplingConfig.paper(), SamplingConfig(temperature=0.9, top_k=5),
+                  SamplingConfig(temperature=1.2, top_p=0.5, repetition_penalty=1.3),
+                  SamplingConfig(repetition_penalty=1.1)]
+HISTORIES = [[3, 7, 7, 20, 41], [0, 49], [], [12] * 6 + [5, 30]]
+
+
+@pytest.mark.parametrize("cfg", SAMPLING_CASES)
 def test_logit_processing_matches_hf_processors(cfg):
     from transformers.generation.logits_process import (
         RepetitionPenaltyLogitsProcessor,
@@ -64,20 +77,53 @@ def test_logit_processing_matches_hf_processors(cfg):
     )
 
     torch.manual_seed(0)
-    logits = torch.randn(50) * 3
-    history = [3, 7, 7, 20, 41]
-    ref = logits[None].clone()
-    ids = torch.tensor([history])
-    ref = RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty)(ids, ref)
-    ref = TemperatureLogitsWarper(cfg.temperature)(ids, ref)
-    if cfg.top_k:
-        ref = TopKLogitsWarper(cfg.top_k)(ids, ref)
-    if cfg.top_p < 1:
-        ref = TopPLogitsWarper(cfg.top_p)(ids, ref)
-    ours = process_logits(logits, history, cfg)
-    assert torch.equal(torch.isinf(ours), torch.isinf(ref[0]))
-    finite = ~torch.isinf(ours)
-    assert torch.allclose(ours[finite], ref[0][finite], atol=1e-6)
+    logits = torch.randn(len(HISTORIES), 50) * 3
+    ours = process_logits(logits, seen_tokens(HISTORIES, 50), cfg)
+    for row, history in enumerate(HISTORIES):  # HF's processors, one row at a time (histories differ in length)
+        ref = logits[row:row + 1].clone()
+        ids = torch.tensor([history], dtype=torch.long).reshape(1, -1)
+        ref = RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty)(ids, ref)
+        if not cfg.greedy:
+            ref = TemperatureLogitsWarper(cfg.temperature)(ids, ref)
+        if cfg.top_k:
+            ref = TopKLogitsWarper(cfg.top_k)(ids, ref)
+        if cfg.top_p < 1:
+            ref = TopPLogitsWarper(cfg.top_p)(ids, ref)
+        assert torch.equal(torch.isinf(ours[row]), torch.isinf(ref[0]))
+        finite = ~torch.isinf(ours[row])
+        assert torch.allclose(ours[row][finite], ref[0][finite], atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", SAMPLING_CASES)
+def test_a_row_picks_the_same_token_alone_or_in_a_batch(cfg):
+    # vocabulary of the organism's size, logits with near-ties: each row's pick (and the draw its own generator makes)
+    # must not depend on the rows beside it
+    torch.manual_seed(1)
+    batch, vocab = 64, 63
+    logits = (torch.randn(batch, vocab) * 2).round(decimals=1)
+    histories = [torch.randint(0, vocab, (int(n),)).tolist() for n in torch.randint(0, 12, (batch,))]
+    seen = seen_tokens(histories, vocab)
+
+    def generators():
+        return [None if cfg.greedy else torch.Generator().manual_seed(row) for row in range(batch)]
+
+    together = pick_tokens(logits, seen, cfg, generators())
+    alone = [pick_tokens(logits[row:row + 1], seen[row:row + 1], cfg, [g])[0] for row, g in enumerate(generators())]
+    assert together == alone
+    if cfg.greedy:
+        assert together == process_logits(logits, seen, cfg).argmax(-1).tolist()
+    else:  # every draw is among the tokens top-k / top-p kept
+        kept = ~torch.isinf(process_logits(logits, seen, cfg))
+        assert all(kept[row, token] for row, token in enumerate(together))
+
+
+def test_seen_tokens_are_kept_up_to_date_step_by_step():
+    histories = [[1, 2], [], [4]]
+    seen = seen_tokens(histories, 6)
+    mark_seen(seen, [5, 0, 4])
+    expected = seen_tokens([[1, 2, 5], [0], [4, 4]], 6)
+    assert torch.equal(seen, expected)
+    assert seen.sum().item() == 5
 
 
 class _Exploding:

@@ -44,8 +44,10 @@ from tellnorm.generation import (
     Generation,
     SamplingConfig,
     StepInfo,
-    pick_token,
+    mark_seen,
+    pick_tokens,
     request_seed,
+    seen_tokens,
     step_token_stats,
 )
 
@@ -312,6 +314,7 @@ def _generate_batch(model, batch, sampling: SamplingConfig, observers, reuse_cac
             generators[rid] = torch.Generator(device="cpu").manual_seed(request_seed(sampling.seed, rid))
     finished: dict = {}
     cache = DynamicCache()
+    seen = None  # [live rows, vocab]: what the repetition penalty reads
     step = 0
     fresh = None
     with torch.no_grad():
@@ -324,12 +327,13 @@ def _generate_batch(model, batch, sampling: SamplingConfig, observers, reuse_cac
             logits, cache = forward_step(model.hf_model, input_ids, attention, positions, cache)
             if not reuse_cache:
                 cache = DynamicCache()
-            next_tokens = []
-            for row, rid in enumerate(live):
-                history = prompt_of[rid] + generated[rid]
-                token = pick_token(logits[row], history, sampling, generators.get(rid))
+            if seen is None and sampling.repetition_penalty != 1.0:
+                seen = seen_tokens([prompt_of[rid] for rid in live], logits.shape[-1], logits.device)
+            next_tokens = pick_tokens(logits, seen, sampling, [generators.get(rid) for rid in live])
+            for rid, token in zip(live, next_tokens):
                 generated[rid].append(token)
-                next_tokens.append(token)
+            if seen is not None:
+                mark_seen(seen, next_tokens)
             if token_stats:
                 for rid, *values in zip(live, *step_token_stats(logits, next_tokens)):
                     for name, value in zip(TOKEN_STATS, values):
@@ -345,6 +349,8 @@ def _generate_batch(model, batch, sampling: SamplingConfig, observers, reuse_cac
             if not keep:
                 break
             live = [live[r] for r in keep]
+            if seen is not None:
+                seen = seen[keep]
             step += 1
             if not reuse_cache:  # the reference: the whole sequence again, from scratch
                 input_ids, attention, positions = left_pad(model, [prompt_of[r] + generated[r] for r in live])
