@@ -18,6 +18,7 @@ from tellnorm.thresholds import (
     exact_threshold,
     iqr_threshold,
     make_threshold,
+    sorted_quantile,
 )
 
 
@@ -54,7 +55,23 @@ STREAMS = ("normal", "lognormal", "pareto", "cauchy", "increasing", "decreasing"
 
 def test_defaults_follow_the_paper():
     cfg = ThresholdConfig()
-    assert (cfg.k, cfg.iqr_floor, cfg.warmup, cfg.quantile_method) == (1.5, 1e-3, 500, "linear")
+    assert (cfg.k, cfg.iqr_floor, cfg.warmup_steps, cfg.quantile_method) == (1.5, 1e-3, 500, "linear")
+
+
+def test_each_technique_waits_its_reference_warmup_unless_one_is_given(tiny_loaded_model):
+    from tellnorm.techniques import build_edits
+
+    cfg = ThresholdConfig()
+    assert (cfg.for_technique("erss").warmup, cfg.for_technique("alrr").warmup) == (200, 500)
+    assert ThresholdConfig(warmup=50).for_technique("erss").warmup == 50
+    alrr, erss = build_edits(["alrr", "erss"], tiny_loaded_model(), threshold_mode="exact")
+    assert (alrr.threshold.cfg.warmup, erss.threshold.cfg.warmup) == (500, 200)
+    tracker = ExactThreshold(2, erss.threshold.cfg)  # what ERSS's per-request tracker is built from
+    for _ in range(199):
+        tracker.update([1.0, 2.0])
+    assert not tracker.ready and np.isnan(tracker.threshold()).all()
+    tracker.update([1.0, 3.0])
+    assert tracker.ready and np.isfinite(tracker.threshold()).all()
 
 
 @pytest.mark.parametrize("k", [0, 0.0, -1.5, math.nan, math.inf, True])
@@ -124,6 +141,29 @@ def test_exact_tracker_matches_numpy_on_every_prefix():
         else:
             np.testing.assert_allclose(tracker.threshold(), reference_tau(values[:step]), rtol=1e-12)
     np.testing.assert_array_equal(tracker.samples(), values)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 100, 1001, 4096])
+def test_sorted_quantile_is_numpys_bit_for_bit(n):
+    rng = np.random.default_rng(n)
+    values = np.concatenate([rng.lognormal(3, 1, n - n // 3), np.full(n // 3, 7.25)])  # ties included
+    ascending = np.sort(values).tolist()
+    for q in (0.0, 0.25, 0.5, 0.75, 1.0, *rng.uniform(size=5)):
+        assert sorted_quantile(ascending, q) == np.quantile(values, q), q
+
+
+@pytest.mark.parametrize("method", ["linear", "median_unbiased"])
+def test_exact_tracker_is_numpys_tau_bit_for_bit_on_every_prefix(method):
+    # a saved state first (bulk), then one step at a time: both ways of filling the sorted columns
+    values = three_layer_stream(700, seed=5)
+    cfg = ThresholdConfig(warmup=1, quantile_method=method)
+    tracker = ExactThreshold.from_samples(values[:200], 3, cfg)
+    for step in range(200, len(values)):
+        tracker.update(values[step])
+        np.testing.assert_array_equal(tracker.threshold(), reference_tau(values[: step + 1], method=method))
+    merged = tracker.merge(ExactThreshold.from_samples(values[:50], 3, cfg))
+    np.testing.assert_array_equal(merged.threshold(), reference_tau(np.concatenate([values, values[:50]]),
+                                                                    method=method))
 
 
 def test_observe_compares_against_strictly_earlier_steps():

@@ -209,7 +209,7 @@ def stage_task_interventions(ctx: Context) -> None:
     table = pd.concat(tables, ignore_index=True)
     table = table[["task"] + [c for c in table.columns if c != "task"]]
     write_csv(table, ctx.out / "suppression.csv")
-    warmup = ThresholdConfig().warmup
+    warmup = ThresholdConfig().warmup_steps
     ctx.report.add("Interventions: does suppressing high-norm states hurt reasoning?", "\n\n".join([
         "After each layer of a set, on generated tokens, thinking mode: high-norm states (‖h‖ > τ, the paper code's "
         f"per-request streaming τ = Q3 + 1.5·IQR with a warm-up of {warmup} decode steps) scaled by c or clamped to "

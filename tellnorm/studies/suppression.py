@@ -1037,7 +1037,7 @@ def run_intervene(model: ModelAPI, cfg: InterventionConfig, out: Path, *, task: 
         streaming = cfg.threshold_mode in ("exact", "pooled-p2")
         meta.update({
             "threshold_rule": THRESHOLD_RULES[cfg.threshold_mode], "threshold_k": cfg.threshold.k,
-            "threshold_warmup": cfg.threshold.warmup if streaming else None,  # decode steps before τ exists
+            "threshold_warmup": cfg.threshold.warmup_steps if streaming else None,  # decode steps before τ exists
             "max_new_tokens": cfg.max_new_tokens,
             "task": {"name": task.name, "source": task.source, "extractor": task.extractor,
                      "n_problems": len(problems), "groups": inputs.groups or ["all"]},

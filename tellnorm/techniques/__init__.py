@@ -98,8 +98,10 @@ def build_edits(names: Sequence[str], model: ModelAPI, *, threshold_mode: str = 
                 erss: ERSSConfig | None = None, requests: Iterable[Hashable] | None = None) -> list[Edit]:
     """Fresh edit objects for the techniques in ``names`` (one run; each has its own τ tracker)."""
     edits = []
+    threshold_cfg = threshold_cfg or ThresholdConfig()
     for name in names:
-        threshold = threshold_for(threshold_mode, fixed=fixed, cfg=threshold_cfg)
+        # each technique's own warm-up unless one was given (ERSS's reference code waits 200 steps, ALRR's 500)
+        threshold = threshold_for(threshold_mode, fixed=fixed, cfg=threshold_cfg.for_technique(name))
         if name == "alrr":
             edits.append(ALRR(model, threshold, alrr, requests=requests))
         elif name == "erss":
