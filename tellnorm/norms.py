@@ -34,6 +34,13 @@ def l2_norm(x: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
     return torch.linalg.vector_norm(x.detach(), dim=-1, dtype=dtype, keepdim=keepdim)
 
 
+# Records (one per layer and pass) kept as tensors before they are folded into one table chunk. On a CPU, thousands
+# of tiny long-lived tensors pin the KV cache's freed per-step buffers on the heap: tracing 2,048 tokens of a 2-layer
+# Qwen3-0.6B shape peaked at 2,914 MB resident against 58 MB untraced; folded every 1,024 records 158 MB, every 256
+# records 51 MB (bench lengths, this machine, 2026-12-05; docs/benchmarks.md).
+COMPACT_AFTER = 256
+
+
 class NormTracer(LayerHooks):
     """Observer that records ‖h‖₂ at ``point`` of every layer in ``layers`` for every real token.
 
@@ -43,7 +50,8 @@ class NormTracer(LayerHooks):
 
     def __init__(self, model: ModelAPI, layers: Sequence[int] | None = None, point: str = "resid_post"):
         super().__init__(model, range(model.n_layers) if layers is None else layers, point)
-        self._records: list = []  # (layer, request_ids, positions [b,s], valid [b,s], norms [b,s])
+        self._records: list = []  # (layer, request_ids, positions [b,s], valid [b,s], norms [b,s]), the latest
+        self._chunks: list[pd.DataFrame] = []  # earlier records, folded (see COMPACT_AFTER)
         self._context = None
 
     def hook_for(self, layer: int) -> Callable[[torch.Tensor, Any], torch.Tensor]:
@@ -60,6 +68,9 @@ class NormTracer(LayerHooks):
                     f"position {int(info.positions[row, col])}: check the model's dtype and weights"
                 )
             self._records.append((layer, info.request_ids, info.positions.cpu(), info.new_tokens.cpu(), norms.cpu()))
+            if len(self._records) >= COMPACT_AFTER:
+                self._chunks.append(_records_frame(self._records))
+                self._records = []
             return activation
 
         return record
@@ -75,22 +86,32 @@ class NormTracer(LayerHooks):
 
     def frame(self) -> pd.DataFrame:
         """Recorded norms as a DataFrame: request_id, position, layer, norm."""
-        import numpy as np
         import pandas as pd
 
-        parts = []
-        for layer, request_ids, positions, valid, norms in self._records:
-            rows, cols = valid.nonzero(as_tuple=True)
-            parts.append(pd.DataFrame({
-                # a Series keeps tuple ids (a vLLM request's children are (id, k)) as single values
-                "request_id": pd.Series(request_ids, dtype=object).to_numpy()[rows.numpy()],
-                "position": positions[rows, cols].numpy().astype(np.int64),
-                "layer": np.int16(layer),
-                "norm": norms[rows, cols].numpy(),
-            }))
-        if not parts:
-            return pd.DataFrame(columns=["request_id", "position", "layer", "norm"])
+        parts = [*self._chunks, *([_records_frame(self._records)] if self._records else [])]
+        if len(parts) <= 1:
+            return parts[0] if parts else _records_frame([])
         return pd.concat(parts, ignore_index=True)
+
+
+def _records_frame(records: list) -> pd.DataFrame:
+    """A tracer's records as a table: one row per real token and layer, in record order."""
+    import numpy as np
+    import pandas as pd
+
+    parts = []
+    for layer, request_ids, positions, valid, norms in records:
+        rows, cols = valid.nonzero(as_tuple=True)
+        parts.append(pd.DataFrame({
+            # a Series keeps tuple ids (a vLLM request's children are (id, k)) as single values
+            "request_id": pd.Series(request_ids, dtype=object).to_numpy()[rows.numpy()],
+            "position": positions[rows, cols].numpy().astype(np.int64),
+            "layer": np.int16(layer),
+            "norm": norms[rows, cols].numpy(),
+        }))
+    if not parts:
+        return pd.DataFrame(columns=["request_id", "position", "layer", "norm"])
+    return pd.concat(parts, ignore_index=True)
 
 
 def generated_rows(frame: pd.DataFrame, generations: Sequence[Generation]) -> pd.DataFrame:

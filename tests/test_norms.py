@@ -63,6 +63,25 @@ def test_generated_norms_match_a_teacher_forced_reference(model):
         np.testing.assert_allclose(ours.to_numpy(), ref[2], rtol=1e-4)
 
 
+def test_folded_records_give_the_same_frame_as_raw_ones(model, monkeypatch):
+    """Long traces fold their per-pass records into table chunks (tellnorm.norms.COMPACT_AFTER): same rows, same
+    order, same dtypes, and still the teacher-forced reference's norms."""
+    import tellnorm.norms as norms_module
+
+    prompts = organism_prompts(model, 3, seed=6)
+    cfg = SamplingConfig(max_new_tokens=12)
+    raw = trace_generation(model, prompts, cfg, request_ids=["a", ("b", 1), "c"]).frame
+    monkeypatch.setattr(norms_module, "COMPACT_AFTER", 5)  # 3 layers: a chunk every second pass, one left raw
+    folded = trace_generation(model, prompts, cfg, request_ids=["a", ("b", 1), "c"])
+    assert len(folded.frame) == len(raw)
+    for column in raw.columns:
+        assert folded.frame[column].dtype == raw[column].dtype, column
+        assert folded.frame[column].tolist() == raw[column].tolist(), column
+    g = folded.generations[1]
+    ours = folded.frame[(folded.frame.request_id == ("b", 1)) & (folded.frame.layer == 1)].sort_values("position")
+    np.testing.assert_allclose(ours.norm.to_numpy(), _hf_layer_outputs_float64(model, g.ids[:-1])[1], rtol=1e-4)
+
+
 def test_masks_and_columns(model):
     prompts = organism_prompts(model, 2, seed=6)
     trace = trace_generation(model, prompts, SamplingConfig(max_new_tokens=5))
