@@ -370,14 +370,9 @@ def window_medians(intervals: list[float], spans: list[tuple[int, int]]) -> list
 def bench_lengths(cfg: LengthsBenchConfig) -> dict:
     """Run the benchmark, write ``bench_lengths.json`` / ``.csv`` / ``_windows.csv`` and the figure to ``cfg.out``,
     print the table. Returns the JSON summary as a dict."""
-    import torch
     from tqdm.auto import tqdm
 
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise TellnormError("--device cuda: this machine has no CUDA device (use --device cpu)")
-    machine = timing.machine_info(cfg.threads)
+    machine = timing.bench_machine(cfg.threads, cfg.device)
     t0 = time.perf_counter()
     models = build_models(cfg)
     build_s = time.perf_counter() - t0

@@ -283,12 +283,9 @@ def bench_norms(cfg: BenchConfig) -> dict:
 
     Returns the JSON summary as a dict.
     """
-    import torch
     from tqdm.auto import tqdm
 
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    machine = timing.machine_info(cfg.threads)
+    machine = timing.bench_machine(cfg.threads)
     t0 = time.perf_counter()
     model = build_model(cfg.config, cfg.n_layers, cfg.seed)
     build_s = time.perf_counter() - t0

@@ -280,9 +280,7 @@ def bench_techniques(cfg: TechniqueBenchConfig) -> dict:
 
     from tellnorm.generation import SamplingConfig
 
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    machine = timing.machine_info(cfg.threads)
+    machine = timing.bench_machine(cfg.threads)
     t0 = time.perf_counter()
     model = bench_model(cfg)
     build_s = time.perf_counter() - t0

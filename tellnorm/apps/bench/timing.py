@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tellnorm.errors import TellnormError
+
 
 @dataclass
 class Timed:
@@ -84,6 +86,18 @@ def model_info(model: Any) -> dict:
 def load_average() -> float | None:
     """The 1-minute load average, None where the platform has none."""
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def bench_machine(threads: int | None, device: str = "cpu") -> dict:
+    """Set torch's threads (None keeps torch's setting), check that a CUDA ``device`` exists, and return
+    :func:`machine_info`: what every benchmark does before it builds a model."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TellnormError("--device cuda: this machine has no CUDA device (use --device cpu)")
+    return machine_info(threads)
 
 
 def machine_info(threads_set: int | None) -> dict:
