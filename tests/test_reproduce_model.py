@@ -89,14 +89,20 @@ def _hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> l
     return out[0, len(prompt_ids):].tolist()
 
 
+@pytest.fixture(scope="module")
+def hf_run(standins, tmp_path_factory):
+    """The quick greedy run of every stage on the HF backend (shared: the vLLM test compares against it)."""
+    out = tmp_path_factory.mktemp("hf_run") / "run"
+    return out, reproduce(_config(standins, out))
+
+
 @pytest.mark.slow
-def test_qwen3_standin_runs_every_stage_with_the_contract_files(standins, tmp_path):
+def test_qwen3_standin_runs_every_stage_with_the_contract_files(standins, hf_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     s = standins
-    out = tmp_path / "run"
-    result = reproduce(_config(s, out))
+    out, result = hf_run
     assert set(result.stages) >= {"accuracy", "norm_profile", "features", "bounds", "correlation", "interventions",
                                   "evaluation", "explorer"}
     for name in ("REPORT.md", "claims.csv", "accuracy.csv", "norm_profile.csv", "suppression.csv", "evaluation.csv"):
@@ -147,14 +153,11 @@ def test_qwen3_standin_runs_every_stage_with_the_contract_files(standins, tmp_pa
 
 
 @pytest.mark.slow
-def test_vllm_backend_measures_what_the_hf_backend_does(standins, tmp_path):
+def test_vllm_backend_measures_what_the_hf_backend_does(standins, hf_run, tmp_path):
     pytest.importorskip("vllm")
     s = standins
-    runs = {}
-    for backend in ("hf", "vllm"):
-        out = tmp_path / backend
-        reproduce(_config(s, out, backend=backend, only=("norm_profile", "evaluation")))
-        runs[backend] = out
+    runs = {"hf": hf_run[0], "vllm": tmp_path / "vllm"}
+    reproduce(_config(s, runs["vllm"], backend="vllm", only=("norm_profile", "evaluation")))
     hf, vl = (pd.read_parquet(runs[b] / "responses.parquet") for b in ("hf", "vllm"))
     assert [list(x) for x in hf.generated_ids] == [list(x) for x in vl.generated_ids]
     assert list(hf.answer) == list(vl.answer)
