@@ -167,3 +167,58 @@ def test_compatibility_mode_keeps_the_bridges_forward(tiny_model_dir, monkeypatc
     assert counter.calls == model.n_layers
     assert torch.equal(before.argmax(-1), after.argmax(-1))
     assert ((before - before.mean(-1, keepdim=True)) - (after - after.mean(-1, keepdim=True))).abs().max() <= 1e-4
+
+
+# ------------------------------------------------------------------------ grouped-query attention without copies
+
+class _Module:
+    """What HF's attention integrations read from an attention module."""
+
+    def __init__(self, groups):
+        self.num_key_value_groups, self.is_causal = groups, True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (8, 1), (6, 3)])
+@pytest.mark.parametrize("q_len,kv_len,masked", [(1, 9, True), (1, 130, True), (7, 7, True), (7, 7, False),
+                                                 (5, 40, True)])
+def test_gqa_sdpa_returns_the_bits_of_hfs_sdpa(dtype, heads, kv_heads, q_len, kv_len, masked):
+    """The copy-free kernel against HF's own sdpa integration (which copies the grouped key/value heads under a
+    mask): the same bits, left padding and causal prefill included."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    gen = torch.Generator().manual_seed(heads * 100 + q_len * 10 + kv_len)
+    batch, dim = 3, 32
+    query = torch.randn(batch, heads, q_len, dim, generator=gen).to(dtype)
+    key, value = (torch.randn(batch, kv_heads, kv_len, dim, generator=gen).to(dtype) for _ in range(2))
+    mask = None
+    if masked:  # causal, with the first row left-padded by 3
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len).expand(batch, 1, q_len, kv_len).clone()
+        mask[0, :, :, :3] = False
+    module = _Module(heads // kv_heads)
+    ours, _ = fastpath.gqa_sdpa_attention(module, query, key, value, mask, scaling=dim ** -0.5)
+    theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=dim ** -0.5)
+    assert ours.shape == (batch, q_len, heads, dim)
+    assert torch.equal(ours, theirs)
+
+
+def test_a_model_loaded_with_sdpa_runs_grouped_heads_without_copying_them(tiny_loaded_model, hf_reference,
+                                                                          monkeypatch):
+    """The tiny Qwen3 has 2 key/value heads for 4 query heads: tellnorm's load runs the copy-free kernel (no
+    repeat_kv call), still reports sdpa, and a left-padded batch gives the HF reference's logits bit for bit."""
+    from transformers.integrations import sdpa_attention
+
+    model, ref = tiny_loaded_model("qwen3"), hf_reference("qwen3")
+    assert model.info["attention"] == "sdpa" and model.hf_model.config._attn_implementation == fastpath.GQA_SDPA
+    copies = []
+    original = sdpa_attention.repeat_kv
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda x, n: copies.append(n) or original(x, n))
+    ids = torch.tensor([[0, 0] + PROMPTS[0], PROMPTS[2]])  # row 0 left-padded
+    mask = torch.tensor([[0, 0] + [1] * 5, [1] * 7])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours = model.hf_model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        assert copies == []
+        theirs = ref(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    assert copies  # HF's own sdpa copied the heads: the counter counts
+    assert torch.equal(ours[mask.bool()], theirs[mask.bool()])

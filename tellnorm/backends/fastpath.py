@@ -15,6 +15,14 @@ both for hook points tellnorm's studies do not read (they hook the residual stre
    lets each decoder-layer bridge run the HF layer it wraps directly — between the block's own ``hook_in`` and
    ``hook_out`` (``blocks.L.hook_resid_pre`` / ``hook_resid_post``) — whenever no hook is set inside the block.
 
+3. **Grouped-query attention on CPU.** HF's sdpa integration copies every key/value head ``groups`` times
+   (``repeat_kv``) before torch's kernel whenever a mask is passed (always, under left padding), because CUDA's fused
+   kernels would fall back to the math kernel otherwise. torch's CPU kernel takes the grouped heads as they are
+   (``enable_gqa``) and returns the same bits (tested on every dtype, masked and causal, prefill and decode); the
+   copy was a quarter of a decode step on the organism. :data:`GQA_SDPA` is HF's sdpa with that one difference on
+   CPU tensors, registered through transformers' own ``AttentionInterface`` (HF's sdpa anywhere else); a model loaded
+   with ``sdpa`` runs it and still reports ``sdpa``.
+
 Both decide per call, so the whole hook namespace keeps working: a hook on an attention internal (scores,
 pattern, rotated q/k, ...) runs that layer's attention through the bridge's eager re-implementation for that call
 and says so once per hook kind; any hook inside a block (``attn.hook_z``, ``hook_resid_mid``, ``mlp.hook_post``, ...)
@@ -30,7 +38,10 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 # Hook points of an attention bridge that its own forward fires around HF's module; every other hook point it owns
 # (scores, pattern, rotated q/k, normed q/k, cos/sin, split inputs, per-head results) exists only in the
@@ -38,6 +49,8 @@ from typing import Any
 DELEGATED_HOOKS = frozenset({"hook_in", "hook_out"})
 # Bridge settings that only the re-implementation honours (per-head inputs and results).
 REIMPLEMENTATION_SETTINGS = ("use_split_qkv_input", "use_attn_in", "use_attn_result")
+
+GQA_SDPA = "tellnorm_sdpa"  # the attn_implementation name of HF's sdpa with native grouped heads on CPU
 
 _FAST_CLASSES: dict[tuple[type, type], type] = {}
 _WARNED: set[str] = set()
@@ -83,11 +96,45 @@ def _fast_class(cls: type, mixin: type) -> type:
     return _FAST_CLASSES[cls, mixin]
 
 
+def gqa_sdpa_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                       is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """HF's sdpa attention (``query [batch, heads, q, head_dim]``, ``key``/``value [batch, kv_heads, k, head_dim]``
+    -> ``[batch, q, heads, head_dim]``) with the key/value heads passed to torch's CPU kernel ungrouped
+    (``enable_gqa``) instead of copied; every other case (CUDA, no grouping, position bias, paged cache, attention
+    weights asked for, a causal prefill over a longer cache) is HF's own function."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_length, kv_length = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = q_length > 1 and attention_mask is None and causal
+    if (getattr(module, "num_key_value_groups", 1) == 1 or query.device.type != "cpu"
+            or kwargs.get("position_bias") is not None or kwargs.get("cache") is not None
+            or kwargs.get("output_attentions", False) or (causal and kv_length > q_length)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           dropout_p=dropout, scale=scaling, is_causal=causal,
+                                                           enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_gqa_sdpa() -> None:
+    """Register :func:`gqa_sdpa_attention` (and HF's sdpa mask) under :data:`GQA_SDPA` with transformers."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(GQA_SDPA, gqa_sdpa_attention)
+    AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
+
+
 def use_model_kernel(bridge: Any, hf_model: Any, kernel: str) -> str:
     """Run ``hf_model``'s attention with ``kernel`` (an HF ``attn_implementation``) under ``bridge``; returns it.
 
     ``"eager"`` keeps the bridge as booted. Otherwise the HF config (and a nested ``text_config``) gets ``kernel`` back
-    and every attention bridge that re-implements attention delegates to its HF module."""
+    (``sdpa`` as :data:`GQA_SDPA`, the same numbers) and every attention bridge that re-implements attention delegates
+    to its HF module."""
     from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
     if kernel == "eager":
@@ -98,9 +145,11 @@ def use_model_kernel(bridge: Any, hf_model: Any, kernel: str) -> str:
             configs.append(getattr(module.original_component, "config", None))
             if not isinstance(module, ModelKernelMixin):
                 module.__class__ = _fast_class(type(module), ModelKernelMixin)
+    if kernel == "sdpa":
+        register_gqa_sdpa()
     for config in configs:
         if config is not None and hasattr(config, "_attn_implementation"):
-            config._attn_implementation = kernel
+            config._attn_implementation = GQA_SDPA if kernel == "sdpa" else kernel
     return kernel
 
 

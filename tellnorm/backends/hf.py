@@ -37,7 +37,7 @@ from tellnorm.backends.base import (
     subject_of_folder,
     wants_bos,
 )
-from tellnorm.backends.fastpath import use_model_kernel, use_raw_layers
+from tellnorm.backends.fastpath import GQA_SDPA, use_model_kernel, use_raw_layers
 from tellnorm.errors import TellnormError
 from tellnorm.generation import (
     TOKEN_STATS,
@@ -256,6 +256,7 @@ def _wrap(model, tokenizer, *, name: str, source: str, device: str, labeler=None
     model.eval()
     model.to(device)
     kernel = family.attn_implementation or attn_implementation or model.config._attn_implementation or "sdpa"
+    kernel = "sdpa" if kernel == GQA_SDPA else kernel  # a model tellnorm loaded before
     if getattr(model.config, "_attn_implementation", None) != kernel:
         try:
             model.set_attn_implementation(kernel)
