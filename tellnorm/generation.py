@@ -180,6 +180,8 @@ def generate(
             raise TellnormError(f"request {rid!r}: its prompt has {len(ids)} tokens, which leaves no room in the "
                                 f"context of {model.max_positions}; shorten the prompt")
     observers = list(observers)
+    for observer in observers:
+        getattr(observer, "check_new_requests", lambda _: None)(request_ids)
     gens = model.generate(prompts, sampling, request_ids=request_ids, observers=observers, progress=progress,
                           token_stats=token_stats, reuse_cache=reuse_cache, desc=desc, batch_size=batch_size)
     return _decode_texts(model, gens)

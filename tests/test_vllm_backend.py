@@ -327,6 +327,68 @@ def test_what_the_backend_cannot_run_is_refused_in_one_line(engines, prompts):
         assert message in one_line(err)
 
 
+def test_a_request_vllm_refuses_aborts_the_run_and_leaves_the_engine_usable(engines, prompts):
+    """A prompt longer than the engine's context, third of four: one line naming it, the two requests added
+    before it aborted (nothing in flight, the engine not marked broken), and the next run as if nothing happened."""
+    from tellnorm.generation import SamplingConfig, generate
+
+    vllm_model, hf_model = engines
+    sampling = SamplingConfig(max_new_tokens=4)
+    too_long = [1] * (vllm_model.max_positions + 5)
+    batch = [prompts[0], prompts[1], too_long, prompts[2]]
+    params = [vllm_model.sampling_params(0, sampling, tag, tag, max_tokens=4) for tag in range(len(batch))]
+    with pytest.raises(TellnormError) as err:
+        vllm_model.run(batch, params, request_ids=["a", "b", "long", "d"])
+    assert "vLLM refused request 'long'" in one_line(err)
+    assert not vllm_model.llm.llm_engine.has_unfinished_requests() and not vllm_model.info.get("broken")
+    after = generate(vllm_model, prompts[:3], sampling)
+    assert [g.generated_ids for g in after] == [g.generated_ids for g in generate(hf_model, prompts[:3], sampling)]
+
+
+def test_one_session_at_a_time_per_engine(engines, prompts):
+    from tellnorm.generation import SamplingConfig, generate
+
+    vllm_model, _ = engines
+    with vllm_model.observe([]):
+        with pytest.raises(TellnormError) as err, vllm_model.observe([]):
+            pass
+        assert "already attached to this vLLM engine" in one_line(err)
+    [gen] = generate(vllm_model, prompts[:1], SamplingConfig(max_new_tokens=2, ignore_eos=True))
+    assert len(gen.generated_ids) == 2
+
+
+@pytest.mark.parametrize("technique", ["alrr", "erss"])
+def test_pooled_thresholds_are_refused_on_vllm_whose_scheduler_decides_who_shares_a_step(engines, prompts,
+                                                                                          technique):
+    from tellnorm.generation import SamplingConfig, generate
+    from tellnorm.techniques import build_edits
+
+    vllm_model, _ = engines
+    pooled = build_edits([technique], vllm_model, threshold_mode="pooled-p2")
+    per_request = build_edits([technique], vllm_model, threshold_mode="exact")
+    assert [e.pools_requests() for e in pooled] == [True] and [e.pools_requests() for e in per_request] == [False]
+    with pytest.raises(TellnormError) as err:
+        generate(vllm_model, prompts[:2], SamplingConfig(max_new_tokens=2), observers=pooled)
+    assert "pooled-p2 thresholds pool each step's norms" in one_line(err)
+    assert not vllm_model.info.get("attached")
+    generate(vllm_model, prompts[:2], SamplingConfig(max_new_tokens=2), observers=per_request)
+
+
+def test_an_edit_object_serves_one_run_on_vllm_too(engines, prompts):
+    """vLLM steps mix new and running requests, so the reuse check runs before the run, not at a prefill."""
+    from tellnorm.generation import SamplingConfig, generate
+    from tellnorm.interventions.edits import Scale
+
+    vllm_model, _ = engines
+    edit = Scale(vllm_model, [1], 0.5)
+    generate(vllm_model, prompts[:2], SamplingConfig(max_new_tokens=2), observers=[edit], request_ids=["a", "b"])
+    with pytest.raises(TellnormError) as err:
+        generate(vllm_model, prompts[:2], SamplingConfig(max_new_tokens=2), observers=[edit], request_ids=["c", "b"])
+    assert "already edited request 'b'" in one_line(err) and "one edit object serves one run" in one_line(err)
+    edit.reset()
+    generate(vllm_model, prompts[:2], SamplingConfig(max_new_tokens=2), observers=[edit], request_ids=["c", "b"])
+
+
 def test_in_process_engine_is_required(monkeypatch):
     from tellnorm.backends.vllm import _import_vllm
 

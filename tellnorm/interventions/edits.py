@@ -152,6 +152,19 @@ class Edit(LayerHooks):
             self._states[key] = self.new_state(request_id, layer)
         return self._states[key]
 
+    def check_new_requests(self, request_ids: Iterable[Hashable]) -> None:
+        """Before a run: one TellnormError line if this edit already decided any of ``request_ids`` (one edit object
+        serves one run; on vLLM a step can mix new and old requests, so the check cannot wait for a prefill)."""
+        again = self.record.requests() & set(request_ids)
+        if again:
+            raise TellnormError(f"edit {self.name!r} already edited request {sorted(again, key=str)[0]!r}: one edit "
+                                "object serves one run; build a new one (or call reset()) to generate it again")
+
+    def pools_requests(self) -> bool:
+        """Whether a decision depends on the other requests of its step (the selection's, or a technique's τ)."""
+        threshold = getattr(self, "threshold", None)
+        return self.selection.pools_requests() or bool(threshold is not None and threshold.pools_requests())
+
     def reset(self) -> None:
         """Forget every request (records, selection state, per-request state): the edit can serve a new run."""
         self.record = EditRecord(self.name)

@@ -75,6 +75,11 @@ class Selection:
         """A short name for tables and logs."""
         return type(self).__name__.lower()
 
+    def pools_requests(self) -> bool:
+        """Whether a token's decision depends on the other requests that share its step (so, on vLLM, on the
+        engine's scheduling); per-request and fixed rules do not."""
+        return bool(getattr(getattr(self, "scope", None), "pools_requests", lambda: False)())
+
     def __and__(self, other: Selection) -> AllOf:
         return AllOf(self, other)
 
@@ -166,6 +171,10 @@ class AllOf(Selection):
         """The parts' names joined by ``&``."""
         return " & ".join(p.describe() for p in self.parts)
 
+    def pools_requests(self) -> bool:
+        """Whether any part pools requests."""
+        return any(p.pools_requests() for p in self.parts)
+
 
 class AboveThreshold(Selection):
     """Tokens in ``scope`` whose norm exceeds the layer's peak threshold τ_l (PAPER §4–5).
@@ -209,6 +218,10 @@ class AboveThreshold(Selection):
     def describe(self) -> str:
         """``norm > tau (<mode>)``."""
         return f"norm > tau ({self.mode})"
+
+    def pools_requests(self) -> bool:
+        """True in pooled-p2 mode: τ comes from each step's mean norm over its requests."""
+        return self.mode == "pooled-p2" or super().pools_requests()
 
     def tracker(self, request_id: Hashable, layer: int) -> PeakThreshold:
         """The τ tracker of ``request_id`` at ``layer`` (one per layer in pooled mode), created on first use."""

@@ -152,12 +152,19 @@ class VLLMModel(ModelAPI):
         per-generated-token statistics ``{request id: {stat: [float]}}`` (:data:`tellnorm.generation.TOKEN_STATS`)."""
         from tellnorm.backends.vllm.session import Session
 
+        if self.info.get("attached"):
+            raise TellnormError("a tellnorm session is already attached to this vLLM engine: one run at a time "
+                                "(leave the other observe/generate first)")
         session = Session(self, observers, request_ids, n_prompt, token_stats)
-        self.llm.collective_rpc("tellnorm_attach", args=(session,))
+        self.info["attached"] = True
         try:
-            yield session
+            self.llm.collective_rpc("tellnorm_attach", args=(session,))
+            try:
+                yield session
+            finally:
+                self.llm.collective_rpc("tellnorm_detach", args=(session,))
         finally:
-            self.llm.collective_rpc("tellnorm_detach", args=(session,))
+            self.info["attached"] = False
 
     def sampling_params(self, prompt_length: int, sampling: SamplingConfig, tag: int, request_id: Any, *,
                         max_tokens: int | None = None) -> Any:
@@ -187,8 +194,6 @@ class VLLMModel(ModelAPI):
         the run cleanly: the session stops observing, the run's requests are aborted, the error is re-raised, and
         the engine stays usable."""
         from tqdm.auto import tqdm
-        from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
 
         engine = self.llm.llm_engine
         if self.info.get("broken"):
@@ -199,12 +204,10 @@ class VLLMModel(ModelAPI):
         run_id = self.info["runs"] = self.info.get("runs", 0) + 1
         ids = [f"tellnorm-{run_id}-{i}" for i in range(len(prompts))]
         outputs = {}
-        bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="req")
         with self.observe(observers, request_ids, n_prompt, token_stats) as session:
+            self._add_requests(ids, prompts, params, request_ids)
+            bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="req")
             try:
-                for rid, ids_, p in zip(ids, prompts, params):
-                    p.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, children merged (as LLM)
-                    engine.add_request(rid, TokensPrompt(prompt_token_ids=[int(t) for t in ids_]), p)
                 while engine.has_unfinished_requests() and session.error is None:
                     for out in engine.step():
                         if out.finished:
@@ -222,6 +225,29 @@ class VLLMModel(ModelAPI):
         if session.error is not None:
             raise session.error
         return [outputs[rid] for rid in ids]
+
+    def _add_requests(self, ids: Sequence[str], prompts: Sequence[Sequence[int]], params: Sequence[Any],
+                      request_ids: Sequence | None) -> None:
+        """Add the run's requests to the engine; if vLLM refuses one, abort those already added (the engine stays
+        usable) and raise one TellnormError line naming the request."""
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self.llm.llm_engine
+        for index, (rid, ids_, p) in enumerate(zip(ids, prompts, params)):
+            p.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, children merged (as LLM does)
+            try:
+                engine.add_request(rid, TokensPrompt(prompt_token_ids=[int(t) for t in ids_]), p)
+            except BaseException as err:
+                engine.abort_request(list(ids[:index]))
+                while engine.has_unfinished_requests():
+                    engine.step()
+                if not isinstance(err, Exception):  # an interrupt: nothing left in flight, re-raised as it is
+                    raise
+                name = request_ids[index] if request_ids is not None else index
+                first_line = (str(err).splitlines() or [type(err).__name__])[0][:300]
+                raise TellnormError(f"vLLM refused request {name!r} ({type(err).__name__}: {first_line}); no "
+                                    "request of this run was started") from None
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, request_ids: Sequence,
                  observers: Sequence[Observer] = (), progress: bool = False, token_stats: bool = False,

@@ -74,6 +74,22 @@ def request_grid(starts: Sequence[int], positions: torch.Tensor,
     return index, valid, torch.where(valid, positions.cpu()[index], torch.zeros_like(index))
 
 
+def touched_blocks(slots: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """The blocks ``[k]`` (sorted, unique) of a layer's paged KV ``cache`` that a step's slot ids ``slots``
+    ``[tokens]`` write (negative: padding, none). vLLM hands every attention layer a logical
+    ``[blocks, kv_heads, block_size, content]`` view of its cache, whatever the physical layout its attention backend
+    declares (``KVCacheLayout``: the layout changes the strides, not the axes), so slot s lies in block
+    ``s // block_size`` and ``cache[blocks]`` is those blocks in any layout. A cache of another shape (MLA's latent
+    cache, a hybrid model's state) is refused in one line."""
+    import torch
+
+    if cache.dim() != 4:
+        raise TellnormError(f"ALRR's extra pass on vLLM saves and restores paged [blocks, kv_heads, block_size, "
+                            f"content] attention caches; this layer's cache has shape {tuple(cache.shape)}")
+    slots = slots[slots >= 0]
+    return torch.unique(torch.div(slots, cache.shape[2], rounding_mode="floor"))
+
+
 class Session:
     """The observers of one run on ``model`` (a VLLMModel), attached to the engine's tapped model
     (:meth:`attach`/:meth:`detach`).
@@ -85,6 +101,12 @@ class Session:
     def __init__(self, model: VLLMModel, observers: Sequence[Observer], request_ids: Sequence | None = None,
                  n_prompt: Mapping[Any, int] | None = None, token_stats: dict | None = None):
         self.observers = list(observers)
+        pooled = [getattr(obs, "name", type(obs).__name__) for obs in self.observers
+                  if getattr(obs, "pools_requests", lambda: False)()]
+        if pooled:
+            raise TellnormError(f"{', '.join(pooled)}: pooled-p2 thresholds pool each step's norms over its requests, "
+                                "and on vLLM the scheduler decides which requests share a step: use threshold mode "
+                                "exact (per request) or fixed/calibrated on the vLLM backend")
         self.token_stats = token_stats
         self.sampling_step = None  # (observed ids, rows, log-probs [rows, vocab], top-k means, means) until sampled
         self.request_ids = request_ids
@@ -268,7 +290,6 @@ class Session:
                          ) -> torch.Tensor:
         """One extra pass of decoder layer ``layer`` for grid tokens ``(rows, cols)`` with inputs ``hidden``
         ``[n, d_model]``; returns their outputs ``[n, d_model]`` and leaves the KV cache as it was."""
-        import torch
         from vllm.forward_context import get_forward_context
 
         if len(set(rows.tolist())) != len(rows):
@@ -281,13 +302,10 @@ class Session:
         inputs[flat] = hidden.to(inputs.dtype)
         attention = self.engine_model.tellnorm_attention(block)
         cache = attention.kv_cache
-        slots = get_forward_context().slot_mapping[attention.layer_name]
-        slots = slots[slots >= 0]
-        # The CPU layout is [blocks, kv_heads, block_size, 2·head_size]: restore whole blocks, no layout arithmetic.
-        touched = torch.unique(torch.div(slots, cache.shape[2], rounding_mode="floor"))
-        saved = cache[touched].clone()
+        blocks = touched_blocks(get_forward_context().slot_mapping[attention.layer_name], cache)
+        saved = cache[blocks].clone()
         try:
             out_hidden, out_residual = block.forward(self.positions, inputs, None)  # forward(): no hooks re-enter
         finally:
-            cache[touched] = saved
+            cache[blocks] = saved
         return (out_hidden + out_residual)[flat]
