@@ -398,6 +398,23 @@ def test_in_process_engine_is_required(monkeypatch):
     assert "runs vLLM's engine in-process" in one_line(err)
 
 
+def test_the_v1_model_runner_is_selected_through_vllms_own_setting(monkeypatch, engines):
+    from tellnorm.backends.vllm import _import_vllm
+    from tellnorm.backends.vllm.session import Session
+
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(TellnormError) as err:
+        _import_vllm()
+    assert "VLLM_USE_V2_MODEL_RUNNER is set" in one_line(err)
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
+    _import_vllm()
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    runner_v2 = type("CPUModelRunner", (), {"model": None, "query_start_loc": None})()  # no input_batch/requests
+    with pytest.raises(TellnormError) as err:
+        Session(engines[0], []).attach(runner_v2)
+    assert "lacks what tellnorm's session reads (input_batch, requests)" in one_line(err)
+
+
 def test_unknown_backend_and_stray_engine_options_are_refused():
     from tellnorm.backends import load_model
 

@@ -99,6 +99,11 @@ def _import_vllm():
         raise TellnormError("VLLM_ENABLE_V1_MULTIPROCESSING is set: tellnorm runs vLLM's engine in-process (its "
                             "observers live in the worker); unset it")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
+        raise TellnormError("VLLM_USE_V2_MODEL_RUNNER is set: tellnorm's session reads vLLM's V1 model runner (the "
+                            "V2 runner keeps its batch elsewhere); unset it")
+    # vLLM picks the V2 runner by default where Triton is installed (CUDA): select the one the session reads.
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     try:
         import vllm
     except ImportError:

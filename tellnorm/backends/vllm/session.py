@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from tellnorm.backends.vllm import VLLMModel
     from tellnorm.generation import Observer
 
+RUNNER_INTERNALS = ("model", "input_batch", "query_start_loc", "requests")  # what the session reads (V1 runner)
 TAG = "tellnorm_request"  # SamplingParams.extra_args key carrying tellnorm's request index
 _HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 _CHILD = re.compile(r"^(\d+)_(.+-[0-9a-f]+)$")  # vLLM names the k-th child of request R "k_R" (parallel_sampling.py)
@@ -135,6 +136,11 @@ class Session:
         """Hook the observers into ``runner``'s tapped model (a vLLM GPU/CPU model runner); raises if attached."""
         from tellnorm.backends.vllm.models import TellnormTaps
 
+        missing = [name for name in RUNNER_INTERNALS if not hasattr(runner, name)]
+        if missing:
+            raise TellnormError(f"vLLM's {type(runner).__module__}.{type(runner).__name__} lacks what tellnorm's "
+                                f"session reads ({', '.join(missing)}): it reads the V1 model runner, which "
+                                "VLLM_USE_V2_MODEL_RUNNER=0 selects")
         model = runner.model
         if not isinstance(model, TellnormTaps):
             raise TellnormError(f"the engine runs vLLM's {type(model).__name__}, not a tellnorm model: load it with "
