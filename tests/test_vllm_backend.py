@@ -549,3 +549,74 @@ def test_lm_eval_on_the_vllm_backend_scores_what_the_hf_backend_scores(engines):
         samples = sorted(out["samples"]["tellnorm_organism"], key=lambda s: s["doc_id"])
         results.append([(s["acc"], s["resps"][0][0]) for s in samples])
     assert results[0] == results[1] and len(results[0]) == 10
+
+
+class StaleCounter:
+    """An observer that counts the tokens a step shows again (``fresh`` False): vLLM recomputing a preempted
+    request's prefix."""
+
+    def __init__(self):
+        self.stale = 0
+
+    def hooks(self, model):
+        return []
+
+    def on_step(self, info):
+        self.stale += int((info.valid & ~info.fresh).sum())
+
+
+@pytest.fixture(scope="module")
+def preempting(engines):
+    """A second engine whose KV cache holds 6 blocks of the organism's tokens (≈ 700 tokens at 4 KiB each) for up
+    to 8 requests of up to ~200 tokens: vLLM must preempt and recompute requests."""
+    from tellnorm.backends import load_model
+
+    return load_model("organism", backend="vllm", max_num_seqs=8, max_model_len=256, kv_cache_gib=3 / 1024)
+
+
+@pytest.mark.parametrize("names", [["alrr"], ["erss"], ["alrr", "erss"]])
+def test_preempted_and_recomputed_requests_keep_the_tokens_norms_and_decisions_of_the_hf_backend(
+        engines, preempting, prompts, tau, names):
+    from tellnorm.generation import SamplingConfig
+    from tellnorm.techniques import ALRRConfig, ERSSConfig
+
+    configs = dict(alrr=ALRRConfig(forced_loops=2), erss=ERSSConfig(low_k=3, p_inject=1.0, cos_min=-1.0, cooldown=2))
+    sampling = SamplingConfig(max_new_tokens=120)
+    counter = StaleCounter()
+    edits_v = technique_edits(preempting, names, tau, **configs)
+    gens_v, frame_v = traced(preempting, prompts, sampling, observers=edits_v + [counter])
+    edits_h = technique_edits(engines[1], names, tau, **configs)
+    gens_h, frame_h = traced(engines[1], prompts, sampling, observers=edits_h)
+    assert counter.stale > 0, "no request was preempted: the test would prove nothing"
+    assert [g.generated_ids for g in gens_v] == [g.generated_ids for g in gens_h]
+    assert_norms_match(frame_v, frame_h)
+    key = ["request_id", "layer", "position"]
+    for edit_v, edit_h in zip(edits_v, edits_h):
+        assert edit_v.record.frame().sort_values(key).reset_index(drop=True).equals(
+            edit_h.record.frame().sort_values(key).reset_index(drop=True))
+        assert edit_v.report().sort_values(["request_id", "layer"]).reset_index(drop=True).equals(
+            edit_h.report().sort_values(["request_id", "layer"]).reset_index(drop=True))
+
+
+def test_alrr_teacher_forced_over_generated_sequences_reproduces_the_generation(engines, prompts, tau):
+    """run_forward puts every token of a sequence in one step, so ALRR's extra passes for several tokens of one
+    request go in successive calls, each against the first pass's cache. Reference: HF's cached generation with
+    ALRR; teacher-forcing its own sequences on vLLM must reach the same states and the same decisions."""
+    from tellnorm.generation import SamplingConfig, run_forward
+    from tellnorm.norms import NormTracer
+    from tellnorm.techniques import ALRRConfig
+
+    hf_model, vllm_model = engines[1], engines[0]
+    config = ALRRConfig(forced_loops=2)
+    (alrr_h,) = technique_edits(hf_model, ["alrr"], tau, alrr=config)
+    gens, frame_h = traced(hf_model, prompts[:4], SamplingConfig(max_new_tokens=60), observers=[alrr_h])
+    (alrr_v,) = technique_edits(vllm_model, ["alrr"], tau, alrr=config)
+    tracer = NormTracer(vllm_model)
+    run_forward(vllm_model, [g.prompt_ids + g.generated_ids[:-1] for g in gens], observers=[alrr_v, tracer],
+                n_prompt=[len(g.prompt_ids) for g in gens])
+    key = ["request_id", "layer", "position"]
+    decisions_h = alrr_h.record.frame().sort_values(key).reset_index(drop=True)
+    decisions_v = alrr_v.record.frame().sort_values(key).reset_index(drop=True)
+    assert decisions_h.edited.groupby(decisions_h.request_id).sum().max() > 1  # several kept tokens per request
+    assert decisions_v.equals(decisions_h)
+    assert_norms_match(tracer.frame(), frame_h)

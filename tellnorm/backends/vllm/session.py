@@ -295,12 +295,34 @@ class Session:
     def extra_block_pass(self, layer: int, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                          ) -> torch.Tensor:
         """One extra pass of decoder layer ``layer`` for grid tokens ``(rows, cols)`` with inputs ``hidden``
-        ``[n, d_model]``; returns their outputs ``[n, d_model]`` and leaves the KV cache as it was."""
+        ``[n, d_model]``; returns their outputs ``[n, d_model]`` and leaves the KV cache as it was.
+
+        Each selected token attends to the first-pass keys/values of its request's earlier tokens. One call of the
+        layer writes every selected token's new key/value before attending, so two tokens of one request (a
+        recomputed prefix replaying its kept passes after vLLM preempted the request) go in separate calls: call r
+        takes the r-th selected token of every request, and the cache is restored after each."""
+        import torch
+
+        rank = torch.zeros(len(rows), dtype=torch.long)
+        counts: dict[int, int] = {}
+        for i, row in enumerate(rows.tolist()):
+            rank[i] = counts.get(row, 0)
+            counts[row] = rank[i].item() + 1
+        if len(rows) and int(rank.max()) > 0:
+            out = torch.empty_like(hidden)
+            for r in range(int(rank.max()) + 1):
+                chosen = rank == r
+                at = chosen.to(rows.device)
+                out[chosen.to(hidden.device)] = self._extra_block_pass_once(layer, hidden[chosen.to(hidden.device)],
+                                                                           rows[at], cols[at])
+            return out
+        return self._extra_block_pass_once(layer, hidden, rows, cols)
+
+    def _extra_block_pass_once(self, layer: int, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                               ) -> torch.Tensor:
+        """:meth:`extra_block_pass` for at most one token per request."""
         from vllm.forward_context import get_forward_context
 
-        if len(set(rows.tolist())) != len(rows):
-            raise TellnormError("the vLLM backend's ALRR recurses one token per request per step (a generated "
-                                "token); this selection picked several tokens of one request's prefill chunk")
         index, _ = self.grid
         flat = index[rows.cpu(), cols.cpu()].to(hidden.device)
         block = self.layers[layer]
