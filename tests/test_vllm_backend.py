@@ -280,6 +280,70 @@ def test_tiny_random_architectures_equal_the_hf_backend(arch, tmp_path):
     assert_norms_match(frame_v, frame_h)
 
 
+MORE_ARCHS = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MistralForCausalLM", "Ministral3ForCausalLM",
+              "MixtralForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
+              "OlmoeForCausalLM", "Glm4ForCausalLM", "NemotronForCausalLM")
+MOE_ARCHS = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM")
+QUICK_ARCHS = ("Qwen3MoeForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM")  # every run; the rest are slow
+
+
+def test_every_tapped_architecture_is_tested():
+    from tellnorm.backends.vllm.plugin import TAPPED_ARCHITECTURES
+
+    assert set(TAPPED_ARCHITECTURES) == {"Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", *MORE_ARCHS}
+
+
+@pytest.mark.parametrize("arch", [a if a in QUICK_ARCHS else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in MORE_ARCHS])
+def test_more_architectures_trace_and_edit_as_the_hf_backend(arch, tmp_path, monkeypatch):
+    """Each tapped architecture on a tiny random model (test_architectures' table; head size 32, which vLLM's CPU
+    attention needs): tokens, every layer's norms, and ALRR (two forced loops) and ERSS (eager streaks) decisions
+    equal the HF backend's, with τ at each layer's median norm so both fire."""
+    import subprocess
+    import sys
+
+    import test_architectures as table
+    from vllm.distributed import parallel_state
+
+    from tellnorm.backends import load_model
+    from tellnorm.generation import SamplingConfig
+    from tellnorm.techniques import ALRRConfig, ERSSConfig, build_edits
+    from tellnorm.thresholds import FixedThresholds
+
+    if arch in MOE_ARCHS and parallel_state.model_parallel_is_initialized() and parallel_state._EP is None:
+        # a dense engine set up this process's parallel state: the MoE engine runs in its own process
+        node = f"{__file__}::test_more_architectures_trace_and_edit_as_the_hf_backend[{arch}]"
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-3000:]
+        return
+    monkeypatch.setitem(table.DIMS, "head_dim", 32)
+    monkeypatch.setitem(table.DIMS, "hidden_size", 128)
+    table.build(arch).save_pretrained(tmp_path)
+    table.tokenizer_for(arch).save_pretrained(tmp_path)
+    hf_model = load_model(tmp_path)
+    vllm_model = load_model(tmp_path, backend="vllm", kv_cache_gib=0.03125)
+    rng = np.random.default_rng(0)
+    prompts = [[int(t) for t in rng.integers(8, 90, size=n)] for n in (5, 9, 17)]
+    sampling = SamplingConfig(max_new_tokens=20)
+    _, plain = traced(hf_model, prompts, sampling)
+    tau = FixedThresholds({int(layer): float(g.norm.median()) for layer, g in plain.groupby("layer")})
+    results = {}
+    for model in (hf_model, vllm_model):
+        edits = build_edits(["alrr", "erss"], model, fixed=tau, alrr=ALRRConfig(forced_loops=2),
+                            erss=ERSSConfig(low_k=3, p_inject=1.0, cos_min=-1.0, cooldown=2))
+        gens, frame = traced(model, prompts, sampling, observers=edits)
+        results[model.backend] = gens, frame, edits
+    (gens_h, frame_h, edits_h), (gens_v, frame_v, edits_v) = results["hf"], results["vllm"]
+    assert [g.generated_ids for g in gens_v] == [g.generated_ids for g in gens_h]
+    assert_norms_match(frame_v, frame_h)
+    key = ["request_id", "layer", "position"]
+    for edit_h, edit_v in zip(edits_h, edits_v):
+        decisions_h = edit_h.record.frame().sort_values(key).reset_index(drop=True)
+        assert decisions_h.equals(edit_v.record.frame().sort_values(key).reset_index(drop=True))
+    assert edits_h[0].report().alrr_kept_passes.sum() > 0  # ALRR's kept passes changed the stream
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 
 def one_line(err) -> str:
@@ -291,10 +355,10 @@ def one_line(err) -> str:
 def test_an_architecture_the_plugin_does_not_tap_is_refused_before_vllm_starts(tmp_path):
     from tellnorm.backends import load_model
 
-    (tmp_path / "config.json").write_text('{"architectures": ["Gemma2ForCausalLM"], "num_hidden_layers": 2}')
+    (tmp_path / "config.json").write_text('{"architectures": ["GraniteForCausalLM"], "num_hidden_layers": 2}')
     with pytest.raises(TellnormError) as err:
         load_model(tmp_path, backend="vllm")
-    assert "Gemma2ForCausalLM is not supported by tellnorm's vLLM plugin" in one_line(err)
+    assert "GraniteForCausalLM is not supported by tellnorm's vLLM plugin" in one_line(err)
 
 
 @pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "1.0.0", "dev"])
@@ -387,6 +451,20 @@ def test_an_edit_object_serves_one_run_on_vllm_too(engines, prompts):
     assert "already edited request 'b'" in one_line(err) and "one edit object serves one run" in one_line(err)
     edit.reset()
     generate(vllm_model, prompts[:2], SamplingConfig(max_new_tokens=2), observers=[edit], request_ids=["c", "b"])
+
+
+def test_an_moe_model_after_a_dense_engine_is_refused_in_one_line(engines, tmp_path):
+    """vLLM creates its expert group only when a process's first engine is MoE (the organism's is not)."""
+    from tellnorm.backends import load_model
+    from tellnorm.backends.vllm import check_parallel_state
+
+    (tmp_path / "config.json").write_text('{"architectures": ["Qwen3MoeForCausalLM"], "num_hidden_layers": 2, '
+                                          '"num_experts": 4}')
+    with pytest.raises(TellnormError) as err:
+        load_model(tmp_path, backend="vllm")
+    assert "is a mixture-of-experts model, and this process already runs a vLLM engine of a dense model" in (
+        one_line(err))
+    check_parallel_state({"num_hidden_layers": 2}, "dense")  # a dense model is fine
 
 
 def test_in_process_engine_is_required(monkeypatch):

@@ -6,7 +6,8 @@
 How it plugs in, without patching vLLM:
 
 * a ``vllm.general_plugins`` entry point (:mod:`.plugin`) registers tellnorm's model classes (:mod:`.models`: the
-  stock Qwen3 / Qwen2 / Llama classes plus where their layers are), selected with ``hf_overrides``;
+  stock classes of the architectures in :data:`.plugin.STOCK_CLASSES` plus where their layers are), selected with
+  ``hf_overrides``;
 * a worker extension (:mod:`.worker`) attaches a :class:`~.session.Session` — torch hooks on the decoder layers,
   removed on every exit path — for the duration of one ``generate`` call;
 * the engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the observers in the worker are the
@@ -347,6 +348,7 @@ def load_vllm_model(spec: Any, *, dtype: str = "float32", max_model_len: int | N
     if TAPPED_ARCHITECTURES[arch] not in ModelRegistry.get_supported_archs():
         raise TellnormError("tellnorm's vLLM plugin is not registered (no vllm.general_plugins entry point): "
                             "reinstall tellnorm with pip install -e '.[vllm]'")
+    check_parallel_state(config, spec)
     context = int(config.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN)
     max_model_len = max_model_len or min(context, DEFAULT_MAX_MODEL_LEN)
     options = dict(dtype=dtype, enforce_eager=True, enable_prefix_caching=False, max_model_len=max_model_len,
@@ -368,6 +370,23 @@ def load_vllm_model(spec: Any, *, dtype: str = "float32", max_model_len: int | N
         eos_token_ids=tuple(sorted(_eos_ids(path, tokenizer, config))), dtype=dtype,
         info={"prepend_bos": wants_bos(SUPPORTED_ARCHITECTURES[arch], tokenizer), "hf_architecture": arch,
               "vllm_version": vllm.__version__})
+
+
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")  # HF config keys of MoE models
+
+
+def check_parallel_state(config: Mapping[str, Any], spec: Any) -> None:
+    """One TellnormError line when an MoE model would start in a process whose vLLM parallel state was set up by a
+    dense model's engine: vLLM keeps that state per process and creates its expert group only for a first engine
+    that is MoE, so the MoE engine would fail deep inside its first forward."""
+    from vllm.distributed import parallel_state
+
+    if not any(int(config.get(key) or 0) > 0 for key in EXPERT_COUNT_KEYS):
+        return
+    if parallel_state.model_parallel_is_initialized() and parallel_state._EP is None:
+        raise TellnormError(f"{spec} is a mixture-of-experts model, and this process already runs a vLLM engine of a "
+                            "dense model, whose process-wide parallel state has no expert group: load the MoE model "
+                            "first, or in a new process")
 
 
 def _eos_ids(path: Path, tokenizer, config: dict) -> set[int]:

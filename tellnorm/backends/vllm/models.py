@@ -5,15 +5,17 @@ Every tapped architecture's decoder layer has vLLM's signature ``layer(positions
 ``hidden + residual`` (HF's decoder-layer output). The classes add no behaviour until a
 :class:`~tellnorm.backends.vllm.session.Session` attaches its hooks (``Session.attach``), so an idle tellnorm model
 runs exactly the stock forward.
+
+``TellnormQwen3ForCausalLM`` and its siblings (one per :data:`~tellnorm.backends.vllm.plugin.STOCK_CLASSES` entry)
+are made on first use: vLLM's registry imports a class by name, and only that architecture's vLLM module loads.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from vllm.model_executor.models.llama import LlamaForCausalLM
-from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
-from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+from tellnorm.backends.vllm.plugin import STOCK_CLASSES, TAPPED_ARCHITECTURES
 
 
 class TellnormTaps:
@@ -29,13 +31,18 @@ class TellnormTaps:
         return layer.self_attn.attn
 
 
-class TellnormQwen3ForCausalLM(TellnormTaps, Qwen3ForCausalLM):
-    """vLLM's Qwen3 model with tellnorm's taps."""
+_CLASSES: dict[str, type] = {}
+_ARCH_OF = {name: arch for arch, name in TAPPED_ARCHITECTURES.items()}
 
 
-class TellnormQwen2ForCausalLM(TellnormTaps, Qwen2ForCausalLM):
-    """vLLM's Qwen2 model with tellnorm's taps."""
-
-
-class TellnormLlamaForCausalLM(TellnormTaps, LlamaForCausalLM):
-    """vLLM's Llama model with tellnorm's taps."""
+def __getattr__(name: str) -> type:
+    """``TellnormXForCausalLM``: vLLM's stock class for HF architecture X with :class:`TellnormTaps` (made once)."""
+    if name not in _ARCH_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _CLASSES:
+        arch = _ARCH_OF[name]
+        module, stock = STOCK_CLASSES[arch]
+        base = getattr(importlib.import_module(f"vllm.model_executor.models.{module}"), stock)
+        _CLASSES[name] = type(name, (TellnormTaps, base), {"__module__": __name__,
+                                                           "__doc__": f"vLLM's {stock} ({arch}) with tellnorm's taps."})
+    return _CLASSES[name]

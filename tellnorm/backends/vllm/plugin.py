@@ -6,12 +6,28 @@ model selected with ``hf_overrides={"architectures": ["Tellnorm..."]}`` loads te
 
 from __future__ import annotations
 
-# HF architecture -> the tellnorm class that runs it in vLLM (tellnorm.backends.vllm.models).
-TAPPED_ARCHITECTURES = {
-    "Qwen3ForCausalLM": "TellnormQwen3ForCausalLM",
-    "Qwen2ForCausalLM": "TellnormQwen2ForCausalLM",
-    "LlamaForCausalLM": "TellnormLlamaForCausalLM",
+# HF architecture -> (module under vllm.model_executor.models, vLLM's class): the stock classes tellnorm taps, each
+# tested against the HF backend on a tiny random model (tokens, every layer's norms, ALRR and ERSS decisions).
+# What is not here, and why: docs/vllm.md#architectures.
+STOCK_CLASSES = {
+    "Qwen3ForCausalLM": ("qwen3", "Qwen3ForCausalLM"),
+    "Qwen2ForCausalLM": ("qwen2", "Qwen2ForCausalLM"),
+    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "Qwen3MoeForCausalLM": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    "Qwen2MoeForCausalLM": ("qwen2_moe", "Qwen2MoeForCausalLM"),
+    "MistralForCausalLM": ("mistral", "MistralForCausalLM"),
+    "Ministral3ForCausalLM": ("mistral", "MistralForCausalLM"),  # vLLM serves Ministral 3 with its Mistral class
+    "MixtralForCausalLM": ("mixtral", "MixtralForCausalLM"),
+    "GemmaForCausalLM": ("gemma", "GemmaForCausalLM"),
+    "Gemma2ForCausalLM": ("gemma2", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("gemma3", "Gemma3ForCausalLM"),
+    "Phi3ForCausalLM": ("phi3", "Phi3ForCausalLM"),
+    "OlmoeForCausalLM": ("olmoe", "OlmoeForCausalLM"),
+    "Glm4ForCausalLM": ("glm4", "Glm4ForCausalLM"),
+    "NemotronForCausalLM": ("nemotron", "NemotronForCausalLM"),
 }
+# HF architecture -> the tellnorm class that runs it in vLLM (tellnorm.backends.vllm.models).
+TAPPED_ARCHITECTURES = {arch: f"Tellnorm{arch}" for arch in STOCK_CLASSES}
 
 
 def register() -> None:
