@@ -119,6 +119,16 @@ def test_children_of_an_n_2_request_keep_their_own_traces(engines, prompts):
     assert_norms_match(frame, reference.frame())
 
 
+def decisions(edit):
+    """An edit's decisions, one row per (request, layer, position), in that order."""
+    return edit.record.frame().sort_values(["request_id", "layer", "position"]).reset_index(drop=True)
+
+
+def report(edit):
+    """An edit's per-(request, layer) report, in that order."""
+    return edit.report().sort_values(["request_id", "layer"]).reset_index(drop=True)
+
+
 def technique_edits(model, names, tau, **configs):
     from tellnorm.techniques import build_edits
 
@@ -158,15 +168,10 @@ def test_technique_decisions_tokens_and_norms_equal_the_hf_backend(engines, prom
     (gens_v, frame_v, edits_v), (gens_h, frame_h, edits_h) = results["vllm"], results["hf"]
     assert [g.generated_ids for g in gens_v] == [g.generated_ids for g in gens_h]
     assert_norms_match(frame_v, frame_h)
-    key = ["request_id", "layer", "position"]
     for edit_v, edit_h in zip(edits_v, edits_h):
-        decisions_v = edit_v.record.frame().sort_values(key).reset_index(drop=True)
-        decisions_h = edit_h.record.frame().sort_values(key).reset_index(drop=True)
-        assert decisions_v.equals(decisions_h)
-        assert decisions_h.edited.sum() > 0, f"{edit_h.name} never fired: the test would prove nothing"
-        report_v = edit_v.report().sort_values(["request_id", "layer"]).reset_index(drop=True)
-        report_h = edit_h.report().sort_values(["request_id", "layer"]).reset_index(drop=True)
-        assert report_v.equals(report_h)
+        assert decisions(edit_v).equals(decisions(edit_h))
+        assert decisions(edit_h).edited.sum() > 0, f"{edit_h.name} never fired: the test would prove nothing"
+        assert report(edit_v).equals(report(edit_h))
     if "erss" in names:
         assert results["hf"][2][-1].report().erss_injections.sum() > 0
 
@@ -337,10 +342,8 @@ def test_more_architectures_trace_and_edit_as_the_hf_backend(arch, tmp_path, mon
     (gens_h, frame_h, edits_h), (gens_v, frame_v, edits_v) = results["hf"], results["vllm"]
     assert [g.generated_ids for g in gens_v] == [g.generated_ids for g in gens_h]
     assert_norms_match(frame_v, frame_h)
-    key = ["request_id", "layer", "position"]
     for edit_h, edit_v in zip(edits_h, edits_v):
-        decisions_h = edit_h.record.frame().sort_values(key).reset_index(drop=True)
-        assert decisions_h.equals(edit_v.record.frame().sort_values(key).reset_index(drop=True))
+        assert decisions(edit_h).equals(decisions(edit_v))
     assert edits_h[0].report().alrr_kept_passes.sum() > 0  # ALRR's kept passes changed the stream
 
 
@@ -668,12 +671,9 @@ def test_preempted_and_recomputed_requests_keep_the_tokens_norms_and_decisions_o
     assert counter.stale > 0, "no request was preempted: the test would prove nothing"
     assert [g.generated_ids for g in gens_v] == [g.generated_ids for g in gens_h]
     assert_norms_match(frame_v, frame_h)
-    key = ["request_id", "layer", "position"]
     for edit_v, edit_h in zip(edits_v, edits_h):
-        assert edit_v.record.frame().sort_values(key).reset_index(drop=True).equals(
-            edit_h.record.frame().sort_values(key).reset_index(drop=True))
-        assert edit_v.report().sort_values(["request_id", "layer"]).reset_index(drop=True).equals(
-            edit_h.report().sort_values(["request_id", "layer"]).reset_index(drop=True))
+        assert decisions(edit_v).equals(decisions(edit_h))
+        assert report(edit_v).equals(report(edit_h))
 
 
 def test_alrr_teacher_forced_over_generated_sequences_reproduces_the_generation(engines, prompts, tau):
@@ -692,9 +692,7 @@ def test_alrr_teacher_forced_over_generated_sequences_reproduces_the_generation(
     tracer = NormTracer(vllm_model)
     run_forward(vllm_model, [g.prompt_ids + g.generated_ids[:-1] for g in gens], observers=[alrr_v, tracer],
                 n_prompt=[len(g.prompt_ids) for g in gens])
-    key = ["request_id", "layer", "position"]
-    decisions_h = alrr_h.record.frame().sort_values(key).reset_index(drop=True)
-    decisions_v = alrr_v.record.frame().sort_values(key).reset_index(drop=True)
+    decisions_h, decisions_v = decisions(alrr_h), decisions(alrr_v)
     assert decisions_h.edited.groupby(decisions_h.request_id).sum().max() > 1  # several kept tokens per request
     assert decisions_v.equals(decisions_h)
     assert_norms_match(tracer.frame(), frame_h)
