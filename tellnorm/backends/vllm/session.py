@@ -3,9 +3,22 @@
 vLLM runs one flattened batch per step: the scheduled tokens of every running request back to back (prefill
 chunks and single decode tokens mixed), in the order of the runner's ``input_batch``; ``query_start_loc`` says
 where each request's rows start. A :class:`Session` turns that into what the HF backend's observers already
-understand — a :class:`~tellnorm.generation.StepInfo` over a ``[request, token]`` grid (right-padded, ``valid``
+understand — a :class:`~tellnorm.generation.StepInfo` over a ``[row, token]`` grid (right-padded, ``valid``
 marks real tokens) — and runs each observer's ``blocks.L.hook_resid_post`` hook on the stream after decoder
 layer L, gathered into that grid:
+
+* Bounded memory: a row is a segment of one request, not always the whole request. A step can hold hundreds of
+  one-token decodes and one prefill chunk of thousands of tokens; a ``[requests, longest]`` grid would give every
+  hook requests × longest × d_model (255 decodes and an 8k chunk at d_model 4096 in float32: 34 GB). So the grid
+  is as wide as the longest request only while that at most doubles the step's tokens; otherwise it is as wide as
+  the mean request and a longer request continues on the next rows (:func:`request_grid`: at most 3 × tokens
+  cells). Each row names its request; one request's rows are consecutive and in position order. Every observer
+  keys its state by (request, position) and walks tokens row-major, so it reads the segments as one row: the
+  results are those of one row per request (only a window along a row, as in feature dashboards, stops at a
+  segment's end, as it already stops at a prefill chunk's). Kept over calling each hook once per group of similar-length
+  requests, which would need every observer that prepares per-step state in ``on_step`` (its tokens, counters)
+  to switch that state between groups; here a step is still one StepInfo, one ``on_step`` and one hook call per
+  layer.
 
 * The stream: vLLM's decoder layers return ``(hidden, residual)`` and leave the add to the next layer's fused norm,
   so the state after layer L is ``hidden + residual`` — HF's decoder-layer output, the same float32 sum.
@@ -57,21 +70,26 @@ _CHILD = re.compile(r"^(\d+)_(.+-[0-9a-f]+)$")  # vLLM names the k-th child of r
 
 def request_grid(starts: Sequence[int], positions: torch.Tensor,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(index, valid, grid_positions)`` ``[requests, longest]`` for a flattened batch whose request i owns rows
+    """``(index, valid, grid_positions)`` ``[rows, width]`` for a flattened batch whose request i owns rows
     ``starts[i]:starts[i+1]`` (``starts`` ``[requests + 1]``, ``positions`` ``[tokens]``): index is each cell's row
-    in the flat batch (0 on padding)."""
+    in the flat batch (0 on padding). Request i fills ``ceil(length_i / width)`` consecutive grid rows, in order;
+    ``width`` is the longest request when ``requests × longest ≤ 2 × tokens`` (one row each), else the mean
+    request length rounded up, so the grid has at most 3 × tokens cells (module docstring)."""
     import torch
 
-    n = len(starts) - 1
-    if starts[-1] == n:  # decode only: one token per request, the grid is the flat batch as a column
-        # a copy: the runner reuses its positions buffer, and observers keep what they are given
-        return torch.arange(n)[:, None], torch.ones(n, 1, dtype=torch.bool), positions[:n, None].cpu().clone()
     starts = torch.as_tensor(starts, dtype=torch.long)
     lengths = starts[1:] - starts[:-1]
-    width = int(lengths.max()) if len(lengths) else 0
+    n, total = len(lengths), int(starts[-1])
+    longest = int(lengths.max()) if n else 0
+    width = max(1, longest if n * longest <= 2 * total else -(-total // n))
+    rows = -(-lengths // width)  # a request with no token this step gets no row
+    request = torch.repeat_interleave(torch.arange(n), rows)
+    segment = torch.arange(len(request)) - torch.repeat_interleave(rows.cumsum(0) - rows, rows)
+    first = starts[:-1][request] + segment * width
     offsets = torch.arange(width)[None, :]
-    valid = offsets < lengths[:, None]
-    index = torch.where(valid, starts[:-1, None] + offsets, torch.zeros_like(offsets))
+    valid = offsets < (lengths[request] - segment * width)[:, None]
+    index = torch.where(valid, first[:, None] + offsets, torch.zeros_like(offsets))
+    # a gather, so a copy: the runner reuses its positions buffer, and observers keep what they are given
     return index, valid, torch.where(valid, positions.cpu()[index], torch.zeros_like(index))
 
 
@@ -172,7 +190,7 @@ class Session:
             handle.remove()
         self.handles = []
         self.runner = None
-        self.block_inputs, self.grid = {}, None
+        self.block_inputs, self.grid, self.token_request = {}, None, None
         self.sampling_step = None
         for observer in self.observers:  # a StepInfo holds this session (and its tensors): let both go
             if getattr(observer, "info", None) is not None:
@@ -210,24 +228,29 @@ class Session:
         internal = list(runner.input_batch.req_ids[:n])
         starts = runner.query_start_loc.cpu[: n + 1].tolist()
         index, valid, grid_positions = request_grid(starts, positions)
+        first, lengths = torch.tensor(starts[:-1], dtype=torch.long), torch.tensor(starts, dtype=torch.long).diff()
+        self.token_request = torch.repeat_interleave(torch.arange(n), lengths)  # [tokens]: request of each flat row
+        flat_positions = positions[: starts[-1]].long().cpu()
+        request = self.token_request[index[:, 0]]  # [grid rows]: every row holds a token at column 0
         for i in internal:  # once per request, not per step
             if i not in self.ids:
                 self.ids[i] = self._request_id(i)
         rids = [self.ids[i] for i in internal]
         seen_before = [self.seen.get(rid, 0) for rid in rids]
-        seen = torch.tensor(seen_before)
-        fresh = valid & (grid_positions >= seen[:, None])
-        prefill = not any(seen_before) and not grid_positions[:, 0].any()
+        seen = torch.tensor(seen_before, dtype=torch.long)
+        fresh = valid & (grid_positions >= seen[request][:, None])
+        prefill = not any(seen_before) and not flat_positions[first[lengths > 0]].any()
         n_prompt = [self.n_prompt.get(rid, len(runner.requests[i].prompt_token_ids)) for rid, i in zip(rids, internal)]
-        ends = (grid_positions.masked_fill(~valid, -1).amax(1) + 1).tolist()
-        for rid, before, end in zip(rids, seen_before, ends):
+        ends = torch.zeros(n, dtype=torch.long).scatter_reduce(0, self.token_request, flat_positions + 1, "amax")
+        for rid, before, end in zip(rids, seen_before, ends.tolist()):
             self.seen[rid] = max(before, end)
         self.grid = (index, valid)
         self.flat_valid = index[valid]
         self.positions = positions
         self.block_inputs = {}
-        info = StepInfo(rids, grid_positions, valid, "prefill" if prefill else "decode", self.step, n_prompt,
-                        fresh=fresh, backend=self)
+        rows = request.tolist()
+        info = StepInfo([rids[r] for r in rows], grid_positions, valid, "prefill" if prefill else "decode", self.step,
+                        [n_prompt[r] for r in rows], fresh=fresh, backend=self)
         self.step += 1
         for observer in self.observers:
             observer.on_step(info)
@@ -299,15 +322,18 @@ class Session:
 
         Each selected token attends to the first-pass keys/values of its request's earlier tokens. One call of the
         layer writes every selected token's new key/value before attending, so two tokens of one request (a
-        recomputed prefix replaying its kept passes after vLLM preempted the request) go in separate calls: call r
-        takes the r-th selected token of every request, and the cache is restored after each."""
+        recomputed prefix replaying its kept passes after vLLM preempted the request, a teacher-forced sequence)
+        go in separate calls: call r takes the r-th selected token of every request — by request, not grid row,
+        as a request can span several rows — and the cache is restored after each."""
         import torch
 
+        index, _ = self.grid
+        requests = self.token_request[index[rows.cpu(), cols.cpu()]].tolist()
         rank = torch.zeros(len(rows), dtype=torch.long)
         counts: dict[int, int] = {}
-        for i, row in enumerate(rows.tolist()):
-            rank[i] = counts.get(row, 0)
-            counts[row] = rank[i].item() + 1
+        for i, request in enumerate(requests):
+            rank[i] = counts.get(request, 0)
+            counts[request] = rank[i].item() + 1
         if len(rows) and int(rank.max()) > 0:
             out = torch.empty_like(hidden)
             for r in range(int(rank.max()) + 1):
