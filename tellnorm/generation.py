@@ -75,6 +75,8 @@ class StepInfo:
     fresh: Any = None  # [batch, seq] tokens this run sees for the first time (None: every valid token); a
     #                    cache-free reference recomputes old tokens, which observers that record must skip
     backend: Any = None  # the backend's per-step context for techniques that re-run layers (vLLM: the Session)
+    layer_inputs: dict | None = None  # HF, hybrid models: {state layer: (block input [batch, seq, d_model], its
+    #                                   state before this pass or None)} for the layers techniques re-run
 
     @property
     def new_tokens(self) -> torch.Tensor:

@@ -60,9 +60,14 @@ def hf_layer_norms_float64(model, batch):
 
 
 def cache_snapshot(cache) -> list:
-    """Copies of every initialised layer's keys and values."""
-    return [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers
-            if getattr(layer, "keys", None) is not None]
+    """Copies of every initialised layer's keys and values, and of a state layer's convolution/recurrent states."""
+    snapshot = []
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None:
+            snapshot.append((layer.keys.clone(), layer.values.clone()))
+        for states in (getattr(layer, "conv_states", {}), getattr(layer, "recurrent_states", {})):
+            snapshot += [(t.clone(), t.clone()) for t in states.values() if t is not None]
+    return snapshot
 
 
 class ExtraPassProbe(LayerHooks):
@@ -76,6 +81,7 @@ class ExtraPassProbe(LayerHooks):
         import torch
 
         super().__init__(model, layers)
+        self.extra_pass_layers = list(layers)  # the HF backend keeps a state layer's inputs for these
         self.steps = set(steps)
         self.gen = torch.Generator().manual_seed(seed)
         self.calls: list = []

@@ -17,7 +17,7 @@ import pytest
 
 from tellnorm.apps.reproduce import ReproduceConfig, reproduce
 from tellnorm.errors import TellnormError
-from tellnorm.organism.standins import llama_scope_r1_files, qwen_scope_files, tiny_model
+from tellnorm.organism.standins import QWEN_SCOPE_3_5_REPO, llama_scope_r1_files, qwen_scope_files, tiny_model
 
 ORGANISM_TASK = Path(__file__).resolve().parents[1] / "tellnorm" / "data" / "lm_eval" / "organism_test.jsonl"
 PLAIN_TEMPLATE = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -89,36 +89,19 @@ def _hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> l
     return out[0, len(prompt_ids):].tolist()
 
 
-@pytest.fixture(scope="module")
-def hf_run(standins, tmp_path_factory):
-    """The quick greedy run of every stage on the HF backend (shared: the vLLM test compares against it)."""
-    out = tmp_path_factory.mktemp("hf_run") / "run"
-    return out, reproduce(_config(standins, out))
-
-
-@pytest.mark.slow
-def test_qwen3_standin_runs_every_stage_with_the_contract_files(standins, hf_run):
+def assert_measured_like_hf(model_dir: Path, out: Path, task: Path, max_new_tokens: int) -> None:
+    """Responses, accuracy and the norm profile of a run in ``out`` against HF's own greedy ``generate``, a regular
+    expression over the decoded responses and HF decoder layers' outputs (teacher-forced) on the same sequences."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    s = standins
-    out, result = hf_run
-    assert set(result.stages) >= {"accuracy", "norm_profile", "features", "bounds", "correlation", "interventions",
-                                  "evaluation", "explorer"}
-    for name in ("REPORT.md", "claims.csv", "accuracy.csv", "norm_profile.csv", "suppression.csv", "evaluation.csv"):
-        assert (out / name).is_file(), name
-    report = (out / "REPORT.md").read_text()
-    skipped = json.loads((out / "skipped_stages.json").read_text())
-    assert "Skipped: peaks" in report and "step labels" in skipped["peaks"]
-
     responses = pd.read_parquet(out / "responses.parquet")
-    tokenizer = AutoTokenizer.from_pretrained(s["qwen"])
-    cfg = _config(s, out)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     for row in responses[responses["mode"] == "thinking"].head(2).itertuples():  # HF's own greedy decoding
-        expected = _hf_greedy(s["qwen"], [int(t) for t in row.prompt_ids], cfg.max_new_tokens)
+        expected = _hf_greedy(model_dir, [int(t) for t in row.prompt_ids], max_new_tokens)
         assert [int(t) for t in row.generated_ids] == expected[:len(row.generated_ids)]
     # accuracy: the last number of each decoded response (a regex, not tellnorm's extractor) against the gold
-    gold = {json.loads(line)["id"]: json.loads(line)["answer"] for line in s["task"].read_text().splitlines()}
+    gold = {json.loads(line)["id"]: json.loads(line)["answer"] for line in task.read_text().splitlines()}
     for mode, frame in responses.groupby("mode"):
         correct = []
         for row in frame.itertuples():
@@ -129,7 +112,7 @@ def test_qwen3_standin_runs_every_stage_with_the_contract_files(standins, hf_run
         measured = table[(table["mode"] == mode) & (table.group == "all")].accuracy.item()
         assert measured == pytest.approx(np.mean(correct), abs=1e-9)
     # the norm profile: HF decoder layers' outputs on the same sequences (teacher-forced, every generated token)
-    model = AutoModelForCausalLM.from_pretrained(s["qwen"], torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
     outputs = {}
     for index, layer in enumerate(model.model.layers):
         layer.register_forward_hook(lambda _m, _i, out, index=index: outputs.__setitem__(
@@ -148,8 +131,48 @@ def test_qwen3_standin_runs_every_stage_with_the_contract_files(standins, hf_run
         expected = np.mean(per_response, axis=0)
         measured = profile[profile["mode"] == mode].sort_values("layer").mean_norm.to_numpy()
         np.testing.assert_allclose(measured, expected, rtol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def hf_run(standins, tmp_path_factory):
+    """The quick greedy run of every stage on the HF backend (shared: the vLLM test compares against it)."""
+    out = tmp_path_factory.mktemp("hf_run") / "run"
+    return out, reproduce(_config(standins, out))
+
+
+@pytest.mark.slow
+def test_qwen3_standin_runs_every_stage_with_the_contract_files(standins, hf_run):
+
+    s = standins
+    out, result = hf_run
+    assert set(result.stages) >= {"accuracy", "norm_profile", "features", "bounds", "correlation", "interventions",
+                                  "evaluation", "explorer"}
+    for name in ("REPORT.md", "claims.csv", "accuracy.csv", "norm_profile.csv", "suppression.csv", "evaluation.csv"):
+        assert (out / name).is_file(), name
+    report = (out / "REPORT.md").read_text()
+    skipped = json.loads((out / "skipped_stages.json").read_text())
+    assert "Skipped: peaks" in report and "step labels" in skipped["peaks"]
+
+    assert_measured_like_hf(s["qwen"], out, s["task"], _config(s, out).max_new_tokens)
     # a cached rerun loads nothing and runs nothing
     assert {r.status for r in reproduce(_config(s, out)).stages.values()} == {"cached"}
+
+
+@pytest.mark.slow
+def test_qwen3_5_hybrid_standin_with_qwen_scope_3_5_saes_runs_every_stage(standins, tmp_path):
+    """Qwen3.5's hybrid (Gated DeltaNet layers with every fourth layer full attention): 8 layers, so ALRR's default
+    layer (6) is a linear-attention layer; SAEs in Qwen-Scope's layout under the Qwen3.5 release's name."""
+    model = tiny_model(tmp_path / "qwen3_5", "qwen3_5", n_layers=8)
+    saes = qwen_scope_files(tmp_path / "saes", 128, range(8), repo=QWEN_SCOPE_3_5_REPO)
+    out = tmp_path / "run"
+    config = _config(standins, out, model=str(model), saes=f"qwen-scope:{saes}")
+    result = reproduce(config)
+    assert set(result.stages) >= {"accuracy", "norm_profile", "features", "bounds", "correlation", "interventions",
+                                  "evaluation", "explorer"}
+    assert "Skipped: peaks" in (out / "REPORT.md").read_text()
+    assert_measured_like_hf(model, out, standins["task"], config.max_new_tokens)
+    evaluation = pd.read_csv(out / "evaluation" / standins["task"].stem / "evaluation_responses.csv")
+    assert {"greedy", "alrr", "erss"} <= set(evaluation.run)
 
 
 @pytest.mark.slow

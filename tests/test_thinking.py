@@ -42,6 +42,10 @@ QWEN3 = (CHATML_TURNS + "{%- if add_generation_prompt %}{{- '<|im_start|>assista
          "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
          "{%- endif %}{%- endif %}")
 CHATML = CHATML_TURNS + "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+# Qwen3.5: thinking by default, and its template opens the think block itself (enable_thinking=false closes it).
+QWEN3_5 = (CHATML_TURNS + "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+           "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+           "{%- else %}{{- '<think>\\n' }}{%- endif %}{%- endif %}")
 # Qwen3 Thinking-2507: thinking only, the template opens the think block.
 QWEN3_THINKING_2507 = (CHATML_TURNS
                        + "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}")
@@ -148,6 +152,25 @@ def test_every_registry_family_is_exercised_here():
         assert entry.kind in KINDS
         assert entry.documented_at.startswith("https://"), entry.family
         assert entry.match.get("names"), entry.family
+
+
+# the same family's switch on other members: name, architecture, template, thinking prompt, non-thinking prompt
+MEMBER_CASES = [
+    ("Qwen/Qwen3.5-9B", "Qwen3_5ForConditionalGeneration", QWEN3_5, IM + "<think>\n", IM + "<think>\n\n</think>\n\n"),
+    ("Qwen/Qwen3.5-35B-A3B", "Qwen3_5MoeForConditionalGeneration", QWEN3_5, IM + "<think>\n",
+     IM + "<think>\n\n</think>\n\n"),
+    ("/models/qwen3.5-2b", "Qwen3_5ForCausalLM", QWEN3_5, IM + "<think>\n", IM + "<think>\n\n</think>\n\n"),
+]
+
+
+@pytest.mark.parametrize("name, arch, template, on, off", MEMBER_CASES)
+def test_qwen3_5_takes_the_qwen3_switch(name, arch, template, on, off):
+    model = Fake(name, tiny_tokenizer(template), [arch])
+    switch = switch_for(model)
+    assert (switch.family, switch.detected_by) == ("qwen3", "name")
+    assert switch.contrast(model.tokenizer, TEXT) == (on, off)
+    lm = fake_loaded(model.tokenizer, name)
+    assert (lm.chat_prompt(TEXT), lm.chat_prompt(TEXT, thinking=False)) == (on, off)
 
 
 @pytest.mark.parametrize("family", sorted(SWITCH_CASES))

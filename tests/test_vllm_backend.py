@@ -364,6 +364,19 @@ def test_an_architecture_the_plugin_does_not_tap_is_refused_before_vllm_starts(t
     assert "GraniteForCausalLM is not supported by tellnorm's vLLM plugin" in one_line(err)
 
 
+@pytest.mark.parametrize("arch, reason", [("Qwen3_5ForConditionalGeneration", "needs torchvision"),
+                                          ("Qwen3NextForCausalLM", "runs only in bfloat16")])
+def test_hybrid_models_are_refused_on_vllm_with_the_reason(arch, reason, tmp_path):
+    from tellnorm.backends import load_model
+
+    (tmp_path / "config.json").write_text(f'{{"architectures": ["{arch}"], "num_hidden_layers": 2}}')
+    with pytest.raises(TellnormError) as err:
+        load_model(tmp_path, backend="vllm")
+    message = one_line(err)
+    assert f"{arch} is not supported on the vLLM backend because" in message and reason in message
+    assert "linear-attention state caches" in message and "use backend='hf'" in message
+
+
 @pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "1.0.0", "dev"])
 def test_vllm_versions_outside_the_pinned_range_are_refused(version):
     from tellnorm.backends.vllm import check_vllm_version

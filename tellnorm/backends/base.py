@@ -86,6 +86,12 @@ SUPPORTED_ARCHITECTURES: dict[str, Family] = {
     "ArceeForCausalLM": Family("arcee", None, "Arcee AFM (ReLU² MLP)"),
     "StableLmForCausalLM": Family("stablelm", None, "StableLM 2 (LayerNorm, partial RoPE)"),
     "NemotronForCausalLM": Family("nemotron", None, "Nemotron/Minitron (LayerNorm1P)"),
+    "Qwen3_5ForCausalLM": Family("qwen3_5", False, "Qwen3.5 dense (Gated DeltaNet linear attention, every 4th "
+                                 "layer gated full attention); the text model of Qwen3_5ForConditionalGeneration"),
+    "Qwen3_5MoeForCausalLM": Family("qwen3_5_moe", False, "Qwen3.5 MoE (35B-A3B, 397B-A17B); the text model of "
+                                    "Qwen3_5MoeForConditionalGeneration"),
+    "Qwen3NextForCausalLM": Family("qwen3_next", False, "Qwen3-Next (80B-A3B; Gated DeltaNet hybrid, MoE)"),
+    "OlmoHybridForCausalLM": Family("olmo_hybrid", None, "OLMo Hybrid (Gated DeltaNet hybrid)"),
     "DeepseekV2ForCausalLM": Family("deepseek_v2", True, "DeepSeek-V2 (MLA, MoE); eager attention: the bridge's "
                                     "MLA applies no causal mask under sdpa", attn_implementation="eager",
                                     alrr=_MLA_CACHE),
@@ -93,18 +99,19 @@ SUPPORTED_ARCHITECTURES: dict[str, Family] = {
                                     "bridge's MLA applies no causal mask under sdpa", attn_implementation="eager",
                                     alrr=_MLA_CACHE),
 }
-_HYBRID = ("it is a hybrid model whose {what} layers keep a recurrent state instead of a KV cache, which tellnorm's "
-           "batched KV-cache generation and ALRR's read-only extra pass cannot drive")
+# Multimodal checkpoints whose text model transformers' AutoModelForCausalLM loads (Qwen3.5 ships only these).
+TEXT_MODELS = {"Qwen3_5ForConditionalGeneration": "Qwen3_5ForCausalLM",
+               "Qwen3_5MoeForConditionalGeneration": "Qwen3_5MoeForCausalLM"}
+_STATE_SPACE = ("its {what} layers keep a recurrent state whose cache tellnorm has not checked generation, tracing "
+                "and ALRR's extra pass against (of the recurrent hybrids, only the Gated DeltaNet ones are: Qwen3.5, "
+                "Qwen3-Next, OLMo Hybrid)")
 # Architectures the bridge knows but tellnorm refuses, with the reason (one clause each).
 REFUSED_ARCHITECTURES: dict[str, str] = {
-    **{arch: _HYBRID.format(what="Gated DeltaNet linear-attention") for arch in (
-        "Qwen3NextForCausalLM", "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen3_5ForConditionalGeneration",
-        "Qwen3_5MoeForConditionalGeneration", "OlmoHybridForCausalLM")},
-    **{arch: _HYBRID.format(what="state-space/recurrent") for arch in (
+    **{arch: _STATE_SPACE.format(what="state-space/recurrent") for arch in (
         "FalconH1ForCausalLM", "BambaForCausalLM", "JambaForCausalLM", "Zamba2ForCausalLM", "NemotronHForCausalLM",
         "GraniteMoeHybridForCausalLM", "RecurrentGemmaForCausalLM", "MambaForCausalLM", "Mamba2ForCausalLM",
         "FalconMambaForCausalLM", "RwkvForCausalLM", "RWKV7ForCausalLM")},
-    **{arch: _HYBRID.format(what="short-convolution") for arch in ("Lfm2ForCausalLM", "Lfm2MoeForCausalLM")},
+    **{arch: _STATE_SPACE.format(what="short-convolution") for arch in ("Lfm2ForCausalLM", "Lfm2MoeForCausalLM")},
     "Gemma3ForConditionalGeneration": "it is the multimodal Gemma 3 wrapper: load its text model as Gemma3ForCausalLM",
     **{arch: ("TransformerLens's bridge does not reproduce HF's parallel attention+MLP blocks for it (measured on a "
               "tiny model: hook_resid_post and the logits differ from HF's)")
@@ -114,6 +121,21 @@ REFUSED_ARCHITECTURES: dict[str, str] = {
 
 # Hook points selectable for tracing; all are TransformerLens aliases that the bridge resolves.
 HOOK_POINTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+# Where the bridge has no alias for a point at some layer (a hybrid's linear-attention layers), the same tensor
+# under the bridge's own name: the mixer's output, and the residual entering the second norm.
+HOOK_FALLBACKS = {"attn_out": "linear_attn.hook_out", "resid_mid": "ln2.hook_in"}
+
+
+def hook_aliases(hook_names: set[str], n_layers: int) -> dict[tuple[int, str], str]:
+    """``{(layer, point): name}`` for each point a layer lacks the alias of, from :data:`HOOK_FALLBACKS`; a point
+    with neither stays unmapped (and fails where it is asked for)."""
+    aliases = {}
+    for layer in range(n_layers):
+        for point, fallback in HOOK_FALLBACKS.items():
+            name = f"blocks.{layer}.{fallback}"
+            if f"blocks.{layer}.hook_{point}" not in hook_names and name in hook_names:
+                aliases[(layer, point)] = name
+    return aliases
 
 
 @dataclass(frozen=True)
@@ -185,12 +207,13 @@ class ModelAPI:
         raise NotImplementedError
 
     def hook_name(self, layer: int, point: str = "resid_post") -> str:
-        """``blocks.{layer}.hook_{point}``, TransformerLens's name for that point; bad layers or points raise."""
+        """``blocks.{layer}.hook_{point}``, TransformerLens's name for that point (or the bridge's own name for it where
+        a layer lacks the alias: a linear-attention layer's ``attn_out``); bad layers or points raise."""
         if point not in HOOK_POINTS:
             raise TellnormError(f"unknown hook point {point!r}: choose one of {', '.join(HOOK_POINTS)}")
         if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
             raise TellnormError(f"layer {layer!r} is out of range: {self.name} has layers 0..{self.n_layers - 1}")
-        return f"blocks.{layer}.hook_{point}"
+        return self.info.get("hook_aliases", {}).get((layer, point), f"blocks.{layer}.hook_{point}")
 
     def late_layers(self) -> list[int]:
         """The paper code's default target layers: the last quarter, final layer excluded (PAPER.md §1)."""
@@ -227,8 +250,10 @@ class ModelAPI:
 
 
 def check_architecture(architectures: list[str], name: str) -> str:
-    """The first of ``architectures`` tellnorm supports; else one TellnormError line saying why not."""
+    """The first of ``architectures`` tellnorm supports (a multimodal checkpoint's text model, :data:`TEXT_MODELS`);
+    else one TellnormError line saying why not."""
     for arch in architectures:
+        arch = TEXT_MODELS.get(arch, arch)
         if arch in SUPPORTED_ARCHITECTURES:
             return arch
     given = ", ".join(map(str, architectures))

@@ -31,9 +31,11 @@ import numpy as np
 
 from tellnorm.backends.base import (
     SUPPORTED_ARCHITECTURES,
+    TEXT_MODELS,
     ModelAPI,
     Subject,
     check_architecture,
+    hook_aliases,
     subject_of_folder,
     wants_bos,
 )
@@ -101,12 +103,13 @@ class LoadedModel(ModelAPI):
         # Similar lengths share a batch (less padding); results do not depend on the grouping.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="req")
+        keeper = StateLayerInputs.for_observers(self, observers)
         with ExitStack() as stack:
-            stack.enter_context(self.bridge.hooks(fwd_hooks=[h for obs in observers for h in obs.hooks(self)]))
+            stack.enter_context(self.bridge.hooks(fwd_hooks=observer_hooks(self, observers, keeper)))
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 batch = [(request_ids[i], list(prompts[i])) for i in chunk]
-                for gen in _generate_batch(self, batch, sampling, observers, reuse_cache, token_stats):
+                for gen in _generate_batch(self, batch, sampling, observers, reuse_cache, token_stats, keeper):
                     results[gen.request_id] = gen
                 bar.update(len(chunk))
         bar.close()
@@ -122,13 +125,16 @@ class LoadedModel(ModelAPI):
 
         logits = {}
         reads_logits = any(getattr(obs, "reads_logits", False) for obs in observers)
-        with self.bridge.hooks(fwd_hooks=[h for obs in observers for h in obs.hooks(self)]), torch.no_grad():
+        keeper = StateLayerInputs.for_observers(self, observers)
+        with self.bridge.hooks(fwd_hooks=observer_hooks(self, observers, keeper)), torch.no_grad():
             for start in range(0, len(sequences), batch_size):
                 rids = request_ids[start : start + batch_size]
                 chunk = [list(s) for s in sequences[start : start + batch_size]]
                 input_ids, attention, positions = left_pad(self, chunk)
                 prompt_lengths = None if n_prompt is None else list(n_prompt[start : start + batch_size])
                 info = StepInfo(rids, positions, attention.bool(), "forward", 0, prompt_lengths)
+                if keeper is not None:
+                    keeper.begin(info)
                 for obs in observers:
                     obs.on_step(info)
                 # logits nobody reads are skipped: [T, vocab] is 2.5 GB at 4k tokens for Qwen3's vocabulary
@@ -248,7 +254,10 @@ def _wrap(model, tokenizer, *, name: str, source: str, device: str, labeler=None
           attn_implementation: str | None = None) -> LoadedModel:
     from transformer_lens.model_bridge import TransformerBridge
 
-    arch = check_architecture(model.config.architectures or [type(model).__name__], name)
+    if type(model).__name__ in TEXT_MODELS:
+        raise TellnormError(f"{name} is a {type(model).__name__}: load its text model with "
+                            "transformers.AutoModelForCausalLM (or pass its folder)")
+    arch = check_architecture([type(model).__name__, *(model.config.architectures or [])], name)
     tokenizer = _stable_tokenizer(tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -279,7 +288,8 @@ def _wrap(model, tokenizer, *, name: str, source: str, device: str, labeler=None
         max_positions=cfg.max_position_embeddings,
         source=source,
         info={"prepend_bos": prepend_bos, "hf_architecture": arch, "alrr_refusal": family.alrr,
-              "attention": kernel, "raw_layers": raw_layers},
+              "attention": kernel, "raw_layers": raw_layers,
+              "hook_aliases": hook_aliases(set(bridge.hook_dict), cfg.num_hidden_layers)},
         token_labeler=labeler,
     )
 
@@ -297,9 +307,8 @@ def eos_ids(model: LoadedModel) -> set[int]:
 
 
 def _generate_batch(model, batch, sampling: SamplingConfig, observers, reuse_cache: bool = True,
-                    token_stats: bool = False) -> list[Generation]:
+                    token_stats: bool = False, keeper: StateLayerInputs | None = None) -> list[Generation]:
     import torch
-    from transformers import DynamicCache
 
     device = model.device
     stop_ids = set() if sampling.ignore_eos else eos_ids(model)
@@ -314,7 +323,7 @@ def _generate_batch(model, batch, sampling: SamplingConfig, observers, reuse_cac
         for rid in live:
             generators[rid] = torch.Generator(device="cpu").manual_seed(request_seed(sampling.seed, rid))
     finished: dict = {}
-    cache = DynamicCache()
+    cache = new_cache(model.hf_model)
     seen = None  # [live rows, vocab]: what the repetition penalty reads
     step = 0
     fresh = None
@@ -323,11 +332,13 @@ def _generate_batch(model, batch, sampling: SamplingConfig, observers, reuse_cac
             info = StepInfo(list(live), positions, attention[:, -positions.shape[1]:].bool(),
                             "prefill" if step == 0 else "decode", step, [len(prompt_of[rid]) for rid in live],
                             cache=cache, attention_mask=attention, fresh=fresh)
+            if keeper is not None:
+                keeper.begin(info)
             for obs in observers:
                 obs.on_step(info)
             logits, cache = forward_step(model.hf_model, input_ids, attention, positions, cache)
             if not reuse_cache:
-                cache = DynamicCache()
+                cache = new_cache(model.hf_model)
             if seen is None and sampling.repetition_penalty != 1.0:
                 seen = seen_tokens([prompt_of[rid] for rid in live], logits.shape[-1], logits.device)
             next_tokens = pick_tokens(logits, seen, sampling, [generators.get(rid) for rid in live])
@@ -361,7 +372,7 @@ def _generate_batch(model, batch, sampling: SamplingConfig, observers, reuse_cac
             next_tokens = [next_tokens[r] for r in keep]
             if len(keep) < attention.shape[0]:
                 index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
+                select_rows(cache, index)
                 attention = attention[index]
                 positions = positions[index]
             input_ids = torch.tensor(next_tokens, device=device).unsqueeze(1)
@@ -383,6 +394,106 @@ def forward_step(hf_model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     out = hf_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    past_key_values=cache, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1, :].float(), out.past_key_values
+
+
+STATE_LAYER_TYPES = ("linear_attention", "conv")  # config.layer_types whose cache layer keeps a running state
+
+
+def state_layers(config: Any) -> list[int]:
+    """The decoder layers that keep a recurrent/convolution state instead of keys and values (a hybrid model's
+    linear-attention layers: Qwen3.5, Qwen3-Next, OLMo-Hybrid); empty for a transformer."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return [i for i, kind in enumerate(getattr(text, "layer_types", None) or []) if kind in STATE_LAYER_TYPES]
+
+
+def new_cache(hf_model: Any) -> Any:
+    """An empty cache of the kind the model expects: transformers' ``DynamicCache`` built from the config for a
+    hybrid model (state layers where the config says), a plain one otherwise (a sliding-window cache would drop the
+    early keys that ALRR's extra pass and the no-cache reference compare against)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=hf_model.config) if state_layers(hf_model.config) else DynamicCache()
+
+
+def select_rows(cache: Any, index: torch.Tensor) -> None:
+    """Keep only the batch rows ``index`` (long ``[rows]``) of every cache layer, in place: keys and values, and a
+    state layer's convolution/recurrent states (transformers selects those only through ``reorder_cache``)."""
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    for layer in cache.layers:
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            LinearAttentionCacheLayerMixin.reorder_cache(layer, index)
+        if hasattr(layer, "keys"):
+            layer.batch_select_indices(index)
+
+
+def copy_state(layer: Any, rows: torch.Tensor | None = None) -> Any:
+    """A detached copy of a state cache layer (rows ``rows`` of its batch, all if None) that a block can read and
+    update without touching the original; None when the layer holds no state yet (nothing came before)."""
+    import copy
+
+    if not any(layer.has_previous_state.values()):
+        return None
+    pick = (lambda t: t.clone()) if rows is None else (lambda t: t[rows].clone())
+    twin = copy.copy(layer)
+    twin.conv_states = {i: None if t is None else pick(t) for i, t in layer.conv_states.items()}
+    twin.recurrent_states = {i: None if t is None else pick(t) for i, t in layer.recurrent_states.items()}
+    for name in ("is_conv_states_initialized", "is_recurrent_states_initialized", "has_previous_state",
+                 "conv_kernel_size"):
+        setattr(twin, name, dict(getattr(layer, name)))
+    return twin
+
+
+def state_cache(hf_model: Any, layer: int, state: Any = None) -> Any:
+    """A cache for one call of state layer ``layer``'s block alone: ``state`` (see :func:`copy_state`; a fresh state
+    when None) at ``layer`` and no layer after it, since a block that asks whether the cache holds a state without
+    naming its layer is answered from the last state layer (OLMo Hybrid)."""
+    cache = new_cache(hf_model)
+    cache.layers = cache.layers[: layer + 1]
+    if state is not None:
+        cache.layers[layer] = state
+    return cache
+
+
+class StateLayerInputs:
+    """Keeps, for the state layers that techniques re-run (observers' ``extra_pass_layers``), each pass's block
+    inputs ``[batch, seq, d_model]`` and a copy of the layer's state from before the pass, in
+    ``StepInfo.layer_inputs``: a linear-attention layer's state has already moved past the pass's tokens when its
+    output is hooked, and an extra pass must read the state its token's predecessors left."""
+
+    def __init__(self, model: LoadedModel, layers: Sequence[int]):
+        self.model, self.layers = model, list(layers)
+        self.info: StepInfo | None = None
+
+    @classmethod
+    def for_observers(cls, model: LoadedModel, observers: Sequence[Observer]) -> StateLayerInputs | None:
+        """A keeper for the state layers any observer re-runs; None when there is none (every transformer)."""
+        wanted = {layer for obs in observers for layer in getattr(obs, "extra_pass_layers", ())}
+        layers = sorted(wanted & set(state_layers(model.hf_model.config)))
+        return cls(model, layers) if layers else None
+
+    def begin(self, info: StepInfo) -> None:
+        """Start keeping the inputs of the pass ``info`` describes."""
+        info.layer_inputs = {}
+        self.info = info
+
+    def hooks(self) -> list[tuple[str, Any]]:
+        """A ``resid_pre`` hook per kept layer (installed after observers' own, so it sees their edits)."""
+        def keep(layer: int):
+            def hook(x, hook):
+                cache = self.info.cache
+                state = copy_state(cache.layers[layer]) if cache is not None and len(cache.layers) > layer else None
+                self.info.layer_inputs[layer] = (x.detach(), state)
+            return hook
+
+        return [(self.model.hook_name(layer, "resid_pre"), keep(layer)) for layer in self.layers]
+
+
+def observer_hooks(model: LoadedModel, observers: Sequence[Observer], keeper: StateLayerInputs | None,
+                   ) -> list[tuple[str, Any]]:
+    """Every observer's hooks, then the keeper's (so it keeps a block's input after any edit of it)."""
+    hooks = [h for obs in observers for h in obs.hooks(model)]
+    return hooks + (keeper.hooks() if keeper is not None else [])
 
 
 def left_pad(model: LoadedModel, sequences: Sequence[Sequence[int]],

