@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_architectures import PROMPT, TOL, build, max_diff, tokenizer_for
+from test_architectures import PROMPT, TOL, build, max_diff, tiny, tokenizer_for  # noqa: F401 (a fixture)
 from test_techniques import assert_same_norms, clean_norms, generated_norms, tau_between
 
 from tellnorm.backends import load_model
@@ -43,14 +43,12 @@ def greedy(n_new: int) -> SamplingConfig:
 
 
 @pytest.fixture(scope="module")
-def hybrid():
-    made: dict = {}
-
+def hybrid(tiny):  # noqa: F811 (the imported fixture)
+    """``arch -> LoadedModel`` of test_architectures' tiny model (built once per module)."""
     def make(arch: str):
-        if arch not in made:
-            made[arch] = load_model((build(arch), tokenizer_for(arch)))
-            assert state_layers(made[arch].hf_model.config) == [0, 1, 2]
-        return made[arch]
+        model = tiny(arch)[0]
+        assert state_layers(model.hf_model.config) == [0, 1, 2]
+        return model
 
     return make
 
