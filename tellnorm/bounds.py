@@ -548,6 +548,8 @@ class BoundsObserver(LayerHooks):
     """Observer for :func:`tellnorm.generation.run_forward`: per layer, encodes the in-scope tokens with that
     layer's SAE and adds them to :class:`BoundsSums`; keeps the states at ``capture`` positions for the pairs."""
 
+    edits_stream = False  # records only (vLLM under tensor parallelism runs it on one rank)
+
     def __init__(self, model: ModelAPI, saes: Mapping[int, SAE], masks: Mapping[Any, Mapping[str, Sequence[bool]]],
                  reasoning: Mapping[int, Sequence[int]], capture: Mapping[Any, Iterable[int]] | None = None, *,
                  input_scale: float = 1.0, sample_size: int = SCATTER_POINTS):

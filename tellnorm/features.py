@@ -82,6 +82,8 @@ class FeatureSumsObserver(LayerHooks):
     """Observer for :func:`tellnorm.generation.run_forward`: encodes each SAE's hook activations and adds them to
     the buckets each token belongs to. ``fold_decoder_norm`` multiplies activation i by ‖W_dec[i]‖."""
 
+    edits_stream = False  # records only (vLLM under tensor parallelism runs it on one rank)
+
     def __init__(self, model: ModelAPI, saes: Mapping[int, SAE], bucket_masks: BucketMasks, *,
                  fold_decoder_norm: bool = False):
         import torch

@@ -106,7 +106,12 @@ class Observer(Protocol):
 
 class LayerHooks:
     """Base for observers that hook one point on each of some layers: ``hook_for(layer)`` builds each hook, and
-    ``self.info`` is the :class:`StepInfo` of the forward pass running now (None outside generation)."""
+    ``self.info`` is the :class:`StepInfo` of the forward pass running now (None outside generation).
+
+    ``edits_stream``: whether a hook may return a changed stream. Observers that only record say False, so under
+    vLLM's tensor parallelism the other ranks need not wait for their outcome."""
+
+    edits_stream = True
 
     def __init__(self, model: Any, layers: Iterable[int], point: str = "resid_post"):
         self.model = model

@@ -48,6 +48,8 @@ class NormTracer(LayerHooks):
     context manager around any forward pass of ``model.bridge`` (rows are then requests 0..B-1).
     """
 
+    edits_stream = False  # records only (vLLM under tensor parallelism runs it on one rank)
+
     def __init__(self, model: ModelAPI, layers: Sequence[int] | None = None, point: str = "resid_post"):
         super().__init__(model, range(model.n_layers) if layers is None else layers, point)
         self._records: list = []  # (layer, request_ids, positions [b,s], valid [b,s], norms [b,s]), the latest

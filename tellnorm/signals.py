@@ -129,6 +129,8 @@ class SignalObserver(LayerHooks):
     """Observer for :func:`tellnorm.generation.run_forward`: adds every signal of the selected tokens (those at or
     after ``starts[request_id]``, position 0 never) to per-problem :class:`SignalSums`."""
 
+    edits_stream = False  # records only (vLLM under tensor parallelism runs it on one rank)
+
     reads_logits = True  # every position's logits (the final output entropy): teacher-forced passes keep them
 
     def __init__(self, model: ModelAPI, saes: Mapping[int, SAE], reasoning: Mapping[int, Sequence[int]],

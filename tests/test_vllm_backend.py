@@ -483,13 +483,17 @@ def test_an_moe_model_after_a_dense_engine_is_refused_in_one_line(engines, tmp_p
     check_parallel_state({"num_hidden_layers": 2}, "dense")  # a dense model is fine
 
 
-def test_in_process_engine_is_required(monkeypatch):
-    from tellnorm.backends.vllm import _import_vllm
+def test_vllms_own_switch_selects_the_multi_process_engine(monkeypatch):
+    from tellnorm.backends import load_model
+    from tellnorm.backends.vllm import default_engine_mode
 
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    assert default_engine_mode() == "in-process"
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    assert default_engine_mode() == "multi-process"
     with pytest.raises(TellnormError) as err:
-        _import_vllm()
-    assert "runs vLLM's engine in-process" in one_line(err)
+        load_model("organism", backend="vllm", engine="threads")
+    assert "engine 'threads' is not a vLLM engine mode" in one_line(err)
 
 
 def test_the_v1_model_runner_is_selected_through_vllms_own_setting(monkeypatch, engines):
@@ -524,9 +528,9 @@ def test_unknown_backend_and_stray_engine_options_are_refused():
     ("enforce_eager", False, "hooks do not fire inside vLLM's compiled graphs"),
     ("enable_prefix_caching", True, "its norms and edits would be missing"),
     ("async_scheduling", True, "one forward past a request's end"),
-    ("tensor_parallel_size", 2, "observes one worker"),
-    ("pipeline_parallel_size", 2, "observes one worker"),
-    ("distributed_executor_backend", "mp", "observes one worker"),
+    ("pipeline_parallel_size", 2, "runs where every layer is"),
+    ("data_parallel_size", 2, "runs where every layer is"),
+    ("distributed_executor_backend", "ray", "vLLM's own executors, 'uni' and 'mp'"),
     ("worker_extension_cls", "my.Worker", "attaches the observers"),
     ("hf_overrides", {"architectures": ["Qwen3ForCausalLM"]}, "tapped model class"),
 ])
@@ -538,7 +542,7 @@ def test_engine_options_that_would_silently_break_tracing_are_refused_before_an_
     with pytest.raises(TellnormError) as err:
         load_model("organism", backend="vllm", **{option: value})
     assert f"engine option {option}={value!r} is refused" in one_line(err) and reason in one_line(err)
-    check_engine_options({"enforce_eager": True, "enable_prefix_caching": False, "tensor_parallel_size": 1,
+    check_engine_options({"enforce_eager": True, "enable_prefix_caching": False, "distributed_executor_backend": "mp",
                           "worker_extension_cls": WORKER_EXTENSION, "max_num_seqs": 4})  # tellnorm's own: fine
 
 

@@ -64,6 +64,8 @@ class QualitySums:
 class _QualityObserver(LayerHooks):
     """Encodes every real token (position 0 excluded) at each SAE's hook and accumulates :class:`QualitySums`."""
 
+    edits_stream = False  # records only (vLLM under tensor parallelism runs it on one rank)
+
     def __init__(self, model, saes: dict):
         super().__init__(model, saes)
         self.saes = saes

@@ -10,8 +10,11 @@ How it plugs in, without patching vLLM:
   ``hf_overrides``;
 * a worker extension (:mod:`.worker`) attaches a :class:`~.session.Session` — torch hooks on the decoder layers,
   removed on every exit path — for the duration of one ``generate`` call;
-* the engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the observers in the worker are the
-  caller's own objects and their records need no transport.
+* in-process (``engine="in-process"``, the default) the observers in the worker are the caller's own objects;
+  across processes — vLLM's multi-process engine (``engine="multi-process"``) or tensor parallelism
+  (``tensor_parallel_size > 1``) — they travel as a spec, each worker runs its own session, and the records come
+  back into the caller's objects when the run ends (:mod:`.remote`). Under tensor parallelism rank 0 runs the
+  observers and decides; the other ranks apply its outcome and join its extra passes (:mod:`.session`).
 
 Engines live until the process exits: deleting an in-process vLLM engine tears down vLLM's process-wide parallel
 state and breaks any other engine of the process, so tellnorm keeps a reference to each (restart the process to
@@ -21,7 +24,8 @@ Engine settings tellnorm fixes, each for a measured reason: ``enforce_eager`` (h
 graphs), no prefix caching (a cached prefix is never computed, so its norms would be missing), float32 by default
 (bfloat16 diverges from HF after a few dozen tokens), and a KV cache size (the CPU worker refuses to start
 without one on small machines). Engine options that would undo one of them, or that the in-process session cannot
-observe (parallel sizes, async scheduling), are refused in one line (:data:`REFUSED_ENGINE_OPTIONS`).
+observe (pipeline and data parallel sizes, async scheduling), are refused in one line
+(:data:`REFUSED_ENGINE_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -56,17 +60,18 @@ DEFAULT_MAX_MODEL_LEN = 4096  # a cap for long-context configs, so the default K
 _ENGINES: list = []
 
 
-_SINGLE_WORKER = "the in-process session observes one worker (multi-process, tensor and pipeline parallel engines " \
-                 "are not supported yet: run replicas with --ray for more throughput)"
+_LAYERS_SPLIT = ("tellnorm's session runs where every layer is (tensor_parallel_size is supported; for more "
+                 "throughput run replicas with --ray)")
+ENGINE_MODES = ("in-process", "multi-process")  # where vLLM's engine core runs: the caller's process, or its own
 # Engine options that would make tellnorm measure something else without an error: (refused when, why).
 REFUSED_ENGINE_OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "enforce_eager": (lambda value: not value, "hooks do not fire inside vLLM's compiled graphs"),
     "enable_prefix_caching": (bool, "a cached prefix is never computed, so its norms and edits would be missing"),
     "async_scheduling": (bool, "vLLM runs one forward past a request's end, which would be recorded and edited"),
-    "tensor_parallel_size": (lambda value: value not in (None, 1), _SINGLE_WORKER),
-    "pipeline_parallel_size": (lambda value: value not in (None, 1), _SINGLE_WORKER),
-    "data_parallel_size": (lambda value: value not in (None, 1), _SINGLE_WORKER),
-    "distributed_executor_backend": (lambda value: value not in (None, "uni"), _SINGLE_WORKER),
+    "pipeline_parallel_size": (lambda value: value not in (None, 1), _LAYERS_SPLIT),
+    "data_parallel_size": (lambda value: value not in (None, 1), _LAYERS_SPLIT),
+    "distributed_executor_backend": (lambda value: value not in (None, "uni", "mp"),
+                                     "tellnorm's sessions are tested with vLLM's own executors, 'uni' and 'mp'"),
     "worker_extension_cls": (lambda value: value != WORKER_EXTENSION, "tellnorm's worker extension attaches the "
                              "observers"),
     "hf_overrides": (lambda value: True, "tellnorm selects its tapped model class through hf_overrides"),
@@ -95,11 +100,33 @@ def check_vllm_version(version: str) -> None:
                             "pip install 'tellnorm[vllm]'")
 
 
+def default_engine_mode() -> str:
+    """``"multi-process"`` when ``VLLM_ENABLE_V1_MULTIPROCESSING`` asks for it, else ``"in-process"`` (tellnorm's
+    default, unlike vLLM's: observers stay the caller's objects and an engine starts faster)."""
+    asked = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0").strip().lower()
+    return "in-process" if asked in ("0", "false", "") else "multi-process"
+
+
+@contextmanager
+def engine_process_mode(engine: str) -> Iterator[None]:
+    """vLLM's own switch (``VLLM_ENABLE_V1_MULTIPROCESSING``, read when an engine starts) set for ``engine`` while
+    one starts, then restored; vLLM caches its settings once an in-process engine runs, so the cache is reset."""
+    import vllm.envs as envs
+
+    key = "VLLM_ENABLE_V1_MULTIPROCESSING"
+    before = os.environ.get(key)
+    os.environ[key] = "1" if engine == "multi-process" else "0"
+    envs.disable_envs_cache()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
 def _import_vllm():
-    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") not in ("0", "false", "False"):
-        raise TellnormError("VLLM_ENABLE_V1_MULTIPROCESSING is set: tellnorm runs vLLM's engine in-process (its "
-                            "observers live in the worker); unset it")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
         raise TellnormError("VLLM_USE_V2_MODEL_RUNNER is set: tellnorm's session reads vLLM's V1 model runner (the "
                             "V2 runner keeps its batch elsewhere); unset it")
@@ -131,9 +158,16 @@ class VLLMModel(ModelAPI):
     info: dict = field(default_factory=dict)
     thinking_family: str | None = None
     token_labeler: Any = None  # the subject's step labeler (organism), else None
+    engine: str = "in-process"  # where vLLM's engine core runs (ENGINE_MODES)
+    tensor_parallel_size: int = 1
 
     backend = "vllm"
     hook_points = ("resid_post",)
+
+    @property
+    def remote(self) -> bool:
+        """Whether the model runs in other processes (observers then travel as specs, :mod:`.remote`)."""
+        return self.engine == "multi-process" or self.tensor_parallel_size > 1
 
     @property
     def vocab_size(self) -> int:
@@ -155,15 +189,27 @@ class VLLMModel(ModelAPI):
 
         Requests tagged ``SamplingParams(extra_args={"tellnorm_request": i})`` are seen as ``request_ids[i]``;
         others by their vLLM request id. ``token_stats``, when a dict, is filled with each request's
-        per-generated-token statistics ``{request id: {stat: [float]}}`` (:data:`tellnorm.generation.TOKEN_STATS`)."""
+        per-generated-token statistics ``{request id: {stat: [float]}}`` (:data:`tellnorm.generation.TOKEN_STATS`).
+
+        Across processes (:attr:`remote`) the block gets a :class:`~.remote.RemoteSession`: the observers run on
+        copies in the workers, and their records (and ``token_stats``) reach the caller's objects when it ends."""
+        from tellnorm.backends.vllm.remote import RemoteSession
         from tellnorm.backends.vllm.session import Session
 
         if self.info.get("attached"):
             raise TellnormError("a tellnorm session is already attached to this vLLM engine: one run at a time "
                                 "(leave the other observe/generate first)")
-        session = Session(self, observers, request_ids, n_prompt, token_stats)
         self.info["attached"] = True
         try:
+            if self.remote:
+                session = RemoteSession(self, observers, request_ids, n_prompt, token_stats)
+                session.attach()
+                try:
+                    yield session
+                finally:
+                    session.detach()
+                return
+            session = Session(self, observers, request_ids, n_prompt, token_stats)
             self.llm.collective_rpc("tellnorm_attach", args=(session,))
             try:
                 yield session
@@ -214,12 +260,12 @@ class VLLMModel(ModelAPI):
             self._add_requests(ids, prompts, params, request_ids)
             bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="req")
             try:
-                while engine.has_unfinished_requests() and session.error is None:
+                while engine.has_unfinished_requests() and not session.failed():
                     for out in engine.step():
                         if out.finished:
                             outputs[out.request_id] = out
                             bar.update(1)
-                if session.error is not None:
+                if session.failed():
                     engine.abort_request([rid for rid in ids if rid not in outputs])
                     while engine.has_unfinished_requests():
                         engine.step()
@@ -320,12 +366,21 @@ class VLLMModel(ModelAPI):
 
 def load_vllm_model(spec: Any, *, dtype: str = "float32", max_model_len: int | None = None,
                     max_num_seqs: int | None = None, kv_cache_gib: float = DEFAULT_KV_CACHE_GIB, seed: int = 0,
-                    subject: Subject | None = None, **engine_args: Any) -> VLLMModel:
-    """``spec`` (a local HF model folder, or the registered ``subject`` it names) in an in-process vLLM engine with
-    tellnorm's taps."""
+                    subject: Subject | None = None, engine: str | None = None, tensor_parallel_size: int = 1,
+                    **engine_args: Any) -> VLLMModel:
+    """``spec`` (a local HF model folder, or the registered ``subject`` it names) in a vLLM engine with tellnorm's
+    taps. ``engine``: ``"in-process"`` (default; ``VLLM_ENABLE_V1_MULTIPROCESSING=1`` makes it
+    ``"multi-process"``) or ``"multi-process"`` (vLLM's engine core in its own process, as vLLM runs by default);
+    ``tensor_parallel_size > 1`` shards the model over that many worker processes (on a CPU machine with one NUMA
+    node, vLLM needs ``VLLM_CPU_OMP_THREADS_BIND``, e.g. ``"0|1"``)."""
     from tellnorm.backends.vllm.plugin import REFUSED_HYBRIDS, TAPPED_ARCHITECTURES
 
     check_engine_options(engine_args)
+    engine = engine or default_engine_mode()
+    if engine not in ENGINE_MODES:
+        raise TellnormError(f"engine {engine!r} is not a vLLM engine mode: use one of {', '.join(ENGINE_MODES)}")
+    if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+        raise TellnormError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise TellnormError(f"dtype {dtype!r} is not available on the vLLM backend: use float32 (the default; it "
                             "matches HF), bfloat16 or float16")
@@ -352,7 +407,8 @@ def load_vllm_model(spec: Any, *, dtype: str = "float32", max_model_len: int | N
     if TAPPED_ARCHITECTURES[arch] not in ModelRegistry.get_supported_archs():
         raise TellnormError("tellnorm's vLLM plugin is not registered (no vllm.general_plugins entry point): "
                             "reinstall tellnorm with pip install -e '.[vllm]'")
-    check_parallel_state(config, spec)
+    if engine == "in-process" and tensor_parallel_size == 1:  # otherwise the parallel state is the workers'
+        check_parallel_state(config, spec)
     context = int(config.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN)
     max_model_len = max_model_len or min(context, DEFAULT_MAX_MODEL_LEN)
     options = dict(dtype=dtype, enforce_eager=True, enable_prefix_caching=False, max_model_len=max_model_len,
@@ -360,8 +416,11 @@ def load_vllm_model(spec: Any, *, dtype: str = "float32", max_model_len: int | N
                    hf_overrides={"architectures": [TAPPED_ARCHITECTURES[arch]]})
     if max_num_seqs is not None:
         options["max_num_seqs"] = max_num_seqs
+    if tensor_parallel_size > 1:
+        options.update(tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="mp")
     options.update(engine_args)
-    llm = vllm.LLM(model=str(path), **options)
+    with engine_process_mode(engine):
+        llm = vllm.LLM(model=str(path), **options)
     _ENGINES.append(llm)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token_id is None:
@@ -371,7 +430,8 @@ def load_vllm_model(spec: Any, *, dtype: str = "float32", max_model_len: int | N
         llm=llm, tokenizer=tokenizer, name=str(spec), architecture=SUPPORTED_ARCHITECTURES[arch].family,
         n_layers=int(config["num_hidden_layers"]), d_model=int(config["hidden_size"]), max_positions=max_model_len,
         source=marked.name if marked else "folder", token_labeler=marked.token_labeler if marked else None,
-        eos_token_ids=tuple(sorted(_eos_ids(path, tokenizer, config))), dtype=dtype,
+        eos_token_ids=tuple(sorted(_eos_ids(path, tokenizer, config))), dtype=dtype, engine=engine,
+        tensor_parallel_size=tensor_parallel_size,
         info={"prepend_bos": wants_bos(SUPPORTED_ARCHITECTURES[arch], tokenizer), "hf_architecture": arch,
               "vllm_version": vllm.__version__})
 

@@ -109,6 +109,20 @@ def touched_blocks(slots: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     return torch.unique(torch.div(slots, cache.shape[2], rounding_mode="floor"))
 
 
+def tensor_parallel_place() -> tuple[int, int, Any]:
+    """``(rank, world size, group)`` of this worker in vLLM's tensor-parallel group (``(0, 1, None)`` without
+    one); pipeline parallelism, which splits the layers between processes, is refused in one line."""
+    from vllm.distributed import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, 1, None
+    if parallel_state.get_pp_group().world_size > 1:
+        raise TellnormError("pipeline parallel engines are not supported by tellnorm's vLLM session: use "
+                            "tensor_parallel_size")
+    group = parallel_state.get_tp_group()
+    return group.rank_in_group, group.world_size, group
+
+
 class Session:
     """The observers of one run on ``model`` (a VLLMModel), attached to the engine's tapped model
     (:meth:`attach`/:meth:`detach`).
@@ -130,7 +144,9 @@ class Session:
         self.sampling_step = None  # (observed ids, rows, log-probs [rows, vocab], top-k means, means) until sampled
         self.request_ids = request_ids
         self.n_prompt = n_prompt or {}
+        self.model = model
         self.layer_hooks: dict[int, list] = {}
+        editing: set[int] = set()
         for observer in self.observers:
             for name, fn in observer.hooks(model):
                 match = _HOOK.match(name)
@@ -138,6 +154,11 @@ class Session:
                     raise TellnormError(f"hook {name!r} is not available on the vLLM backend: it observes the stream "
                                         "after each decoder layer (resid_post); use backend='hf' for other points")
                 self.layer_hooks.setdefault(int(match.group(1)), []).append(fn)
+                if getattr(observer, "edits_stream", True):  # undeclared: assume it may edit (costs, never diverges)
+                    editing.add(int(match.group(1)))
+        # Layers whose hooks may change the stream: under tensor parallelism the leader's outcome there is shared.
+        self.edit_layers = frozenset(editing)
+        self.rank, self.world, self.group = 0, 1, None  # tensor parallel rank and size, set on attach
         # Techniques that re-run blocks (ALRR) say which layers they re-run; only those layers keep a copy of the input.
         self.input_layers = sorted({layer for obs in self.observers for layer in getattr(obs, "extra_pass_layers", ())})
         self.handles: list = []
@@ -148,6 +169,7 @@ class Session:
         # An exception must not leave vLLM's forward: the engine would be stuck mid-step. The hooks keep the first
         # one here and stand down; the caller aborts the run's requests and re-raises it.
         self.error: BaseException | None = None
+        self.outcome: tuple | None = None  # the leader's message about the edit layer it just ran (tensor parallel)
 
     # -- attaching ---------------------------------------------------------------------------------------------
     def attach(self, runner: Any) -> None:
@@ -167,13 +189,17 @@ class Session:
             raise TellnormError("this session is attached already: one run at a time")
         self.runner, self.engine_model = runner, model
         self.layers = model.tellnorm_layers()
+        self.rank, self.world, self.group = tensor_parallel_place()
+        # Followers (ranks > 0) run no observer: at the layers that may edit they apply the leader's outcome and
+        # join its extra passes (their collectives need every rank), so no rank can decide differently.
+        hooked = self.layer_hooks if self.rank == 0 else self.edit_layers
         try:
             self.handles.append(model.register_forward_pre_hook(self._begin_step, with_kwargs=True))
             for layer in self.input_layers:
                 self.handles.append(self.layers[layer].register_forward_pre_hook(partial(self._keep_input, layer)))
-            for layer in self.layer_hooks:
+            for layer in hooked:
                 self.handles.append(self.layers[layer].register_forward_hook(partial(self._after_layer, layer)))
-            if self.token_stats is not None:
+            if self.token_stats is not None and self.rank == 0:
                 sampler = getattr(runner, "sampler", None)
                 if sampler is None:
                     raise TellnormError(f"vLLM's {type(runner).__name__} has no sampler to take token_stats from "
@@ -195,6 +221,10 @@ class Session:
         for observer in self.observers:  # a StepInfo holds this session (and its tensors): let both go
             if getattr(observer, "info", None) is not None:
                 observer.info = None
+
+    def failed(self) -> bool:
+        """Whether a hook raised (the session stood down; the caller aborts the run and re-raises :attr:`error`)."""
+        return self.error is not None
 
     # -- the hooks ---------------------------------------------------------------------------------------------
     def _request_id(self, internal_id: str):
@@ -223,6 +253,9 @@ class Session:
         import torch
 
         positions = kwargs["positions"] if "positions" in kwargs else args[1]
+        if self.rank > 0:  # a follower: its extra passes get their rows from the leader
+            self.positions, self.block_inputs = positions, {}
+            return
         runner = self.runner
         n = runner.input_batch.num_reqs
         internal = list(runner.input_batch.req_ids[:n])
@@ -260,8 +293,18 @@ class Session:
         _, hidden, residual = args[:3]
         self.block_inputs[layer] = hidden.clone() if residual is None else hidden + residual
 
-    @_guarded
     def _after_layer(self, layer, module, args, output):
+        if self.world == 1 or layer not in self.edit_layers:
+            return self._run_hooks(layer, output)
+        if self.rank == 0:
+            result = self._run_hooks(layer, output)
+            outcome, self.outcome = (self.outcome, None) if self.error is None else (("stop",), None)
+            self.group.broadcast_object(outcome, src=0)  # every rank exchanges once per edit layer and step, always
+            return result
+        return self._follow(layer, output)
+
+    @_guarded
+    def _run_hooks(self, layer, output):
         import torch
 
         hidden, residual = output
@@ -274,10 +317,42 @@ class Session:
             if out is not None:
                 x = out
         if x is original:
+            self.outcome = ("done", None, None)
             return None
+        if layer not in self.edit_layers:
+            raise TellnormError(f"an observer that declares edits_stream = False changed the stream at layer {layer}: "
+                                "under tensor parallelism the other ranks would not see it (declare edits_stream "
+                                "= True)")
+        new = x[valid].to(state.dtype)
+        changed = (new != original[valid]).any(-1)
+        self.outcome = ("done", self.flat_valid[changed.cpu()], new[changed].cpu())
         state = state.clone() if residual is None else state
-        state[self.flat_valid] = x[valid].to(state.dtype)
+        state[self.flat_valid] = new
         return state, torch.zeros_like(state)
+
+    def _follow(self, layer, output):
+        """A follower at an edit layer: join the leader's extra passes, then apply its outcome (or nothing)."""
+        import torch
+
+        while True:
+            message = self.group.broadcast_object(None, src=0)
+            if message[0] == "pass":
+                _, flat, hidden = message
+                try:
+                    if self.error is None:
+                        self._block_pass(layer, flat, hidden.to(self.positions.device))
+                except BaseException as err:
+                    self.error = err
+                continue
+            if message[0] == "stop" or self.error is not None:
+                return None
+            _, flat, values = message
+            if flat is None:
+                return None
+            hidden, residual = output
+            state = hidden.clone() if residual is None else hidden + residual
+            state[flat.to(state.device)] = values.to(state.device, state.dtype)
+            return state, torch.zeros_like(state)
 
     @_guarded
     def _before_sampling(self, module, args, kwargs):
@@ -347,10 +422,18 @@ class Session:
     def _extra_block_pass_once(self, layer: int, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                                ) -> torch.Tensor:
         """:meth:`extra_block_pass` for at most one token per request."""
+        index, _ = self.grid
+        flat = index[rows.cpu(), cols.cpu()]
+        if self.world > 1:  # the followers run the same pass on their shards (its collectives need every rank)
+            self.group.broadcast_object(("pass", flat, hidden.cpu()), src=0)
+        return self._block_pass(layer, flat, hidden)
+
+    def _block_pass(self, layer: int, flat: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Decoder layer ``layer`` run again with the step's first-pass inputs, except flat rows ``flat`` ``[n]``
+        which take ``hidden`` ``[n, d_model]``; returns those rows' outputs and restores every KV block it wrote."""
         from vllm.forward_context import get_forward_context
 
-        index, _ = self.grid
-        flat = index[rows.cpu(), cols.cpu()].to(hidden.device)
+        flat = flat.to(hidden.device)
         block = self.layers[layer]
         inputs = self.block_inputs[layer].clone()
         inputs[flat] = hidden.to(inputs.dtype)

@@ -1,10 +1,15 @@
 """The worker extension (``LLM(worker_extension_cls=...)``): methods vLLM adds to its worker, reached through
-``llm.collective_rpc``. tellnorm runs the engine in-process, so a session object passes to the worker as is and
-the observers it carries are the user's own objects."""
+``llm.collective_rpc``.
+
+In-process, a :class:`~.session.Session` object passes to the worker as is, and the observers it carries are the
+caller's own objects. Across processes (vLLM's multi-process engine, tensor parallelism) the caller sends an
+observer spec (:mod:`.remote`); each worker builds its own session from it, and :meth:`tellnorm_detach` sends the
+observers' state back. Across processes these methods never raise: an error comes back as a value, so it reaches
+the caller as itself and the engine stays usable."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tellnorm.backends.vllm.session import Session
@@ -13,10 +18,45 @@ if TYPE_CHECKING:
 class TellnormWorker:
     """Mixed into vLLM's worker: attaches and detaches a tellnorm session on its model runner."""
 
-    def tellnorm_attach(self, session: Session) -> None:
-        """Attach ``session``'s observers to this worker's model runner."""
-        session.attach(self.model_runner)
+    tellnorm_session: Session | None = None  # the session built here from a spec (across processes)
 
-    def tellnorm_detach(self, session: Session) -> None:
-        """Detach ``session`` (its hooks are removed)."""
-        session.detach()
+    def tellnorm_attach(self, session: Session | bytes) -> bytes | None:
+        """Attach ``session``'s observers to this worker's model runner; given a spec (bytes), build the session
+        here first and return None, or the error pickled (:func:`~.remote.error_reply`)."""
+        if not isinstance(session, bytes):
+            session.attach(self.model_runner)
+            return None
+        from tellnorm.backends.vllm.remote import error_reply, session_from_spec
+
+        try:
+            built = session_from_spec(session)
+            built.attach(self.model_runner)
+        except BaseException as err:  # sent back whole: the worker must go on serving
+            return error_reply(err)
+        self.tellnorm_session = built
+        return None
+
+    def tellnorm_detach(self, session: Session | None = None) -> bytes | None:
+        """Detach ``session`` (its hooks are removed); given None, detach the session built here and return what
+        the caller gets back (:func:`~.remote.session_reply`), or None when there is none."""
+        if session is not None:
+            session.detach()
+            return None
+        from tellnorm.backends.vllm.remote import session_reply
+
+        built, self.tellnorm_session = self.tellnorm_session, None
+        if built is None:
+            return None
+        built.detach()
+        return session_reply(built)
+
+    def tellnorm_failed(self) -> bool:
+        """Whether the session built here stood down after an error (the caller then aborts its run)."""
+        return self.tellnorm_session is not None and self.tellnorm_session.failed()
+
+    def tellnorm_rank(self) -> Any:
+        """This worker's ``(tensor parallel rank, size)`` as the session sees them (for tests and diagnostics)."""
+        from tellnorm.backends.vllm.session import tensor_parallel_place
+
+        rank, world, _ = tensor_parallel_place()
+        return rank, world
