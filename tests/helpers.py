@@ -141,3 +141,19 @@ def sae_reference(model, sae, layer: int, sequences, features=None):
             acts.append((encoded if features is None else encoded[:, features]).double().numpy())
             norms.append(h.double().norm(dim=-1).numpy())
     return acts, norms
+
+
+class StaleCounter:
+    """An observer that counts the tokens a step shows again (``fresh`` False): vLLM recomputing a preempted
+    request's prefix. Module-level here, so vLLM's worker processes can unpickle it."""
+
+    edits_stream = False
+
+    def __init__(self):
+        self.stale = 0
+
+    def hooks(self, model):
+        return []
+
+    def on_step(self, info):
+        self.stale += int((info.valid & ~info.fresh).sum())

@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 import pytest
+from helpers import StaleCounter
 
 from tellnorm.errors import TellnormError
 
@@ -647,20 +648,6 @@ def test_lm_eval_on_the_vllm_backend_scores_what_the_hf_backend_scores(engines):
         samples = sorted(out["samples"]["tellnorm_organism"], key=lambda s: s["doc_id"])
         results.append([(s["acc"], s["resps"][0][0]) for s in samples])
     assert results[0] == results[1] and len(results[0]) == 10
-
-
-class StaleCounter:
-    """An observer that counts the tokens a step shows again (``fresh`` False): vLLM recomputing a preempted
-    request's prefix."""
-
-    def __init__(self):
-        self.stale = 0
-
-    def hooks(self, model):
-        return []
-
-    def on_step(self, info):
-        self.stale += int((info.valid & ~info.fresh).sum())
 
 
 @pytest.fixture(scope="module")

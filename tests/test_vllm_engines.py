@@ -14,6 +14,7 @@ import pickle
 
 import numpy as np
 import pytest
+from helpers import StaleCounter
 
 from tellnorm.errors import TellnormError
 from tellnorm.interventions import Scale
@@ -98,21 +99,6 @@ def techniques(model, tau):
 
     return build_edits(["alrr", "erss"], model, fixed=tau, alrr=ALRRConfig(forced_loops=2),
                        erss=ERSSConfig(low_k=3, p_inject=1.0, cos_min=-1.0, cooldown=2))
-
-
-class StaleCounter:
-    """Counts the tokens a step shows again (``fresh`` False): vLLM recomputing a preempted request's prefix."""
-
-    edits_stream = False
-
-    def __init__(self):
-        self.stale = 0
-
-    def hooks(self, model):
-        return []
-
-    def on_step(self, info):
-        self.stale += int((info.valid & ~info.fresh).sum())
 
 
 def by_request(gens):

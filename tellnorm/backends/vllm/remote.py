@@ -70,14 +70,18 @@ def observer_spec(model: Any, observers: Sequence[Any], **session_args: Any) -> 
     engine-side description, and the session's other arguments. An observer that cannot be pickled is named in
     one TellnormError line."""
     side = engine_side_model(model)
-    for observer in observers:
-        try:
-            dumps(observer, model)
-        except Exception as err:  # pickle raises TypeError, AttributeError, PicklingError... depending on the object
-            raise TellnormError(f"observer {getattr(observer, 'name', type(observer).__name__)!r} cannot be sent to "
-                                f"vLLM's worker processes ({type(err).__name__}: {err}): keep hook functions, open "
-                                "files and engines out of its attributes, or use engine='in-process'") from None
-    return pickle.dumps((side, dumps({"observers": list(observers), **session_args}, model)))
+    try:
+        return pickle.dumps((side, dumps({"observers": list(observers), **session_args}, model)))
+    except Exception:  # pickle raises TypeError, AttributeError, PicklingError... depending on the object
+        for observer in observers:  # name the one that cannot go
+            try:
+                dumps(observer, model)
+            except Exception as err:
+                raise TellnormError(f"observer {getattr(observer, 'name', type(observer).__name__)!r} cannot be "
+                                    f"sent to vLLM's worker processes ({type(err).__name__}: {err}): keep hook "
+                                    "functions, open files and engines out of its attributes, or use "
+                                    "engine='in-process'") from None
+        raise
 
 
 def open_spec(spec: bytes) -> tuple[Any, dict]:
