@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from helpers import StaleCounter
 
 from tellnorm.errors import TellnormError
@@ -288,9 +289,13 @@ def test_tiny_random_architectures_equal_the_hf_backend(arch, tmp_path):
 
 MORE_ARCHS = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MistralForCausalLM", "Ministral3ForCausalLM",
               "MixtralForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
-              "OlmoeForCausalLM", "Glm4ForCausalLM", "NemotronForCausalLM")
-MOE_ARCHS = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM")
-QUICK_ARCHS = ("Qwen3MoeForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM")  # every run; the rest are slow
+              "OlmoeForCausalLM", "Glm4ForCausalLM", "NemotronForCausalLM", "Exaone4ForCausalLM",
+              "StableLmForCausalLM", "GraniteForCausalLM", "GraniteMoeForCausalLM", "GptOssForCausalLM",
+              "Glm4MoeForCausalLM")
+MOE_ARCHS = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM",
+             "GraniteMoeForCausalLM", "GptOssForCausalLM", "Glm4MoeForCausalLM")
+# every run: one MoE, sliding windows, and one of each stream rule (Granite's layers return the whole stream alone)
+QUICK_ARCHS = ("Qwen3MoeForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM")
 
 
 def test_every_tapped_architecture_is_tested():
@@ -305,6 +310,7 @@ def test_more_architectures_trace_and_edit_as_the_hf_backend(arch, tmp_path, mon
     """Each tapped architecture on a tiny random model (test_architectures' table; head size 32, which vLLM's CPU
     attention needs): tokens, every layer's norms, and ALRR (two forced loops) and ERSS (eager streaks) decisions
     equal the HF backend's, with τ at each layer's median norm so both fire."""
+    import json
     import subprocess
     import sys
 
@@ -327,6 +333,9 @@ def test_more_architectures_trace_and_edit_as_the_hf_backend(arch, tmp_path, mon
     monkeypatch.setitem(table.DIMS, "hidden_size", 128)
     table.build(arch).save_pretrained(tmp_path)
     table.tokenizer_for(arch).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    if "head_dim" not in config:  # released GLM-4.5 checkpoints carry it; transformers' config class drops it
+        (tmp_path / "config.json").write_text(json.dumps({**config, "head_dim": table.DIMS["head_dim"]}))
     hf_model = load_model(tmp_path)
     vllm_model = load_model(tmp_path, backend="vllm", kv_cache_gib=0.03125)
     rng = np.random.default_rng(0)
@@ -359,10 +368,10 @@ def one_line(err) -> str:
 def test_an_architecture_the_plugin_does_not_tap_is_refused_before_vllm_starts(tmp_path):
     from tellnorm.backends import load_model
 
-    (tmp_path / "config.json").write_text('{"architectures": ["GraniteForCausalLM"], "num_hidden_layers": 2}')
+    (tmp_path / "config.json").write_text('{"architectures": ["Olmo2ForCausalLM"], "num_hidden_layers": 2}')
     with pytest.raises(TellnormError) as err:
         load_model(tmp_path, backend="vllm")
-    assert "GraniteForCausalLM is not supported by tellnorm's vLLM plugin" in one_line(err)
+    assert "Olmo2ForCausalLM is not supported by tellnorm's vLLM plugin" in one_line(err)
 
 
 @pytest.mark.parametrize("arch, reason", [("Qwen3_5ForConditionalGeneration", "needs torchvision"),
@@ -563,6 +572,50 @@ def test_the_request_grid_maps_every_flat_row_once(lengths):
     assert valid.sum(1).tolist() == lengths
 
 
+def test_the_default_dtype_is_float32_on_cpus_and_the_models_own_on_gpus(engines):
+    from tellnorm.backends.vllm import default_dtype
+
+    assert engines[0].dtype == "float32" and engines[0].llm.llm_engine.model_config.dtype == torch.float32
+    assert default_dtype({"dtype": "bfloat16"}, on_cpu=True) == "float32"
+    assert default_dtype({"dtype": "float16"}, on_cpu=False) == "float16"
+    assert default_dtype({"torch_dtype": "bfloat16"}, on_cpu=False) == "bfloat16"  # transformers < 5 spelling
+    assert default_dtype({"dtype": "float32"}, on_cpu=False) == "bfloat16"  # no float32 in GPU attention kernels
+    assert default_dtype({}, on_cpu=False) == "bfloat16"
+
+
+BF16_MEDIAN_RTOL = 2**-8  # bfloat16's relative precision: half the norms must agree to it
+BF16_MAX_RTOL = 5e-2  # two backends' bfloat16 kernels, eight layers deep: the worst norm (measured 2.4e-2)
+
+
+def test_bfloat16_engines_trace_every_token_and_run_the_techniques(prompts, tau):
+    """bfloat16, the default on GPUs. Tokens are not comparable across the backends' kernels in bfloat16, so the
+    reference is the HF backend in bfloat16 teacher-forced on vLLM's own tokens: every position traced, norms to
+    bfloat16's precision; ALRR (forced loops) and ERSS (eager) decide and edit on the bfloat16 stream and cache."""
+    from tellnorm.backends import load_model
+    from tellnorm.generation import SamplingConfig, run_forward
+    from tellnorm.norms import NormTracer
+    from tellnorm.techniques import ALRRConfig, ERSSConfig
+
+    bf16 = load_model("organism", backend="vllm", dtype="bfloat16", max_num_seqs=4, kv_cache_gib=0.0625)
+    hf16 = load_model("organism", dtype="bfloat16")
+    assert bf16.llm.llm_engine.model_config.dtype == torch.bfloat16
+    gens, frame = traced(bf16, prompts[:6], SamplingConfig(max_new_tokens=40))
+    reference = NormTracer(hf16)
+    run_forward(hf16, [list(g.prompt_ids) + list(g.generated_ids)[:-1] for g in gens], observers=[reference])
+    merged = frame.merge(reference.frame(), on=["request_id", "position", "layer"], how="outer", indicator=True)
+    assert (merged._merge == "both").all(), "vLLM traced other positions than the sequences it generated"
+    relative = ((merged.norm_x - merged.norm_y).abs() / merged.norm_y).to_numpy()
+    assert np.median(relative) < BF16_MEDIAN_RTOL and relative.max() < BF16_MAX_RTOL, \
+        f"median {np.median(relative):.1e}, max {relative.max():.1e}"
+
+    edits = technique_edits(bf16, ["alrr", "erss"], tau, alrr=ALRRConfig(forced_loops=2),
+                            erss=ERSSConfig(low_k=3, p_inject=1.0, cos_min=-1.0, cooldown=2))
+    edited, _ = traced(bf16, prompts[:6], SamplingConfig(max_new_tokens=40), edits)
+    assert all(len(g.generated_ids) > 0 for g in edited)
+    alrr, erss = (edit.report() for edit in edits)
+    assert alrr.alrr_extra_passes.sum() > 0 and erss.erss_injections.sum() > 0
+
+
 def test_a_float32_comparison_refuses_bfloat16_in_one_line(engines):
     from types import SimpleNamespace
 
@@ -579,18 +632,33 @@ def test_a_float32_comparison_refuses_bfloat16_in_one_line(engines):
 
 
 def test_bench_backends_runs_end_to_end_and_reports_every_variant(tmp_path, capsys):
-    """A tiny run of the CLI: it must agree across backends and write its table (no timing is asserted)."""
+    """A tiny run of the CLI in two engine modes: each must agree with HF, the modes must make the same decisions,
+    and the table must name every (mode, variant) cell (no timing is asserted)."""
     import json
 
-    from tellnorm.apps.bench.backends import VARIANTS
+    from tellnorm.apps.bench.backends import VLLM_VARIANTS
     from tellnorm.apps.cli import main
 
-    main(["bench", "backends", "--prompts", "2", "--max-new-tokens", "8", "--repeats", "1", "--out", str(tmp_path)])
+    main(["bench", "backends", "--prompts", "2", "--max-new-tokens", "8", "--repeats", "1", "--engines",
+          "in-process", "multi-process", "--out", str(tmp_path)])
     summary = json.loads((tmp_path / "bench_backends.json").read_text())
-    assert summary["agreement"]["agree"] and summary["agreement"]["requests_same_tokens"] == 2
-    assert set(summary["variants"]) == set(VARIANTS)
-    assert summary["checks"]["vllm+trace"]["same_tokens_as_vllm"]
-    assert "vllm+alrr" in capsys.readouterr().out
+    for engine in ("in-process", "multi-process"):
+        agreement = summary["agreement"][engine]
+        assert agreement["agree"] and agreement["requests_same_tokens"] == 2
+    cells = {f"{e}/{v}" for e in ("in-process", "multi-process") for v in VLLM_VARIANTS}
+    assert set(summary["variants"]) == cells | {"hf"}
+    assert all(check["same_tokens_as_first_engine"] for check in summary["checks"].values())
+    assert summary["checks"]["multi-process/vllm+alrr"]["extra_passes"] == \
+        summary["checks"]["in-process/vllm+alrr"]["extra_passes"] > 0
+    assert "multi-process/vllm+alrr" in capsys.readouterr().out
+
+
+def test_bench_backends_refuses_an_unknown_engine_mode_in_one_line():
+    from tellnorm.apps.bench.backends import BackendBenchConfig
+
+    with pytest.raises(TellnormError) as err:
+        BackendBenchConfig(engines=("in-process", "tp3"))
+    assert "give distinct engine modes among in-process, multi-process, tp2" in one_line(err)
 
 
 def test_chunked_prefill_is_attributed_across_chunks(engines, prompts, tau):

@@ -50,7 +50,7 @@ def multi_process(hf_model):
 
     model = load_model("organism", backend="vllm", engine="multi-process", max_num_seqs=3, kv_cache_gib=0.0625)
     yield model
-    model.llm.llm_engine.engine_core.shutdown()  # its processes end with the module, not at interpreter exit
+    model.shutdown()  # its processes end with the module, not at interpreter exit
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def tensor_parallel(hf_model):
     finally:
         mp.undo()
     yield model
-    model.llm.llm_engine.engine_core.shutdown()
+    model.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -60,6 +60,7 @@ def fake_model():
 def session_on(observers, lengths, first_positions, prompt_lengths):
     """A Session attached to a stand-in of vLLM's V1 runner whose step holds request i's ``lengths[i]`` tokens from
     position ``first_positions[i]``; returns the session and the step's positions ``[tokens]``."""
+    from tellnorm.backends.vllm.models import TellnormTaps
     from tellnorm.backends.vllm.session import TAG, Session
 
     internal = [f"tellnorm-1-{i}-{i:04x}" for i in range(len(lengths))]
@@ -70,6 +71,7 @@ def session_on(observers, lengths, first_positions, prompt_lengths):
     session.runner = SimpleNamespace(input_batch=SimpleNamespace(num_reqs=len(lengths), req_ids=internal),
                                      query_start_loc=SimpleNamespace(cpu=torch.tensor(starts, dtype=torch.int32)),
                                      requests=requests)
+    session.engine_model = TellnormTaps()  # the stream rule of (hidden, residual) layers, as Qwen3's
     positions = torch.cat([torch.arange(p, p + n) for p, n in zip(first_positions, lengths)])
     return session, positions
 

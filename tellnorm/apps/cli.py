@@ -107,7 +107,7 @@ def _bench_backends(args: argparse.Namespace) -> None:
 
     bench_backends(BackendBenchConfig(config=args.config, n_layers=args.layers, prompts=args.prompts,
                                       max_new_tokens=args.max_new_tokens, repeats=args.repeats, dtype=args.dtype,
-                                      out=args.out))
+                                      engines=tuple(args.engines), out=args.out))
 
 
 def _bench_attention(args: argparse.Namespace) -> None:

@@ -363,14 +363,18 @@ def add_bench(sub: Any, handlers: Handlers) -> None:
     _out(p, "figures/bench")
     p.set_defaults(func=handlers["bench_techniques"])
     p = _command(bsub, "backends", "tokens/s of plain vLLM, vLLM + tracing / each technique, and HF",
-                 "vLLM's CPU build in-process against itself with tellnorm's observers, and the HF backend; the "
-                 "outputs are compared token for token.", "tellnorm bench backends --repeats 9")
+                 "vLLM in each engine mode (in-process, multi-process, tensor-parallel over 2 ranks) against itself "
+                 "with tellnorm's observers, and the HF backend; the outputs are compared token for token.",
+                 "tellnorm bench backends --repeats 9 --engines in-process multi-process tp2")
     p.add_argument("--config", default="organism", help="organism (trained) or qwen3-0.6b (random init)")
     p.add_argument("--layers", type=int, default=None, help="override the number of layers (random-init weights)")
     p.add_argument("--prompts", type=int, default=10, help="organism test prompts, one per difficulty in turn")
     p.add_argument("--max-new-tokens", type=int, default=96, help="tokens generated per request (EOS ignored)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     p.add_argument("--dtype", default="float32", help="float32 only: the bench compares the backends' outputs")
+    p.add_argument("--engines", nargs="+", choices=["in-process", "multi-process", "tp2"],
+                   default=["in-process", "multi-process", "tp2"],
+                   help="vLLM engine modes, loaded side by side (tp2: multi-process, tensor_parallel_size=2)")
     _out(p, "figures/bench")
     p.set_defaults(func=handlers["bench_backends"])
     p = _command(bsub, "attention", "the HF backend vs raw HF on one attention kernel, prefill and decode by length",

@@ -20,13 +20,14 @@ BACKENDS = ("hf", "vllm")
 DEFAULT_MODEL = "organism"  # the model organism tellnorm trains itself (tellnorm.organism, registered as a subject)
 
 
-def load_model(spec: Any = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "float32", backend: str = "hf",
+def load_model(spec: Any = DEFAULT_MODEL, *, device: str = "cpu", dtype: str | None = None, backend: str = "hf",
                attn_implementation: str | None = None, **engine_options: Any) -> ModelAPI:
     """Load ``spec`` on ``backend``: a registered subject (``"organism"``), a local HF folder, a hub name in the
     local cache, or an in-memory ``(model, tokenizer)`` pair (HF only); a loaded model is returned as it is.
 
     ``backend="vllm"`` runs it in vLLM (:func:`tellnorm.backends.vllm.load_vllm_model`; ``engine_options`` go
-    there): generation, tracing, edits and techniques take the same calls on either backend. ``attn_implementation``
+    there): generation, tracing, edits and techniques take the same calls on either backend. ``dtype``: float32
+    by default, except on vLLM on a GPU, where the model's own (bfloat16/float16). ``attn_implementation``
     (HF only): the attention kernel, None for HF's default (``sdpa``; see :mod:`tellnorm.backends.fastpath`)."""
     if isinstance(spec, ModelAPI):
         return spec
@@ -43,4 +44,5 @@ def load_model(spec: Any = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "
         raise TellnormError(f"engine options {sorted(engine_options)} apply to backend='vllm' only")
     from tellnorm.backends.hf import load_hf_model
 
-    return load_hf_model(spec, device=device, dtype=dtype, subject=subject, attn_implementation=attn_implementation)
+    return load_hf_model(spec, device=device, dtype=dtype or "float32", subject=subject,
+                         attn_implementation=attn_implementation)

@@ -169,6 +169,12 @@ class VLLMModel(ModelAPI):
         """Whether the model runs in other processes (observers then travel as specs, :mod:`.remote`)."""
         return self.engine == "multi-process" or self.tensor_parallel_size > 1
 
+    def shutdown(self) -> None:
+        """Stop the engine core's processes (multi-process engines; an in-process engine has none). vLLM stops them
+        at interpreter exit too; stop them earlier where several engines come and go in one process."""
+        if self.remote:
+            self.llm.llm_engine.engine_core.shutdown()
+
     @property
     def vocab_size(self) -> int:
         """Width of the next-token logits (vLLM's model config)."""
@@ -364,7 +370,20 @@ class VLLMModel(ModelAPI):
         return super().hook_name(layer, point)
 
 
-def load_vllm_model(spec: Any, *, dtype: str = "float32", max_model_len: int | None = None,
+VLLM_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def default_dtype(config: Mapping[str, Any], on_cpu: bool) -> str:
+    """The dtype an engine runs when none is asked: float32 on CPUs (where it matches the HF backend exactly), else
+    the model's own (its config's ``dtype``/``torch_dtype``; bfloat16 where it names none or float32, since vLLM's
+    GPU attention kernels have no float32)."""
+    if on_cpu:
+        return "float32"
+    named = str(config.get("dtype") or config.get("torch_dtype") or "").replace("torch.", "")
+    return named if named in ("bfloat16", "float16") else "bfloat16"
+
+
+def load_vllm_model(spec: Any, *, dtype: str | None = None, max_model_len: int | None = None,
                     max_num_seqs: int | None = None, kv_cache_gib: float = DEFAULT_KV_CACHE_GIB, seed: int = 0,
                     subject: Subject | None = None, engine: str | None = None, tensor_parallel_size: int = 1,
                     **engine_args: Any) -> VLLMModel:
@@ -381,9 +400,9 @@ def load_vllm_model(spec: Any, *, dtype: str = "float32", max_model_len: int | N
         raise TellnormError(f"engine {engine!r} is not a vLLM engine mode: use one of {', '.join(ENGINE_MODES)}")
     if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
         raise TellnormError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise TellnormError(f"dtype {dtype!r} is not available on the vLLM backend: use float32 (the default; it "
-                            "matches HF), bfloat16 or float16")
+    if dtype is not None and dtype not in VLLM_DTYPES:
+        raise TellnormError(f"dtype {dtype!r} is not available on the vLLM backend: use float32 (the default on "
+                            "CPUs; it matches HF), bfloat16 or float16 (the model's own is the default on GPUs)")
     path = subject.model_dir if subject is not None else Path(str(spec)).expanduser()
     if not (path / "config.json").is_file():
         raise TellnormError(f"{spec} is not an HF model folder with a config.json: the vLLM backend loads local "
@@ -401,6 +420,7 @@ def load_vllm_model(spec: Any, *, dtype: str = "float32", max_model_len: int | N
     vllm = _import_vllm()
     from transformers import AutoTokenizer
     from vllm import ModelRegistry
+    from vllm.platforms import current_platform
     from vllm.plugins import load_general_plugins
 
     load_general_plugins()
@@ -409,6 +429,7 @@ def load_vllm_model(spec: Any, *, dtype: str = "float32", max_model_len: int | N
                             "reinstall tellnorm with pip install -e '.[vllm]'")
     if engine == "in-process" and tensor_parallel_size == 1:  # otherwise the parallel state is the workers'
         check_parallel_state(config, spec)
+    dtype = dtype or default_dtype(config, current_platform.is_cpu())
     context = int(config.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN)
     max_model_len = max_model_len or min(context, DEFAULT_MAX_MODEL_LEN)
     options = dict(dtype=dtype, enforce_eager=True, enable_prefix_caching=False, max_model_len=max_model_len,

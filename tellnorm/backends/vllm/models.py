@@ -1,8 +1,12 @@
 """vLLM model classes with tellnorm's taps: the stock class plus where its decoder layers and attention are.
 
-Every tapped architecture's decoder layer has vLLM's signature ``layer(positions, hidden, residual) ->
-(hidden, residual)`` and defers the residual add to the next layer's fused norm, so the stream after layer L is
-``hidden + residual`` (HF's decoder-layer output). The classes add no behaviour until a
+How a decoder layer hands on the stream is a per-family rule (:data:`~tellnorm.backends.vllm.plugin.LAYER_RULES`):
+most of vLLM's layers have the signature ``layer(positions, hidden, residual) -> (hidden, residual)`` and defer the
+residual add to the next layer's fused norm, so the stream after layer L is ``hidden + residual`` (HF's
+decoder-layer output; :class:`TellnormTaps`); a few add it themselves and hand on the whole stream as their first
+(or only) output, any second output being the layer's internal state (:class:`CompleteStreamTaps`); gpt-oss takes
+its arguments in another order (:class:`HiddenFirstTaps`). The classes
+add no behaviour until a
 :class:`~tellnorm.backends.vllm.session.Session` attaches its hooks (``Session.attach``), so an idle tellnorm model
 runs exactly the stock forward.
 
@@ -13,13 +17,38 @@ are made on first use: vLLM's registry imports a class by name, and only that ar
 from __future__ import annotations
 
 import importlib
-from typing import Any
+import inspect
+from typing import TYPE_CHECKING, Any
 
-from tellnorm.backends.vllm.plugin import STOCK_CLASSES, TAPPED_ARCHITECTURES
+from tellnorm.backends.vllm.plugin import LAYER_RULES, STOCK_CLASSES, TAPPED_ARCHITECTURES
+
+if TYPE_CHECKING:
+    import torch
 
 
 class TellnormTaps:
-    """Where the taps go: the decoder layers in order and each layer's attention (which owns the paged KV cache)."""
+    """Where the taps go — the decoder layers in order and each layer's attention (which owns the paged KV cache) —
+    and how a layer hands on the stream: ``(hidden, residual)`` with the add deferred, the stream their sum."""
+
+    def tellnorm_stream(self, output: Any) -> torch.Tensor:
+        """The stream ``[tokens, d_model]`` after a decoder layer, from the layer's ``output``."""
+        hidden, residual = output
+        return hidden if residual is None else hidden + residual
+
+    def tellnorm_with_stream(self, output: Any, stream: torch.Tensor) -> Any:
+        """The layer's output carrying ``stream`` instead (the residual folded in)."""
+        import torch
+
+        return stream, torch.zeros_like(stream)
+
+    def tellnorm_stream_in(self, args: tuple) -> torch.Tensor:
+        """The stream entering a decoder layer (a copy), from its forward's positional ``args``."""
+        _, hidden, residual = args[:3]
+        return hidden.clone() if residual is None else hidden + residual
+
+    def tellnorm_rerun(self, layer: Any, positions: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
+        """Decoder ``layer`` run again (its ``forward``, so no hook re-enters) on ``stream``; the stream after it."""
+        return self.tellnorm_stream(layer.forward(positions, stream, None))
 
     def tellnorm_layers(self) -> list:
         """The decoder layers in order (``self.model.layers``)."""
@@ -31,6 +60,48 @@ class TellnormTaps:
         return layer.self_attn.attn
 
 
+class CompleteStreamTaps(TellnormTaps):
+    """Layers that add the residual themselves: the stream is the first output (Granite's only one); a second output
+    is the layer's mid-block state, which the next layer overwrites (EXAONE 4) or never takes (StableLM)."""
+
+    def tellnorm_stream(self, output: Any) -> torch.Tensor:
+        """The layer's first (or only) output."""
+        return output[0] if isinstance(output, tuple) else output
+
+    def tellnorm_with_stream(self, output: Any, stream: torch.Tensor) -> Any:
+        """The output with ``stream`` as its first (or only) part."""
+        return (stream, *output[1:]) if isinstance(output, tuple) else stream
+
+    def tellnorm_stream_in(self, args: tuple) -> torch.Tensor:
+        """The layer's ``hidden`` argument (a copy)."""
+        return args[1].clone()
+
+    def tellnorm_rerun(self, layer: Any, positions: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
+        """As :meth:`TellnormTaps.tellnorm_rerun`, passing ``residual=None`` only to layers that take one."""
+        takes_residual = "residual" in inspect.signature(layer.forward).parameters
+        output = layer.forward(positions, stream, None) if takes_residual else layer.forward(positions, stream)
+        return self.tellnorm_stream(output)
+
+
+class HiddenFirstTaps(TellnormTaps):
+    """gpt-oss: ``layer(hidden, positions, residual) -> (hidden, residual)``, attention at ``layer.attn.attn``."""
+
+    @staticmethod
+    def tellnorm_attention(layer: Any) -> Any:
+        """The vLLM ``Attention`` inside gpt-oss's attention block."""
+        return layer.attn.attn
+
+    def tellnorm_stream_in(self, args: tuple) -> torch.Tensor:
+        """``hidden + residual`` from ``(hidden, positions, residual)``."""
+        hidden, _, residual = args[:3]
+        return hidden.clone() if residual is None else hidden + residual
+
+    def tellnorm_rerun(self, layer: Any, positions: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
+        """As :meth:`TellnormTaps.tellnorm_rerun`, in gpt-oss's argument order."""
+        return self.tellnorm_stream(layer.forward(stream, positions, None))
+
+
+RULE_CLASSES = {"deferred-add": TellnormTaps, "complete-stream": CompleteStreamTaps, "hidden-first": HiddenFirstTaps}
 _CLASSES: dict[str, type] = {}
 _ARCH_OF = {name: arch for arch, name in TAPPED_ARCHITECTURES.items()}
 
@@ -43,6 +114,7 @@ def __getattr__(name: str) -> type:
         arch = _ARCH_OF[name]
         module, stock = STOCK_CLASSES[arch]
         base = getattr(importlib.import_module(f"vllm.model_executor.models.{module}"), stock)
-        _CLASSES[name] = type(name, (TellnormTaps, base), {"__module__": __name__,
+        taps = RULE_CLASSES[LAYER_RULES.get(arch, "deferred-add")]
+        _CLASSES[name] = type(name, (taps, base), {"__module__": __name__,
                                                            "__doc__": f"vLLM's {stock} ({arch}) with tellnorm's taps."})
     return _CLASSES[name]

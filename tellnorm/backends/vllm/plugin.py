@@ -25,6 +25,19 @@ STOCK_CLASSES = {
     "OlmoeForCausalLM": ("olmoe", "OlmoeForCausalLM"),
     "Glm4ForCausalLM": ("glm4", "Glm4ForCausalLM"),
     "NemotronForCausalLM": ("nemotron", "NemotronForCausalLM"),
+    "Exaone4ForCausalLM": ("exaone4", "Exaone4ForCausalLM"),
+    "StableLmForCausalLM": ("stablelm", "StablelmForCausalLM"),
+    "GraniteForCausalLM": ("granite", "GraniteForCausalLM"),
+    "GraniteMoeForCausalLM": ("granitemoe", "GraniteMoeForCausalLM"),
+    "GptOssForCausalLM": ("gpt_oss", "GptOssForCausalLM"),
+    "Glm4MoeForCausalLM": ("glm4_moe", "Glm4MoeForCausalLM"),
+}
+# How a family's vLLM decoder layer hands on the stream, where it differs from (positions, hidden, residual) ->
+# (hidden, residual) with the add deferred (tellnorm.backends.vllm.models: the rule's class).
+LAYER_RULES = {
+    **dict.fromkeys(("Exaone4ForCausalLM", "StableLmForCausalLM", "GraniteForCausalLM", "GraniteMoeForCausalLM"),
+                    "complete-stream"),  # the layer adds the residual itself
+    "GptOssForCausalLM": "hidden-first",  # layer(hidden, positions, residual); its attention is layer.attn.attn
 }
 _NO_STATE_SNAPSHOT = ("tellnorm does not yet snapshot vLLM's linear-attention state caches around ALRR's extra "
                       "passes")

@@ -20,9 +20,11 @@ layer L, gathered into that grid:
   to switch that state between groups; here a step is still one StepInfo, one ``on_step`` and one hook call per
   layer.
 
-* The stream: vLLM's decoder layers return ``(hidden, residual)`` and leave the add to the next layer's fused norm,
-  so the state after layer L is ``hidden + residual`` — HF's decoder-layer output, the same float32 sum.
-* An edit's new state goes back as ``(state', 0)``: the next fused norm adds zero, an exact no-op.
+* The stream: most of vLLM's decoder layers return ``(hidden, residual)`` and leave the add to the next layer's fused
+  norm, so the state after layer L is ``hidden + residual`` — HF's decoder-layer output, the same float32 sum; an
+  edit's new state goes back as ``(state', 0)``, and the next fused norm adds zero, an exact no-op. Families whose
+  layers add it themselves hand on the whole stream; the tapped model class says which
+  (:mod:`~tellnorm.backends.vllm.models`).
 * Requests are named by the id tellnorm tags them with (``SamplingParams.extra_args``) or, untagged, by vLLM's
   request id; the ``k``-th child of an ``n > 1`` request is ``(id, k)``. Nothing is keyed by batch slot: vLLM
   reuses slots and moves requests between them.
@@ -290,8 +292,7 @@ class Session:
 
     @_guarded
     def _keep_input(self, layer, module, args):
-        _, hidden, residual = args[:3]
-        self.block_inputs[layer] = hidden.clone() if residual is None else hidden + residual
+        self.block_inputs[layer] = self.engine_model.tellnorm_stream_in(args)
 
     def _after_layer(self, layer, module, args, output):
         if self.world == 1 or layer not in self.edit_layers:
@@ -305,10 +306,8 @@ class Session:
 
     @_guarded
     def _run_hooks(self, layer, output):
-        import torch
 
-        hidden, residual = output
-        state = hidden if residual is None else hidden + residual
+        state = self.engine_model.tellnorm_stream(output)
         index, valid = self.grid
         original = state[index]
         x = original
@@ -326,13 +325,13 @@ class Session:
         new = x[valid].to(state.dtype)
         changed = (new != original[valid]).any(-1)
         self.outcome = ("done", self.flat_valid[changed.cpu()], new[changed].cpu())
-        state = state.clone() if residual is None else state
+        if any(state is part for part in (output if isinstance(output, tuple) else (output,))):
+            state = state.clone()  # the layer's own output tensor, not a sum made here
         state[self.flat_valid] = new
-        return state, torch.zeros_like(state)
+        return self.engine_model.tellnorm_with_stream(output, state)
 
     def _follow(self, layer, output):
         """A follower at an edit layer: join the leader's extra passes, then apply its outcome (or nothing)."""
-        import torch
 
         while True:
             message = self.group.broadcast_object(None, src=0)
@@ -349,10 +348,9 @@ class Session:
             _, flat, values = message
             if flat is None:
                 return None
-            hidden, residual = output
-            state = hidden.clone() if residual is None else hidden + residual
+            state = self.engine_model.tellnorm_stream(output).clone()
             state[flat.to(state.device)] = values.to(state.device, state.dtype)
-            return state, torch.zeros_like(state)
+            return self.engine_model.tellnorm_with_stream(output, state)
 
     @_guarded
     def _before_sampling(self, module, args, kwargs):
@@ -442,7 +440,6 @@ class Session:
         blocks = touched_blocks(get_forward_context().slot_mapping[attention.layer_name], cache)
         saved = cache[blocks].clone()
         try:
-            out_hidden, out_residual = block.forward(self.positions, inputs, None)  # forward(): no hooks re-enter
+            return self.engine_model.tellnorm_rerun(block, self.positions, inputs)[flat]
         finally:
             cache[blocks] = saved
-        return (out_hidden + out_residual)[flat]
