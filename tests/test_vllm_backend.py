@@ -252,6 +252,7 @@ def test_hooks_are_removed_when_an_observer_raises(engines, prompts):
     runner = vllm_model.llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
     modules = [runner.model] + runner.model.tellnorm_layers()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    assert "tellnorm_step_start" not in vars(runner.model)  # the step announcement is gone too
     after = generate(vllm_model, prompts[:2], sampling)
     assert [g.generated_ids for g in after] == [g.generated_ids for g in before]
 
@@ -291,7 +292,7 @@ MORE_ARCHS = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MistralForCausalLM"
               "MixtralForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
               "OlmoeForCausalLM", "Glm4ForCausalLM", "NemotronForCausalLM", "Exaone4ForCausalLM",
               "StableLmForCausalLM", "GraniteForCausalLM", "GraniteMoeForCausalLM", "GptOssForCausalLM",
-              "Glm4MoeForCausalLM")
+              "Glm4MoeForCausalLM", "Ernie4_5ForCausalLM")
 MOE_ARCHS = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM",
              "GraniteMoeForCausalLM", "GptOssForCausalLM", "Glm4MoeForCausalLM")
 # every run: one MoE, sliding windows, and one of each stream rule (Granite's layers return the whole stream alone)

@@ -16,8 +16,10 @@ are made on first use: vLLM's registry imports a class by name, and only that ar
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tellnorm.backends.vllm.plugin import LAYER_RULES, STOCK_CLASSES, TAPPED_ARCHITECTURES
@@ -115,6 +117,23 @@ def __getattr__(name: str) -> type:
         module, stock = STOCK_CLASSES[arch]
         base = getattr(importlib.import_module(f"vllm.model_executor.models.{module}"), stock)
         taps = RULE_CLASSES[LAYER_RULES.get(arch, "deferred-add")]
-        _CLASSES[name] = type(name, (taps, base), {"__module__": __name__,
-                                                           "__doc__": f"vLLM's {stock} ({arch}) with tellnorm's taps."})
+        _CLASSES[name] = type(name, (taps, base), {"__module__": __name__, "forward": _announcing(base.forward),
+                                                   "__doc__": f"vLLM's {stock} ({arch}) with tellnorm's taps."})
     return _CLASSES[name]
+
+
+def _announcing(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """The stock ``forward``, first handing its arguments to the attached session's ``tellnorm_step_start`` (if any).
+
+    A wrapper, not a forward pre-hook: vLLM's compile decorator gives some top-level classes (ERNIE 4.5) a
+    ``__call__`` that goes straight to ``forward``, past module hooks. ``functools.wraps`` keeps the stock signature
+    for vLLM's introspection."""
+
+    @functools.wraps(forward)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        start = self.__dict__.get("tellnorm_step_start")
+        if start is not None:
+            start(self, args, kwargs)
+        return forward(self, *args, **kwargs)
+
+    return run

@@ -31,6 +31,7 @@ STOCK_CLASSES = {
     "GraniteMoeForCausalLM": ("granitemoe", "GraniteMoeForCausalLM"),
     "GptOssForCausalLM": ("gpt_oss", "GptOssForCausalLM"),
     "Glm4MoeForCausalLM": ("glm4_moe", "Glm4MoeForCausalLM"),
+    "Ernie4_5ForCausalLM": ("ernie45", "Ernie4_5ForCausalLM"),
 }
 # How a family's vLLM decoder layer hands on the stream, where it differs from (positions, hidden, residual) ->
 # (hidden, residual) with the add deferred (tellnorm.backends.vllm.models: the rule's class).

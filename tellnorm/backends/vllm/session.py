@@ -95,6 +95,19 @@ def request_grid(starts: Sequence[int], positions: torch.Tensor,
     return index, valid, torch.where(valid, positions.cpu()[index], torch.zeros_like(index))
 
 
+class StepStart:
+    """``callback(model, args, kwargs)`` run at the start of every forward of a tapped ``model`` (its
+    ``tellnorm_step_start``, :mod:`~tellnorm.backends.vllm.models`) until :meth:`remove`, like a hook handle."""
+
+    def __init__(self, model: Any, callback: Callable[..., Any]) -> None:
+        self.model = model
+        model.tellnorm_step_start = callback
+
+    def remove(self) -> None:
+        """Stop the callback (idempotent)."""
+        self.model.__dict__.pop("tellnorm_step_start", None)
+
+
 def touched_blocks(slots: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     """The blocks ``[k]`` (sorted, unique) of a layer's paged KV ``cache`` that a step's slot ids ``slots``
     ``[tokens]`` write (negative: padding, none). vLLM hands every attention layer a logical
@@ -196,7 +209,7 @@ class Session:
         # join its extra passes (their collectives need every rank), so no rank can decide differently.
         hooked = self.layer_hooks if self.rank == 0 else self.edit_layers
         try:
-            self.handles.append(model.register_forward_pre_hook(self._begin_step, with_kwargs=True))
+            self.handles.append(StepStart(model, self._begin_step))
             for layer in self.input_layers:
                 self.handles.append(self.layers[layer].register_forward_pre_hook(partial(self._keep_input, layer)))
             for layer in hooked:
