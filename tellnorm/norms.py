@@ -97,23 +97,24 @@ class NormTracer(LayerHooks):
 
 
 def _records_frame(records: list) -> pd.DataFrame:
-    """A tracer's records as a table: one row per real token and layer, in record order."""
+    """A tracer's records as a table: one row per real token and layer, in record order (built once from arrays:
+    a DataFrame per record costs more than the forward pass of a small model's decode step)."""
     import numpy as np
     import pandas as pd
 
-    parts = []
+    columns: dict[str, list] = {"request_id": [], "position": [], "layer": [], "norm": []}
     for layer, request_ids, positions, valid, norms in records:
         rows, cols = valid.nonzero(as_tuple=True)
-        parts.append(pd.DataFrame({
-            # a Series keeps tuple ids (a vLLM request's children are (id, k)) as single values
-            "request_id": pd.Series(request_ids, dtype=object).to_numpy()[rows.numpy()],
-            "position": positions[rows, cols].numpy().astype(np.int64),
-            "layer": np.int16(layer),
-            "norm": norms[rows, cols].numpy(),
-        }))
-    if not parts:
-        return pd.DataFrame(columns=["request_id", "position", "layer", "norm"])
-    return pd.concat(parts, ignore_index=True)
+        ids = np.empty(len(request_ids), dtype=object)
+        for i, request_id in enumerate(request_ids):  # element by element: tuple ids ((id, k) children) stay whole
+            ids[i] = request_id
+        columns["request_id"].append(ids[rows.numpy()])
+        columns["position"].append(positions[rows, cols].numpy().astype(np.int64))
+        columns["layer"].append(np.full(len(rows), layer, dtype=np.int16))
+        columns["norm"].append(norms[rows, cols].numpy())
+    if not records:
+        return pd.DataFrame(columns=list(columns))
+    return pd.DataFrame({name: np.concatenate(parts) for name, parts in columns.items()})
 
 
 def generated_rows(frame: pd.DataFrame, generations: Sequence[Generation]) -> pd.DataFrame:
