@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,6 +52,7 @@ def multi_process(hf_model):
     model = load_model("organism", backend="vllm", engine="multi-process", max_num_seqs=3, kv_cache_gib=0.0625)
     yield model
     model.shutdown()  # its processes end with the module, not at interpreter exit
+    assert not Path(model.info["socket_dir"]).exists(), "shutdown left the engine's socket folder behind"
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +83,17 @@ def tau(hf_model, prompts):
     n_prompt = frame.request_id.map({i: len(g.prompt_ids) for i, g in enumerate(gens)})
     generated = frame[frame.position >= n_prompt]
     return calibrated_thresholds({layer: g.norm.to_numpy() for layer, g in generated.groupby("layer")})
+
+
+def test_a_multi_process_engine_keeps_its_sockets_in_a_folder_of_its_own(multi_process):
+    """vLLM makes its IPC sockets in the temp directory and never removes them; tellnorm gives each multi-process
+    engine its own folder (removed at shutdown, checked when the fixture ends, or at exit)."""
+    import stat
+    import tempfile
+
+    folder = Path(multi_process.info["socket_dir"])
+    assert folder.parent == Path(tempfile.gettempdir()) and folder.name.startswith("tellnorm-vllm-sockets-")
+    assert any(stat.S_ISSOCK(entry.stat().st_mode) for entry in folder.iterdir()), "vLLM made no socket there"
 
 
 def traced(model, prompts, request_ids, sampling, observers=(), token_stats=False):

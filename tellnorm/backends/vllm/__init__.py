@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -108,22 +109,37 @@ def default_engine_mode() -> str:
 
 
 @contextmanager
-def engine_process_mode(engine: str) -> Iterator[None]:
-    """vLLM's own switch (``VLLM_ENABLE_V1_MULTIPROCESSING``, read when an engine starts) set for ``engine`` while
-    one starts, then restored; vLLM caches its settings once an in-process engine runs, so the cache is reset."""
+def engine_process_mode(engine: str, socket_dir: str | None = None) -> Iterator[None]:
+    """vLLM's own switches set while an engine starts, then restored: ``VLLM_ENABLE_V1_MULTIPROCESSING`` for
+    ``engine``, and ``VLLM_RPC_BASE_PATH`` (where its processes make their IPC sockets) to ``socket_dir`` when given.
+    vLLM caches its settings once an in-process engine runs, so the cache is reset."""
     import vllm.envs as envs
 
-    key = "VLLM_ENABLE_V1_MULTIPROCESSING"
-    before = os.environ.get(key)
-    os.environ[key] = "1" if engine == "multi-process" else "0"
+    settings = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if engine == "multi-process" else "0"}
+    if socket_dir is not None:
+        settings["VLLM_RPC_BASE_PATH"] = socket_dir
+    before = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
     envs.disable_envs_cache()
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def private_socket_dir() -> str:
+    """A folder of its own for a multi-process engine's IPC sockets, removed when :meth:`VLLMModel.shutdown` runs
+    or the interpreter exits: vLLM makes them in the temp directory and leaves them there."""
+    import atexit
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="tellnorm-vllm-sockets-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def _import_vllm():
@@ -170,10 +186,13 @@ class VLLMModel(ModelAPI):
         return self.engine == "multi-process" or self.tensor_parallel_size > 1
 
     def shutdown(self) -> None:
-        """Stop the engine core's processes (multi-process engines; an in-process engine has none). vLLM stops them
-        at interpreter exit too; stop them earlier where several engines come and go in one process."""
+        """Stop the engine core's processes (multi-process engines; an in-process engine has none) and remove their
+        socket folder. vLLM stops them at interpreter exit too; stop them earlier where several engines come and go
+        in one process."""
         if self.remote:
             self.llm.llm_engine.engine_core.shutdown()
+        if self.info.get("socket_dir"):
+            shutil.rmtree(self.info["socket_dir"], ignore_errors=True)
 
     @property
     def vocab_size(self) -> int:
@@ -440,8 +459,14 @@ def load_vllm_model(spec: Any, *, dtype: str | None = None, max_model_len: int |
     if tensor_parallel_size > 1:
         options.update(tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="mp")
     options.update(engine_args)
-    with engine_process_mode(engine):
-        llm = vllm.LLM(model=str(path), **options)
+    socket_dir = private_socket_dir() if engine == "multi-process" or tensor_parallel_size > 1 else None
+    try:
+        with engine_process_mode(engine, socket_dir):
+            llm = vllm.LLM(model=str(path), **options)
+    except BaseException:
+        if socket_dir is not None:
+            shutil.rmtree(socket_dir, ignore_errors=True)
+        raise
     _ENGINES.append(llm)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token_id is None:
@@ -454,7 +479,7 @@ def load_vllm_model(spec: Any, *, dtype: str | None = None, max_model_len: int |
         eos_token_ids=tuple(sorted(_eos_ids(path, tokenizer, config))), dtype=dtype, engine=engine,
         tensor_parallel_size=tensor_parallel_size,
         info={"prepend_bos": wants_bos(SUPPORTED_ARCHITECTURES[arch], tokenizer), "hf_architecture": arch,
-              "vllm_version": vllm.__version__})
+              "vllm_version": vllm.__version__, "socket_dir": socket_dir})
 
 
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")  # HF config keys of MoE models
