@@ -319,7 +319,6 @@ class Session:
 
     @_guarded
     def _run_hooks(self, layer, output):
-
         state = self.engine_model.tellnorm_stream(output)
         index, valid = self.grid
         original = state[index]
