@@ -80,9 +80,16 @@ class CompleteStreamTaps(TellnormTaps):
 
     def tellnorm_rerun(self, layer: Any, positions: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
         """As :meth:`TellnormTaps.tellnorm_rerun`, passing ``residual=None`` only to layers that take one."""
-        takes_residual = "residual" in inspect.signature(layer.forward).parameters
+        takes_residual = _takes_residual(type(layer))
         output = layer.forward(positions, stream, None) if takes_residual else layer.forward(positions, stream)
         return self.tellnorm_stream(output)
+
+
+@functools.cache
+def _takes_residual(layer_class: type) -> bool:
+    """Whether a decoder layer class's ``forward`` takes a ``residual`` argument (read once per class: ALRR re-runs
+    layers every step)."""
+    return "residual" in inspect.signature(layer_class.forward).parameters
 
 
 class HiddenFirstTaps(TellnormTaps):
