@@ -16,7 +16,7 @@ Design points, each a correctness trap:
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -102,6 +102,38 @@ class Observer(Protocol):
     def on_step(self, info: StepInfo) -> None:
         """Called before every forward pass with what its rows are."""
         ...
+
+
+class FinishedRequests(Protocol):
+    """What an observer may add so that a backend can let go of requests as they finish (all three optional).
+
+    ``release`` forgets a finished request's working state (a technique's bank of states, a threshold's tracker);
+    what the observer reports (records, counters) stays. Across processes (vLLM's multi-process engine, tensor
+    parallelism) the worker's copy also hands its records over: ``take_records`` removes and returns them — at least
+    everything about ``request_ids`` (None: everything), more if the observer never reads its records back — and
+    the caller's object puts each part back with ``add_records``, in the order they were taken. Worker memory then
+    holds the requests in flight, not the whole run."""
+
+    def release(self, request_ids: Collection[Hashable]) -> None:
+        """Forget the working state of ``request_ids``, which have finished (no pass will show them again)."""
+        ...
+
+    def take_records(self, request_ids: Collection[Hashable] | None) -> Any:
+        """Remove and return the records of ``request_ids`` (None: of every request), picklable."""
+        ...
+
+    def add_records(self, part: Any) -> None:
+        """Put back a part that :meth:`take_records` returned (on another copy of this observer)."""
+        ...
+
+
+def release_finished(observers: Iterable[Any], request_ids: Collection[Hashable]) -> None:
+    """Tell every observer that has :meth:`FinishedRequests.release` that ``request_ids`` finished."""
+    if request_ids:
+        for observer in observers:
+            release = getattr(observer, "release", None)
+            if release is not None:
+                release(request_ids)
 
 
 class LayerHooks:

@@ -9,7 +9,7 @@ default), and the per-token labels of the model's ``token_labeler`` when it has 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +85,21 @@ class NormTracer(LayerHooks):
     def __exit__(self, *exc):
         context, self._context, self.info = self._context, None, None
         return context.__exit__(*exc)
+
+    def take_records(self, request_ids: Collection[Hashable] | None = None) -> pd.DataFrame | None:
+        """Remove and return every record so far as one table (a tracer never reads its records back, so it hands
+        over all of them, not only ``request_ids``'; record order is kept across parts); None when there are none."""
+        taken = self.frame() if self._records or self._chunks else None
+        self._records, self._chunks = [], []
+        return taken
+
+    def add_records(self, part: pd.DataFrame | None) -> None:
+        """Append a table from :meth:`take_records` (of a copy of this tracer in another process)."""
+        if part is not None and len(part):
+            if self._records:
+                self._chunks.append(_records_frame(self._records))
+                self._records = []
+            self._chunks.append(part)
 
     def frame(self) -> pd.DataFrame:
         """Recorded norms as a DataFrame: request_id, position, layer, norm."""

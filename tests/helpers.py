@@ -157,3 +157,31 @@ class StaleCounter:
 
     def on_step(self, info):
         self.stale += int((info.valid & ~info.fresh).sum())
+
+
+class FinishLog:
+    """An observer that counts the steps its copy sees and, when the worker takes a finished request's records
+    (:class:`tellnorm.generation.FinishedRequests`), stamps how many steps after the request's last one that was.
+    Module-level here, so vLLM's worker processes can unpickle it."""
+
+    edits_stream = False
+
+    def __init__(self):
+        self.step = 0
+        self.last: dict = {}  # request id -> the last step that showed it
+        self.parts: list = []  # what came back: ("finished" | "end", {request id: steps since its last step})
+
+    def hooks(self, model):
+        return []
+
+    def on_step(self, info):
+        self.step += 1
+        for rid in info.request_ids:
+            self.last[rid] = self.step
+
+    def take_records(self, request_ids):
+        chosen = list(self.last) if request_ids is None else [rid for rid in request_ids if rid in self.last]
+        return ("end" if request_ids is None else "finished", {rid: self.step - self.last.pop(rid) for rid in chosen})
+
+    def add_records(self, part):
+        self.parts.append(part)

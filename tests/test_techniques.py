@@ -819,6 +819,38 @@ def test_alrr_erss_runs_are_bit_reproducible(organism):
     pd.testing.assert_frame_equal(a[3], b[3], check_exact=True)
 
 
+def test_finished_requests_let_go_of_their_working_state_and_nothing_else_changes(organism, monkeypatch):
+    """When a request finishes, its exact-mode τ tracker, its recorded τ and ERSS's bank go; a run that keeps them
+    (release switched off) makes the same tokens, decisions and reports."""
+    import tellnorm.backends.hf as hf
+
+    model, layer = organism, ORGANISM_LAYER
+    prompts = prompts_for(model, "organism", 4, seed=5)
+
+    def run():
+        edits = build_edits(("alrr", "erss"), model, threshold_mode="exact",
+                            threshold_cfg=ThresholdConfig(k=0.5, warmup=3),
+                            alrr=ALRRConfig(layers=(layer,), growth_eps=0.0, blowup_ratio=3.0),
+                            erss=ERSSConfig(layers=(layer,), low_k=2, p_inject=1.0, cooldown=0, cos_min=0.0))
+        gens = generate(model, prompts, SamplingConfig(max_new_tokens=24), observers=edits, batch_size=4)
+        return gens, edits
+
+    gens, edits = run()
+    with monkeypatch.context() as patch:
+        patch.setattr(hf, "release_finished", lambda observers, request_ids: None)
+        kept_gens, kept_edits = run()
+    assert [g.generated_ids for g in gens] == [g.generated_ids for g in kept_gens]
+    for edit, kept in zip(edits, kept_edits):
+        pd.testing.assert_frame_equal(edit.record.frame(), kept.record.frame())
+        pd.testing.assert_frame_equal(edit.report(), kept.report())
+        assert edit.threshold._trackers == {} and edit.threshold._taus == {}
+        assert kept.threshold._trackers and kept.threshold._taus  # the reference did keep them
+    erss = edits[1]
+    assert erss.report().erss_injections.sum() > 0 and erss.report().erss_banked.sum() > 0
+    assert all(state["bank"] == [] for state in erss._states.values())
+    assert any(state["bank"] for state in kept_edits[1]._states.values())
+
+
 def test_float64_left_padding_runs_on_sdpa_and_is_refused_under_eager_attention(load):
     """sdpa masks padding exactly in float64: a left-padded batch equals each request alone. Eager attention takes
     its softmax in float32, where a float64 padding mask turns NaN: refused up front there."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import StaleCounter
+from helpers import FinishLog, StaleCounter
 
 from tellnorm.errors import TellnormError
 from tellnorm.interventions import Scale
@@ -206,7 +206,7 @@ def test_a_workers_error_reaches_the_caller_in_one_line_and_the_engine_stays_usa
     assert not multi_process.llm.llm_engine.has_unfinished_requests()
     after = generate(multi_process, prompts[:3], sampling)  # the engine is usable, nothing left attached
     assert [g.generated_ids for g in after] == [g.generated_ids for g in before]
-    assert multi_process.llm.collective_rpc("tellnorm_failed") == [False]
+    assert multi_process.llm.collective_rpc("tellnorm_poll", args=([],)) == [None]
 
 
 def test_what_cannot_cross_processes_is_refused_in_one_line(multi_process, prompts):
@@ -235,6 +235,23 @@ def test_records_return_into_the_callers_own_objects(multi_process, hf_model, pr
     assert tracer.model is multi_process  # the caller's object, its model reference restored
     assert len(tracer.frame()) == len(frame_h[frame_h.layer == 2]) > 0
     pickle.dumps(tracer.frame())  # plain records, no engine inside
+
+
+def test_finished_requests_records_leave_the_worker_while_the_run_goes_on(multi_process, prompts):
+    """10 requests through 3 slots: all but the last to finish hand their records over within a few polls of
+    their last step, not when the run ends; the caller's object gets every part back, in order."""
+    from tellnorm.backends.vllm.remote import POLL_EVERY
+    from tellnorm.generation import SamplingConfig, generate
+
+    log = FinishLog()
+    generate(multi_process, prompts, SamplingConfig(max_new_tokens=60), observers=[log],
+             request_ids=[f"r{i}" for i in range(len(prompts))])
+    early = {rid: lag for kind, lags in log.parts if kind == "finished" for rid, lag in lags.items()}
+    late = {rid for kind, lags in log.parts if kind == "end" for rid in lags}
+    assert early.keys() | late == {f"r{i}" for i in range(len(prompts))} and not early.keys() & late
+    assert len(early) >= len(prompts) - 3, f"only {sorted(early)} came back before the run ended"
+    assert max(early.values()) <= 2 * POLL_EVERY, f"records left {max(early.values())} steps after their request"
+    assert [kind for kind, _ in log.parts][-1] == "end" and log.last == {}
 
 
 @pytest.mark.slow

@@ -48,6 +48,7 @@ from tellnorm.generation import (
     StepInfo,
     mark_seen,
     pick_tokens,
+    release_finished,
     request_seed,
     seen_tokens,
     step_token_stats,
@@ -358,6 +359,7 @@ def _generate_batch(model, batch, sampling: SamplingConfig, observers, reuse_cac
                     finished[rid] = "length"
                 else:
                     keep.append(row)
+            release_finished(observers, [rid for rid in live if rid in finished])
             if not keep:
                 break
             live = [live[r] for r in keep]

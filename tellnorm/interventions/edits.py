@@ -35,7 +35,7 @@ Extending: a technique is an Edit whose ``select``/``apply`` keep per-request st
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
@@ -72,6 +72,25 @@ class EditRecord:
         """One past the last decided position (0 when none)."""
         key = (request_id, layer)
         return self.start.get(key, 0) + len(self.decisions.get(key, ()))
+
+    def take(self, request_ids: Collection[Hashable] | None = None) -> EditRecord:
+        """Remove and return the decisions of ``request_ids`` (None: all) as a record of their own."""
+        taken = EditRecord(self.name)
+        keys = [key for key in self.decisions if request_ids is None or key[0] in request_ids]
+        for key in keys:
+            taken.decisions[key], taken.start[key] = self.decisions.pop(key), self.start.pop(key)
+        for rid in [rid for rid in self.n_prompt if request_ids is None or rid in request_ids]:
+            taken.n_prompt[rid] = self.n_prompt.pop(rid)
+        return taken
+
+    def add(self, part: EditRecord) -> None:
+        """Put back the decisions :meth:`take` removed (of requests this record does not hold)."""
+        clash = part.decisions.keys() & self.decisions.keys()
+        if clash:
+            raise TellnormError(f"edit {self.name!r}: request {next(iter(clash))[0]!r} was recorded twice")
+        self.decisions.update(part.decisions)
+        self.start.update(part.start)
+        self.n_prompt.update(part.n_prompt)
 
     def frame(self) -> pd.DataFrame:
         """One row per decided token: edit, request_id, layer, position, edited, is_generated."""
@@ -164,6 +183,28 @@ class Edit(LayerHooks):
         """Whether a decision depends on the other requests of its step (the selection's, or a technique's τ)."""
         threshold = getattr(self, "threshold", None)
         return self.selection.pools_requests() or bool(threshold is not None and threshold.pools_requests())
+
+    def settled_state(self, state: dict) -> dict:
+        """What a finished request's state keeps (:meth:`release`): by default all of it; a technique drops what
+        only its next decisions read (ERSS's bank of states) and keeps what it reports."""
+        return state
+
+    def release(self, request_ids: Collection[Hashable]) -> None:
+        """Forget the working state of finished ``request_ids`` (:class:`~tellnorm.generation.FinishedRequests`);
+        decisions and report counters stay."""
+        for key in [key for key in self._states if key[0] in request_ids]:
+            self._states[key] = self.settled_state(self._states[key])
+        self.selection.release(request_ids)
+
+    def take_records(self, request_ids: Collection[Hashable] | None = None) -> dict:
+        """Remove and return the decisions and (settled) states of ``request_ids`` (None: of every request)."""
+        keys = [key for key in self._states if request_ids is None or key[0] in request_ids]
+        return {"record": self.record.take(request_ids), "states": {key: self._states.pop(key) for key in keys}}
+
+    def add_records(self, part: dict) -> None:
+        """Put back a part :meth:`take_records` returned (on this edit's copy in another process)."""
+        self.record.add(part["record"])
+        self._states.update(part["states"])
 
     def reset(self) -> None:
         """Forget every request (records, selection state, per-request state): the edit can serve a new run."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -70,6 +70,12 @@ class Selection:
 
     def reset(self) -> None:
         """Forget per-request state (a new run)."""
+
+    def release(self, request_ids: Collection[Hashable]) -> None:
+        """Forget the state of finished ``request_ids`` (no pass will show them again)."""
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope.release(request_ids)
 
     def describe(self) -> str:
         """A short name for tables and logs."""
@@ -160,6 +166,11 @@ class AllOf(Selection):
         for part in self.parts:
             part.reset()
 
+    def release(self, request_ids: Collection[Hashable]) -> None:
+        """Release the requests in every part."""
+        for part in self.parts:
+            part.release(request_ids)
+
     def select(self, layer: int, x: torch.Tensor, info: StepInfo, candidates: torch.Tensor) -> torch.Tensor:
         """The candidates every part selects."""
         out = candidates
@@ -214,6 +225,14 @@ class AboveThreshold(Selection):
         self._trackers: dict = {}  # exact: (request, layer) -> ExactThreshold; pooled: layer -> PooledP2Threshold
         self._taus: dict = {}  # adaptive modes: (request, layer) -> {position: tau}
         self.scope.reset()
+
+    def release(self, request_ids: Collection[Hashable]) -> None:
+        """Drop the τ trackers and recorded τ of finished ``request_ids`` (pooled mode's trackers are per layer and
+        stay)."""
+        for table in (self._trackers, self._taus):
+            for key in [key for key in table if isinstance(key, tuple) and key[0] in request_ids]:
+                del table[key]
+        super().release(request_ids)
 
     def describe(self) -> str:
         """``norm > tau (<mode>)``."""

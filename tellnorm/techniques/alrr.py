@@ -21,7 +21,7 @@ import inspect
 import math
 import time
 import weakref
-from collections.abc import Hashable, Iterable
+from collections.abc import Collection, Hashable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -252,6 +252,12 @@ class ALRR(Edit):
         """Per request and layer: the kept pass count per position (replayed by a cache-free reference pass) and
         the :meth:`report` counters."""
         return {"kept": {}, "band": 0, "extra_passes": 0, "kept_passes": 0}
+
+    def release(self, request_ids: Collection[Hashable]) -> None:
+        """As :meth:`Edit.release`, and the τ source's state too when a selection replaced the band rule."""
+        super().release(request_ids)
+        if not self.band_rule:
+            self.threshold.release(request_ids)
 
     def select(self, layer: int, x: torch.Tensor, info: StepInfo, candidates: torch.Tensor) -> torch.Tensor:
         """The band tokens ``τ_l < ‖x‖ < blowup_ratio·τ_l`` (PAPER.md §6), or ``selection``'s choice when one was

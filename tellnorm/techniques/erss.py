@@ -86,6 +86,10 @@ class ERSS(Edit):
         return {"bank": [], "streak": 0, "cooldown": 0, "targets": {}, "banked": 0, "triggers": 0,
                 "injections": 0}
 
+    def settled_state(self, state: dict) -> dict:
+        """A finished request keeps its :meth:`report` counters and the states it injected; its bank goes."""
+        return {**state, "bank": []}
+
     def select(self, layer: int, x: torch.Tensor, info: StepInfo, candidates: torch.Tensor) -> torch.Tensor:
         """Bank the peaks and return the tokens where an injection fires (streak of low norms, no cooldown, a bank
         state with cosine ≥ ``cos_min``, a draw < ``p_inject``; PAPER.md §6), remembering each one's target."""

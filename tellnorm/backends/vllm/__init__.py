@@ -12,9 +12,11 @@ How it plugs in, without patching vLLM:
   removed on every exit path — for the duration of one ``generate`` call;
 * in-process (``engine="in-process"``, the default) the observers in the worker are the caller's own objects;
   across processes — vLLM's multi-process engine (``engine="multi-process"``) or tensor parallelism
-  (``tensor_parallel_size > 1``) — they travel as a spec, each worker runs its own session, and the records come
-  back into the caller's objects when the run ends (:mod:`.remote`). Under tensor parallelism rank 0 runs the
-  observers and decides; the other ranks apply its outcome and join its extra passes (:mod:`.session`).
+  (``tensor_parallel_size > 1``) — they travel as a spec, each worker runs its own session, finished requests'
+  records leave the worker every few steps, and everything is back in the caller's objects when the run ends
+  (:mod:`.remote`). Under tensor parallelism rank 0 runs the observers and decides; the other ranks apply its
+  outcome and join its extra passes (:mod:`.session`). Either way observers let go of finished requests' working
+  state (:class:`~tellnorm.generation.FinishedRequests`).
 
 Engines live until the process exits: deleting an in-process vLLM engine tears down vLLM's process-wide parallel
 state and breaks any other engine of the process, so tellnorm keeps a reference to each (restart the process to
@@ -280,16 +282,19 @@ class VLLMModel(ModelAPI):
             raise TellnormError("the vLLM engine has requests of another run in flight: one run at a time")
         run_id = self.info["runs"] = self.info.get("runs", 0) + 1
         ids = [f"tellnorm-{run_id}-{i}" for i in range(len(prompts))]
+        seen_as = dict(zip(ids, observed_ids(ids, params, request_ids)))
         outputs = {}
         with self.observe(observers, request_ids, n_prompt, token_stats) as session:
             self._add_requests(ids, prompts, params, request_ids)
             bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="req")
             try:
                 while engine.has_unfinished_requests() and not session.failed():
-                    for out in engine.step():
-                        if out.finished:
-                            outputs[out.request_id] = out
-                            bar.update(1)
+                    done = [out for out in engine.step() if out.finished]
+                    for out in done:
+                        outputs[out.request_id] = out
+                    if done:
+                        session.finish([seen_as[out.request_id] for out in done])
+                        bar.update(len(done))
                 if session.failed():
                     engine.abort_request([rid for rid in ids if rid not in outputs])
                     while engine.has_unfinished_requests():
@@ -387,6 +392,18 @@ class VLLMModel(ModelAPI):
             raise TellnormError(f"hook point {point!r} is not available on the vLLM backend, which observes the "
                                 "stream after each decoder layer (resid_post): use backend='hf' for it")
         return super().hook_name(layer, point)
+
+
+def observed_ids(ids: Sequence[str], params: Sequence[Any], request_ids: Sequence | None) -> list:
+    """The id observers see for each request added as ``ids[i]`` with ``params[i]``: ``request_ids[tag]`` for a
+    request tagged ``tag`` (the tag itself without ``request_ids``), else its vLLM id (:class:`~.session.Session`)."""
+    from tellnorm.backends.vllm.session import TAG
+
+    seen = []
+    for rid, p in zip(ids, params):
+        tag = (p.extra_args or {}).get(TAG)
+        seen.append(rid if tag is None else tag if request_ids is None else request_ids[tag])
+    return seen
 
 
 VLLM_DTYPES = ("float32", "bfloat16", "float16")

@@ -4,9 +4,14 @@ In vLLM's multi-process engine and under tensor parallelism the model runs in wo
 observers cannot be hooked in as they are. They travel as a spec: the observers pickled with every reference to the
 caller's model replaced by a name (pickle's ``persistent_id``), so no engine, tokenizer-backed ``LLM`` or process
 handle goes along — only each observer's configuration, thresholds and (empty or earlier) records. The worker
-rebuilds them around :func:`engine_side_model`, a copy of the model's description without the engine. When the run
-ends the worker sends the observers' state back the same way and :func:`merge_back` puts it into the caller's own
-objects, so user code reads its tracer or edit exactly as after an in-process run.
+rebuilds them around :func:`engine_side_model`, a copy of the model's description without the engine.
+
+Records leave the worker as requests finish: every :data:`POLL_EVERY` engine steps the caller names the requests
+that finished since the last poll, and the leader (rank 0, the one that runs the observers) releases their
+working state and sends their records back (:class:`~tellnorm.generation.FinishedRequests`; an observer without
+that protocol keeps its records until the run ends). When the run ends the worker sends the observers' state
+back the same way, :func:`merge_back` puts it into the caller's own objects and the parts received on the way are
+added back in order, so user code reads its tracer or edit exactly as after an in-process run.
 
 Everything crosses vLLM's RPC as ``bytes`` (msgpack-native), so vLLM's insecure pickle fallback is never needed.
 """
@@ -115,18 +120,39 @@ def error_reply(err: BaseException) -> bytes:
     return pickle.dumps({"error": portable_error(err)})
 
 
+def _unsendable(err: BaseException) -> TellnormError:
+    return TellnormError(f"an observer's records cannot be sent back from vLLM's worker ({type(err).__name__}: "
+                         f"{err}): keep hook functions and open files out of its attributes, or use "
+                         "engine='in-process'")
+
+
 def session_reply(session: Session) -> bytes:
     """What a worker's detached ``session`` sends back: its error, and on the leader (rank 0, the one that ran the
-    observers) the observers and token statistics, with the engine-side model by reference."""
+    observers) the observers and everything they still hold, with the engine-side model by reference."""
     reply: dict[str, Any] = {"error": None if session.error is None else portable_error(session.error)}
-    if session.rank == 0:
-        reply["observers"], reply["token_stats"] = session.observers, session.token_stats
     try:
+        if session.rank == 0:
+            session.finish(set(session.base.values()))  # the session is over: every request it saw is done
+            reply["records"] = session.take_records(None)
+            reply["observers"] = session.observers
         return dumps(reply, session.model)
     except Exception as err:
-        return error_reply(TellnormError(f"an observer's records cannot be sent back from vLLM's worker "
-                                         f"({type(err).__name__}: {err}): keep hook functions and open files out of "
-                                         "its attributes, or use engine='in-process'"))
+        return error_reply(_unsendable(err))
+
+
+def poll_reply(session: Session, finished: Sequence[Any]) -> bytes:
+    """A worker's answer to the caller's poll: whether its ``session`` stood down and, on the leader, the records of
+    the ``finished`` requests (the caller's ids), which it lets go of. An observer that raises here or records that
+    cannot be sent stop the session as a hook's error would."""
+    try:
+        observed = session.finish(finished)
+        reply: dict[str, Any] = {"failed": session.failed()}
+        if session.rank == 0 and observed and not reply["failed"]:
+            reply["records"] = session.take_records(observed)
+        return dumps(reply, session.model)
+    except Exception as err:
+        session.error = session.error or (_unsendable(err) if isinstance(err, pickle.PicklingError) else err)
+        return pickle.dumps({"failed": True})
 
 
 def portable_error(err: BaseException) -> BaseException:
@@ -140,14 +166,15 @@ def portable_error(err: BaseException) -> BaseException:
         return TellnormError(f"{type(err).__name__} in vLLM's worker: {first}")
 
 
-POLL_EVERY = 16  # engine steps between two asks whether a worker's session stood down (an RPC each)
+POLL_EVERY = 16  # engine steps between two polls of the workers (an RPC each): finished requests, errors
 
 
 class RemoteSession:
     """The caller's handle on sessions in vLLM's worker processes (:meth:`VLLMModel.observe
     <tellnorm.backends.vllm.VLLMModel.observe>` across processes): sends the observer spec on :meth:`attach`,
-    merges the leader's records into the caller's observers and ``token_stats`` on :meth:`detach`, and sets
-    :attr:`error` to the first worker error."""
+    collects finished requests' records while the run goes on (:meth:`finish`, :meth:`failed`), merges everything
+    into the caller's observers and ``token_stats`` on :meth:`detach`, and sets :attr:`error` to the first worker
+    error."""
 
     def __init__(self, model: Any, observers: Sequence[Any], request_ids: Sequence | None = None,
                  n_prompt: Mapping[Any, int] | None = None, token_stats: dict | None = None):
@@ -157,6 +184,9 @@ class RemoteSession:
         self.error: BaseException | None = None
         self.stopped = False
         self.polls = 0
+        self.finished: list = []  # the caller's ids of requests finished since the last poll
+        self.received: list[list] = []  # per poll that brought records: one part per observer
+        self.records_received = 0  # requests whose records came back before the run ended
 
     def attach(self) -> None:
         """Build and attach a session in every worker; if one fails, detach all and raise its error."""
@@ -166,16 +196,36 @@ class RemoteSession:
             self.model.llm.collective_rpc("tellnorm_detach")
             raise errors[0]
 
+    def finish(self, requests: Sequence[Any]) -> None:
+        """Note that ``requests`` (the caller's ids) finished: their records come back with the next poll."""
+        self.finished.extend(requests)
+
     def failed(self) -> bool:
-        """Whether a worker's session stood down after an error: asked every :data:`POLL_EVERY` calls (once per
-        engine step), so a failing run ends within that many steps; its error arrives on :meth:`detach`."""
+        """Whether a worker's session stood down after an error. Polls the workers every :data:`POLL_EVERY` calls
+        (once per engine step), handing over the requests finished since the last poll and taking their records,
+        so a failing run ends within that many steps; its error arrives on :meth:`detach`."""
         self.polls += 1
-        if not self.stopped and self.polls % POLL_EVERY == 0:
-            self.stopped = any(self.model.llm.collective_rpc("tellnorm_failed"))
+        if self.stopped or self.polls % POLL_EVERY:
+            return self.stopped
+        finished, self.finished = self.finished, []
+        for reply in self.model.llm.collective_rpc("tellnorm_poll", args=(finished,)):
+            if reply is None:
+                continue
+            reply = loads(reply, self.model)
+            self.stopped = self.stopped or reply["failed"]
+            if "records" in reply:
+                self._receive(reply["records"])
+                self.records_received += len(finished)
         return self.stopped
 
+    def _receive(self, records: dict) -> None:
+        self.received.append(records["parts"])
+        if self.token_stats is not None:
+            self.token_stats.update(records["token_stats"])
+
     def detach(self) -> None:
-        """Detach every worker's session; merge the leader's records into the caller's objects."""
+        """Detach every worker's session; merge the leader's observers into the caller's objects, then add back the
+        records received during the run, in order."""
         replies = [loads(reply, self.model) for reply in self.model.llm.collective_rpc("tellnorm_detach")
                    if reply is not None]
         errors = [reply["error"] for reply in replies if reply["error"] is not None]
@@ -185,5 +235,9 @@ class RemoteSession:
             self.error = self.error or TellnormError("no vLLM worker sent the observers' records back")
             return
         merge_back(self.observers, leader["observers"])
-        if self.token_stats is not None:
-            self.token_stats.update(leader["token_stats"] or {})
+        self._receive(leader["records"])
+        for parts in self.received:
+            for observer, part in zip(self.observers, parts):
+                if part is not None:
+                    observer.add_records(part)
+        self.received = []

@@ -51,12 +51,12 @@ skipped, so a request gets exactly one triple per generated token.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from tellnorm.errors import TellnormError
-from tellnorm.generation import TOKEN_STATS, TOKEN_STATS_TOP_K, StepInfo
+from tellnorm.generation import TOKEN_STATS, TOKEN_STATS_TOP_K, StepInfo, release_finished
 
 if TYPE_CHECKING:
     import torch
@@ -180,6 +180,7 @@ class Session:
         self.runner = None
         self.seen: dict = {}  # request id -> tokens observed so far
         self.ids: dict = {}  # vLLM's internal request id -> the id observers see
+        self.base: dict = {}  # the id observers see -> the caller's request it belongs to (itself, or an n > 1 parent)
         self.step = 0
         # An exception must not leave vLLM's forward: the engine would be stuck mid-step. The hooks keep the first
         # one here and stand down; the caller aborts the run's requests and re-raises it.
@@ -241,6 +242,40 @@ class Session:
         """Whether a hook raised (the session stood down; the caller aborts the run and re-raises :attr:`error`)."""
         return self.error is not None
 
+    # -- finished requests -------------------------------------------------------------------------------------
+    def finish(self, requests: Collection[Hashable]) -> list:
+        """Let go of finished ``requests`` (the caller's ids; an ``n > 1`` request's children go with it): every
+        observer releases their working state (:class:`~tellnorm.generation.FinishedRequests`) and this session
+        its own. Returns the ids observers knew them by. An observer that raises stops the session as a hook's
+        error does."""
+        bases = set(requests)
+        observed = [rid for rid, base in self.base.items() if base in bases]
+        if not observed or self.rank > 0 or self.error is not None:
+            return observed
+        try:
+            release_finished(self.observers, observed)
+        except BaseException as err:
+            self.error = err
+            return observed
+        gone = set(observed)
+        for rid in observed:
+            self.seen.pop(rid, None)
+            self.base.pop(rid, None)
+        self.ids = {internal: rid for internal, rid in self.ids.items() if rid not in gone}
+        return observed
+
+    def take_records(self, observed: Collection[Hashable] | None) -> dict:
+        """Remove and return what the leader recorded about ``observed`` (ids observers see; None: everything):
+        one part per observer (None for one that keeps its records until the run ends) and the token
+        statistics (a worker's session hands them to the caller, :mod:`~.remote`)."""
+        parts = []
+        for observer in self.observers:
+            take = getattr(observer, "take_records", None)
+            parts.append(None if take is None else take(observed))
+        stats = self.token_stats or {}
+        chosen = list(stats) if observed is None else [rid for rid in observed if rid in stats]
+        return {"parts": parts, "token_stats": {rid: stats.pop(rid) for rid in chosen}}
+
     # -- the hooks ---------------------------------------------------------------------------------------------
     def _request_id(self, internal_id: str):
         tag = (self.runner.requests[internal_id].sampling_params.extra_args or {}).get(TAG)
@@ -249,7 +284,9 @@ class Session:
             base = self.request_ids[tag] if self.request_ids is not None else tag
         else:  # the caller's id: vLLM appends "-<random suffix>" (and prefixes "k_" for a child)
             base = (child.group(2) if child else internal_id).rsplit("-", 1)[0]
-        return (base, int(child.group(1))) if child else base
+        observed = (base, int(child.group(1))) if child else base
+        self.base[observed] = base
+        return observed
 
     def _guarded(hook: Callable[..., Any]) -> Callable[..., Any]:  # noqa: N805 (a decorator used in the class body)
         def run(self: Session, *args: Any) -> Any:

@@ -50,9 +50,15 @@ class TellnormWorker:
         built.detach()
         return session_reply(built)
 
-    def tellnorm_failed(self) -> bool:
-        """Whether the session built here stood down after an error (the caller then aborts its run)."""
-        return self.tellnorm_session is not None and self.tellnorm_session.failed()
+    def tellnorm_poll(self, finished: list) -> bytes | None:
+        """The caller's poll every few engine steps: the session built here lets go of the ``finished`` requests
+        (the caller's ids) and answers whether it stood down after an error, with their records from the leader
+        (:func:`~.remote.poll_reply`); None when there is no such session."""
+        if self.tellnorm_session is None:
+            return None
+        from tellnorm.backends.vllm.remote import poll_reply
+
+        return poll_reply(self.tellnorm_session, finished)
 
     def tellnorm_rank(self) -> Any:
         """This worker's ``(tensor parallel rank, size)`` as the session sees them (for tests and diagnostics)."""
