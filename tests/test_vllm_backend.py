@@ -292,7 +292,7 @@ MORE_ARCHS = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MistralForCausalLM"
               "MixtralForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
               "OlmoeForCausalLM", "Glm4ForCausalLM", "NemotronForCausalLM", "Exaone4ForCausalLM",
               "StableLmForCausalLM", "GraniteForCausalLM", "GraniteMoeForCausalLM", "GptOssForCausalLM",
-              "Glm4MoeForCausalLM", "Ernie4_5ForCausalLM")
+              "Glm4MoeForCausalLM", "Ernie4_5ForCausalLM", "ApertusForCausalLM")
 MOE_ARCHS = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM",
              "GraniteMoeForCausalLM", "GptOssForCausalLM", "Glm4MoeForCausalLM")
 # every run: one MoE, sliding windows, and one of each stream rule (Granite's layers return the whole stream alone)

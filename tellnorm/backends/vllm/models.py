@@ -22,7 +22,7 @@ import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from tellnorm.backends.vllm.plugin import LAYER_RULES, STOCK_CLASSES, TAPPED_ARCHITECTURES
+from tellnorm.backends.vllm.plugin import INIT_FIXES, LAYER_RULES, STOCK_CLASSES, TAPPED_ARCHITECTURES
 
 if TYPE_CHECKING:
     import torch
@@ -111,6 +111,29 @@ class HiddenFirstTaps(TellnormTaps):
 
 
 RULE_CLASSES = {"deferred-add": TellnormTaps, "complete-stream": CompleteStreamTaps, "hidden-first": HiddenFirstTaps}
+
+
+def xielu_in_model_dtype(model: Any) -> None:
+    """Apertus: vLLM builds each xIELU activation's α_p, α_n, β and ε in bfloat16 whatever the engine's dtype, where
+    HF builds them in the model's; in a float32 engine the loaded α_p, α_n were rounded to bfloat16 and every layer's
+    norm came out ~1e-3 from HF's. Rebuilt in the engine's dtype (vLLM's default dtype while the model is built), β
+    and ε from xIELU's own defaults, which Apertus uses; the weights that load next fill α_p and α_n."""
+    import torch
+    from vllm.model_executor.layers.activation import XIELU
+
+    dtype = torch.get_default_dtype()
+    defaults = inspect.signature(XIELU.__init__).parameters
+    for module in model.modules():
+        if isinstance(module, XIELU) and module.alpha_p.dtype != dtype:
+            device = module.alpha_p.device
+            module.alpha_p = torch.nn.Parameter(module.alpha_p.detach().to(dtype), requires_grad=False)
+            module.alpha_n = torch.nn.Parameter(module.alpha_n.detach().to(dtype), requires_grad=False)
+            module.beta = torch.tensor(defaults["beta"].default, dtype=dtype, device=device)
+            module.eps = torch.tensor(defaults["eps"].default, dtype=dtype, device=device)
+            module._beta_scalar, module._eps_scalar = float(module.beta), float(module.eps)
+
+
+FIX_FUNCTIONS = {"xielu-in-model-dtype": xielu_in_model_dtype}
 _CLASSES: dict[str, type] = {}
 _ARCH_OF = {name: arch for arch, name in TAPPED_ARCHITECTURES.items()}
 
@@ -124,9 +147,23 @@ def __getattr__(name: str) -> type:
         module, stock = STOCK_CLASSES[arch]
         base = getattr(importlib.import_module(f"vllm.model_executor.models.{module}"), stock)
         taps = RULE_CLASSES[LAYER_RULES.get(arch, "deferred-add")]
-        _CLASSES[name] = type(name, (taps, base), {"__module__": __name__, "forward": _announcing(base.forward),
-                                                   "__doc__": f"vLLM's {stock} ({arch}) with tellnorm's taps."})
+        body = {"__module__": __name__, "forward": _announcing(base.forward),
+                "__doc__": f"vLLM's {stock} ({arch}) with tellnorm's taps."}
+        if arch in INIT_FIXES:
+            body["__init__"] = _fixed_after(base.__init__, FIX_FUNCTIONS[INIT_FIXES[arch]])
+        _CLASSES[name] = type(name, (taps, base), body)
     return _CLASSES[name]
+
+
+def _fixed_after(init: Callable[..., Any], fix: Callable[[Any], None]) -> Callable[..., Any]:
+    """The stock ``__init__``, then ``fix`` on the built model (stock signature kept: vLLM reads it)."""
+
+    @functools.wraps(init)
+    def run(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        fix(self)
+
+    return run
 
 
 def _announcing(forward: Callable[..., Any]) -> Callable[..., Any]:

@@ -32,6 +32,7 @@ STOCK_CLASSES = {
     "GptOssForCausalLM": ("gpt_oss", "GptOssForCausalLM"),
     "Glm4MoeForCausalLM": ("glm4_moe", "Glm4MoeForCausalLM"),
     "Ernie4_5ForCausalLM": ("ernie45", "Ernie4_5ForCausalLM"),
+    "ApertusForCausalLM": ("apertus", "ApertusForCausalLM"),
 }
 # How a family's vLLM decoder layer hands on the stream, where it differs from (positions, hidden, residual) ->
 # (hidden, residual) with the add deferred (tellnorm.backends.vllm.models: the rule's class).
@@ -39,6 +40,11 @@ LAYER_RULES = {
     **dict.fromkeys(("Exaone4ForCausalLM", "StableLmForCausalLM", "GraniteForCausalLM", "GraniteMoeForCausalLM"),
                     "complete-stream"),  # the layer adds the residual itself
     "GptOssForCausalLM": "hidden-first",  # layer(hidden, positions, residual); its attention is layer.attn.attn
+}
+# What a family's stock vLLM class builds differently from HF, undone after its __init__, before weights load
+# (tellnorm.backends.vllm.models: the fix's function).
+INIT_FIXES = {
+    "ApertusForCausalLM": "xielu-in-model-dtype",  # vLLM builds xIELU's parameters in bfloat16 whatever the dtype
 }
 _NO_STATE_SNAPSHOT = ("tellnorm does not yet snapshot vLLM's linear-attention state caches around ALRR's extra "
                       "passes")
