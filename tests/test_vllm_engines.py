@@ -182,6 +182,16 @@ class Unpicklable(RuntimeError):
         raise TypeError("not picklable")
 
 
+class RaisesOnRelease(Raises):
+    """Lets go of finished requests with an error (the worker calls ``release`` between steps, not in a hook)."""
+
+    def hook(self, x, hook):
+        return None
+
+    def release(self, request_ids):
+        raise ValueError(f"cannot release {sorted(request_ids)}")
+
+
 class BadHook(Raises):
     """Asks for a hook point the vLLM backend does not have (refused inside the worker)."""
 
@@ -207,6 +217,16 @@ def test_a_workers_error_reaches_the_caller_in_one_line_and_the_engine_stays_usa
     after = generate(multi_process, prompts[:3], sampling)  # the engine is usable, nothing left attached
     assert [g.generated_ids for g in after] == [g.generated_ids for g in before]
     assert multi_process.llm.collective_rpc("tellnorm_poll", args=([],)) == [None]
+
+
+def test_an_error_while_letting_go_of_finished_requests_reaches_the_caller(multi_process, prompts):
+    from tellnorm.generation import SamplingConfig, generate
+
+    with pytest.raises(ValueError, match=r"^cannot release \['r\d'(, 'r\d')*\]$"):
+        generate(multi_process, prompts[:4], SamplingConfig(max_new_tokens=40), observers=[RaisesOnRelease(
+            multi_process, after=0)], request_ids=[f"r{i}" for i in range(4)])
+    assert not multi_process.llm.llm_engine.has_unfinished_requests()
+    assert generate(multi_process, prompts[:1], SamplingConfig(max_new_tokens=4))[0].generated_ids
 
 
 def test_what_cannot_cross_processes_is_refused_in_one_line(multi_process, prompts):

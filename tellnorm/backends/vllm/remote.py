@@ -129,12 +129,12 @@ def _unsendable(err: BaseException) -> TellnormError:
 def session_reply(session: Session) -> bytes:
     """What a worker's detached ``session`` sends back: its error, and on the leader (rank 0, the one that ran the
     observers) the observers and everything they still hold, with the engine-side model by reference."""
-    reply: dict[str, Any] = {"error": None if session.error is None else portable_error(session.error)}
+    reply: dict[str, Any] = {}
+    if session.rank == 0:
+        session.finish(set(session.base.values()))  # the session is over: every request it saw is done
+        reply["records"], reply["observers"] = _taken(session, None), session.observers
+    reply["error"] = None if session.error is None else portable_error(session.error)
     try:
-        if session.rank == 0:
-            session.finish(set(session.base.values()))  # the session is over: every request it saw is done
-            reply["records"] = session.take_records(None)
-            reply["observers"] = session.observers
         return dumps(reply, session.model)
     except Exception as err:
         return error_reply(_unsendable(err))
@@ -142,17 +142,24 @@ def session_reply(session: Session) -> bytes:
 
 def poll_reply(session: Session, finished: Sequence[Any]) -> bytes:
     """A worker's answer to the caller's poll: whether its ``session`` stood down and, on the leader, the records of
-    the ``finished`` requests (the caller's ids), which it lets go of. An observer that raises here or records that
-    cannot be sent stop the session as a hook's error would."""
+    the ``finished`` requests (the caller's ids), which it lets go of. An observer that raises here, or records that
+    cannot be sent, stop the session as a hook's error would."""
+    observed = session.finish(finished)
+    records = _taken(session, observed) if session.rank == 0 and observed and not session.failed() else None
     try:
-        observed = session.finish(finished)
-        reply: dict[str, Any] = {"failed": session.failed()}
-        if session.rank == 0 and observed and not reply["failed"]:
-            reply["records"] = session.take_records(observed)
-        return dumps(reply, session.model)
+        return dumps({"failed": session.failed(), "records": records}, session.model)
     except Exception as err:
-        session.error = session.error or (_unsendable(err) if isinstance(err, pickle.PicklingError) else err)
-        return pickle.dumps({"failed": True})
+        session.error = session.error or _unsendable(err)
+        return pickle.dumps({"failed": True, "records": None})
+
+
+def _taken(session: Session, observed: Sequence[Any] | None) -> dict | None:
+    """``session.take_records(observed)``, or None with the session stopped by the observer's error."""
+    try:
+        return session.take_records(observed)
+    except Exception as err:
+        session.error = session.error or err
+        return None
 
 
 def portable_error(err: BaseException) -> BaseException:
@@ -186,7 +193,6 @@ class RemoteSession:
         self.polls = 0
         self.finished: list = []  # the caller's ids of requests finished since the last poll
         self.received: list[list] = []  # per poll that brought records: one part per observer
-        self.records_received = 0  # requests whose records came back before the run ended
 
     def attach(self) -> None:
         """Build and attach a session in every worker; if one fails, detach all and raise its error."""
@@ -213,12 +219,12 @@ class RemoteSession:
                 continue
             reply = loads(reply, self.model)
             self.stopped = self.stopped or reply["failed"]
-            if "records" in reply:
-                self._receive(reply["records"])
-                self.records_received += len(finished)
+            self._receive(reply["records"])
         return self.stopped
 
-    def _receive(self, records: dict) -> None:
+    def _receive(self, records: dict | None) -> None:
+        if records is None:
+            return
         self.received.append(records["parts"])
         if self.token_stats is not None:
             self.token_stats.update(records["token_stats"])
