@@ -130,10 +130,11 @@ class FinishedRequests(Protocol):
 def release_finished(observers: Iterable[Any], request_ids: Collection[Hashable]) -> None:
     """Tell every observer that has :meth:`FinishedRequests.release` that ``request_ids`` finished."""
     if request_ids:
+        finished = set(request_ids)
         for observer in observers:
             release = getattr(observer, "release", None)
             if release is not None:
-                release(request_ids)
+                release(finished)
 
 
 class LayerHooks:
