@@ -282,7 +282,6 @@ class VLLMModel(ModelAPI):
             raise TellnormError("the vLLM engine has requests of another run in flight: one run at a time")
         run_id = self.info["runs"] = self.info.get("runs", 0) + 1
         ids = [f"tellnorm-{run_id}-{i}" for i in range(len(prompts))]
-        seen_as = dict(zip(ids, observed_ids(ids, params, request_ids)))
         outputs = {}
         with self.observe(observers, request_ids, n_prompt, token_stats) as session:
             self._add_requests(ids, prompts, params, request_ids)
@@ -293,7 +292,7 @@ class VLLMModel(ModelAPI):
                     for out in done:
                         outputs[out.request_id] = out
                     if done:
-                        session.finish([seen_as[out.request_id] for out in done])
+                        session.finish([out.request_id for out in done])
                         bar.update(len(done))
                 if session.failed():
                     engine.abort_request([rid for rid in ids if rid not in outputs])
@@ -392,18 +391,6 @@ class VLLMModel(ModelAPI):
             raise TellnormError(f"hook point {point!r} is not available on the vLLM backend, which observes the "
                                 "stream after each decoder layer (resid_post): use backend='hf' for it")
         return super().hook_name(layer, point)
-
-
-def observed_ids(ids: Sequence[str], params: Sequence[Any], request_ids: Sequence | None) -> list:
-    """The id observers see for each request added as ``ids[i]`` with ``params[i]``: ``request_ids[tag]`` for a
-    request tagged ``tag`` (the tag itself without ``request_ids``), else its vLLM id (:class:`~.session.Session`)."""
-    from tellnorm.backends.vllm.session import TAG
-
-    seen = []
-    for rid, p in zip(ids, params):
-        tag = (p.extra_args or {}).get(TAG)
-        seen.append(rid if tag is None else tag if request_ids is None else request_ids[tag])
-    return seen
 
 
 VLLM_DTYPES = ("float32", "bfloat16", "float16")

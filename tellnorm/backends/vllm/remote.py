@@ -131,7 +131,7 @@ def session_reply(session: Session) -> bytes:
     observers) the observers and everything they still hold, with the engine-side model by reference."""
     reply: dict[str, Any] = {}
     if session.rank == 0:
-        session.finish(set(session.base.values()))  # the session is over: every request it saw is done
+        session.finish(set(session.added_as.values()))  # the session is over: every request it saw is done
         reply["records"], reply["observers"] = _taken(session, None), session.observers
     reply["error"] = None if session.error is None else portable_error(session.error)
     try:
@@ -142,8 +142,8 @@ def session_reply(session: Session) -> bytes:
 
 def poll_reply(session: Session, finished: Sequence[Any]) -> bytes:
     """A worker's answer to the caller's poll: whether its ``session`` stood down and, on the leader, the records of
-    the ``finished`` requests (the caller's ids), which it lets go of. An observer that raises here, or records that
-    cannot be sent, stop the session as a hook's error would."""
+    the ``finished`` requests (the vLLM request ids the caller added), which it lets go of. An observer that raises
+    here, or records that cannot be sent, stop the session as a hook's error would."""
     observed = session.finish(finished)
     records = _taken(session, observed) if session.rank == 0 and observed and not session.failed() else None
     try:
@@ -191,7 +191,7 @@ class RemoteSession:
         self.error: BaseException | None = None
         self.stopped = False
         self.polls = 0
-        self.finished: list = []  # the caller's ids of requests finished since the last poll
+        self.finished: list = []  # the vLLM request ids of requests finished since the last poll
         self.received: list[list] = []  # per poll that brought records: one part per observer
 
     def attach(self) -> None:
@@ -203,7 +203,8 @@ class RemoteSession:
             raise errors[0]
 
     def finish(self, requests: Sequence[Any]) -> None:
-        """Note that ``requests`` (the caller's ids) finished: their records come back with the next poll."""
+        """Note that ``requests`` (the vLLM request ids the caller added) finished: their records come back with the
+        next poll."""
         self.finished.extend(requests)
 
     def failed(self) -> bool:

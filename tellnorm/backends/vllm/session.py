@@ -180,7 +180,7 @@ class Session:
         self.runner = None
         self.seen: dict = {}  # request id -> tokens observed so far
         self.ids: dict = {}  # vLLM's internal request id -> the id observers see
-        self.base: dict = {}  # the id observers see -> the caller's request it belongs to (itself, or an n > 1 parent)
+        self.added_as: dict = {}  # the id observers see -> the vLLM request id the caller added (an n > 1 parent's)
         self.step = 0
         # An exception must not leave vLLM's forward: the engine would be stuck mid-step. The hooks keep the first
         # one here and stand down; the caller aborts the run's requests and re-raises it.
@@ -243,13 +243,14 @@ class Session:
         return self.error is not None
 
     # -- finished requests -------------------------------------------------------------------------------------
-    def finish(self, requests: Collection[Hashable]) -> list:
-        """Let go of finished ``requests`` (the caller's ids; an ``n > 1`` request's children go with it): every
+    def finish(self, requests: Collection[str]) -> list:
+        """Let go of finished ``requests`` (the vLLM request ids the caller added; an ``n > 1`` request's children
+        go with it): every
         observer releases their working state (:class:`~tellnorm.generation.FinishedRequests`) and this session
         its own. Returns the ids observers knew them by. An observer that raises stops the session as a hook's
         error does."""
-        bases = set(requests)
-        observed = [rid for rid, base in self.base.items() if base in bases]
+        added = set(requests)
+        observed = [rid for rid, added_as in self.added_as.items() if added_as in added]
         if not observed or self.rank > 0 or self.error is not None:
             return observed
         try:
@@ -260,7 +261,7 @@ class Session:
         gone = set(observed)
         for rid in observed:
             self.seen.pop(rid, None)
-            self.base.pop(rid, None)
+            self.added_as.pop(rid, None)
         self.ids = {internal: rid for internal, rid in self.ids.items() if rid not in gone}
         return observed
 
@@ -280,12 +281,14 @@ class Session:
     def _request_id(self, internal_id: str):
         tag = (self.runner.requests[internal_id].sampling_params.extra_args or {}).get(TAG)
         child = _CHILD.match(internal_id)
+        # the caller's vLLM request id: vLLM appends "-<random suffix>" (and prefixes "k_" for a child)
+        added_as = (child.group(2) if child else internal_id).rsplit("-", 1)[0]
         if tag is not None:
             base = self.request_ids[tag] if self.request_ids is not None else tag
-        else:  # the caller's id: vLLM appends "-<random suffix>" (and prefixes "k_" for a child)
-            base = (child.group(2) if child else internal_id).rsplit("-", 1)[0]
+        else:
+            base = added_as
         observed = (base, int(child.group(1))) if child else base
-        self.base[observed] = base
+        self.added_as[observed] = added_as
         return observed
 
     def _guarded(hook: Callable[..., Any]) -> Callable[..., Any]:  # noqa: N805 (a decorator used in the class body)

@@ -52,8 +52,8 @@ class TellnormWorker:
 
     def tellnorm_poll(self, finished: list) -> bytes | None:
         """The caller's poll every few engine steps: the session built here lets go of the ``finished`` requests
-        (the caller's ids) and answers whether it stood down after an error, with their records from the leader
-        (:func:`~.remote.poll_reply`); None when there is no such session."""
+        (the vLLM request ids the caller added) and answers whether it stood down after an error, with their
+        records from the leader (:func:`~.remote.poll_reply`); None when there is no such session."""
         if self.tellnorm_session is None:
             return None
         from tellnorm.backends.vllm.remote import poll_reply
